@@ -1,0 +1,33 @@
+"""infinitevl-hf: InfiniteVL (sliding-window attention + Gated DeltaNet VLM) for Hugging Face Transformers.
+
+Importing the package registers the config and model with AutoConfig, AutoModel,
+AutoModelForImageTextToText and AutoModelForCausalLM.
+"""
+
+from .modeling import (
+    InfiniteVLCache,
+    InfiniteVLConfig,
+    InfiniteVLForConditionalGeneration,
+    InfiniteVLModel,
+    InfiniteVLPreTrainedModel,
+    InfiniteVLTextConfig,
+    InfiniteVLTextModel,
+    InfiniteVLVisionConfig,
+)
+from .registration import InfiniteVLQwen2_5_VLForConditionalGeneration, register
+
+register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InfiniteVLCache",
+    "InfiniteVLConfig",
+    "InfiniteVLForConditionalGeneration",
+    "InfiniteVLModel",
+    "InfiniteVLPreTrainedModel",
+    "InfiniteVLQwen2_5_VLForConditionalGeneration",
+    "InfiniteVLTextConfig",
+    "InfiniteVLTextModel",
+    "InfiniteVLVisionConfig",
+]

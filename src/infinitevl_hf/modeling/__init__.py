@@ -1,0 +1,22 @@
+"""InfiniteVL model code. Files here import only torch, transformers and each other (relatively), so
+`save_pretrained` can copy them into a checkpoint as trust_remote_code files."""
+
+from .cache import InfiniteVLCache
+from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig, InfiniteVLVisionConfig
+from .modeling_infinitevl import (
+    InfiniteVLForConditionalGeneration,
+    InfiniteVLModel,
+    InfiniteVLPreTrainedModel,
+    InfiniteVLTextModel,
+)
+
+__all__ = [
+    "InfiniteVLCache",
+    "InfiniteVLConfig",
+    "InfiniteVLTextConfig",
+    "InfiniteVLVisionConfig",
+    "InfiniteVLForConditionalGeneration",
+    "InfiniteVLModel",
+    "InfiniteVLPreTrainedModel",
+    "InfiniteVLTextModel",
+]

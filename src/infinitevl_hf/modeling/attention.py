@@ -1,0 +1,160 @@
+"""Sliding-window (and full) attention layers of the decoder, with their mRoPE and masks.
+
+The layers are Qwen2.5-VL's text attention (16 query heads, 2 key/value heads, q/k/v bias) run
+through transformers' attention interface (`sdpa` by default, `eager`, `flex_attention`). Only the
+window differs: a token sees itself and the `window - 1` tokens before it. The cache keeps just
+those tokens, so the mask of a call is built from what the cache holds, not from the whole history.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+
+from .configuration_infinitevl import InfiniteVLTextConfig
+
+
+class InfiniteVLRotaryEmbedding(nn.Module):
+    """mRoPE: each of the (time, height, width) position axes rotates its own section of the head dims."""
+
+    def __init__(self, config: InfiniteVLTextConfig):
+        super().__init__()
+        rope = config.rope_parameters or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"InfiniteVL supports only the default mRoPE, got rope_type={rope.get('rope_type')!r}.")
+        head_dim = config.hidden_size // config.num_attention_heads
+        theta = rope.get("rope_theta", 1000000.0)
+        self.mrope_section = list(rope.get("mrope_section", [16, 24, 24]))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [3, B, T] -> (cos, sin), each [B, T, head_dim] in x's dtype."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device, torch.float32)  # [3, B, T, D/2]
+        sections = freqs.split(self.mrope_section, dim=-1)
+        freqs = torch.cat([part[i % 3] for i, part in enumerate(sections)], dim=-1)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q, k [B, H, T, D]; cos, sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def window_attention_mask(
+    past_valid: torch.Tensor | None,
+    new_valid: torch.Tensor | None,
+    batch: int,
+    query_length: int,
+    past_length: int,
+    window: int | None,
+    implementation: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Mask of `query_length` new queries over `past_length` cached keys followed by the new keys.
+
+    Key j is visible to query i when it is not in the future, lies within the window, and is not
+    padding. Every query sees itself, so padding queries stay finite. Returns None where the
+    attention function's own causal path gives the same result, a bool mask [B, 1, Q, P+Q] for
+    sdpa, and an additive float mask otherwise.
+    """
+    has_padding = (past_valid is not None and not bool(past_valid.all())) or (
+        new_valid is not None and not bool(new_valid.all())
+    )
+    in_window = window is None or past_length + query_length <= window
+    if not has_padding and in_window and (query_length == 1 or (past_length == 0 and implementation == "sdpa")):
+        return None
+    q_pos = torch.arange(query_length, device=device)[:, None] + past_length
+    k_pos = torch.arange(past_length + query_length, device=device)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    visible = visible[None, None].expand(batch, 1, -1, -1)
+    if has_padding:
+        keys_valid = torch.cat(
+            [
+                past_valid if past_valid is not None else torch.ones(batch, past_length, dtype=torch.bool, device=device),
+                new_valid if new_valid is not None else torch.ones(batch, query_length, dtype=torch.bool, device=device),
+            ],
+            dim=-1,
+        )
+        visible = (visible & keys_valid[:, None, None, :]) | (k_pos == q_pos)[None, None]
+    if implementation == "sdpa":
+        return visible
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+
+
+class InfiniteVLAttention(nn.Module):
+    """Qwen2.5-VL text attention over a window of `config.sliding_window` tokens (`sliding_attention`),
+    or over everything (`full_attention`)."""
+
+    def __init__(self, config: InfiniteVLTextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout or 0.0
+        self.is_causal = True
+        self.window = config.window_for_layer(layer_idx)
+        self.sliding_window = self.window  # the name attention backends read
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        token_valid: torch.Tensor | None = None,
+        cache=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """hidden_states [B, T, hidden]; token_valid [B, T] bool (False on padding) or None."""
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        query, key = apply_rotary(query, key, *position_embeddings)
+
+        past_valid, past_length = None, 0
+        if cache is not None:
+            layer_cache = cache.layers[self.layer_idx]
+            past_valid, past_length = layer_cache.valid, layer_cache.past_length()
+            key, value = layer_cache.update(key, value, valid=token_valid)
+
+        implementation = self.config._attn_implementation or "sdpa"
+        mask = window_attention_mask(
+            past_valid, token_valid, batch, length, past_length, self.window, implementation,
+            query.dtype, query.device,
+        )
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        output, _ = attention(
+            self,
+            query,
+            key,
+            value,
+            mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.window,
+            **kwargs,
+        )
+        return self.o_proj(output.reshape(batch, length, -1).contiguous())

@@ -1,0 +1,169 @@
+"""The Gated DeltaNet token mixer (Yang et al., ICLR 2025) of InfiniteVL's `linear_attention` layers.
+
+Per head, with the state S (d_k x d_v, float32):
+
+    S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T,    o_t = S_t^T q_t / sqrt(d_k)
+
+where q, k and v come from separate projections, each followed by a depthwise causal convolution
+of width `conv_size` and SiLU; q and k are L2-normalised; beta = sigmoid(b_proj x);
+g = -exp(A_log) * softplus(a_proj x + dt_bias). The output is o_proj(RMSNorm(o) * SiLU(g_proj x)).
+
+Parameter count for InfiniteVL-4B (hidden 2048, 16 heads, d_k 128, d_v 256): q/k 2 x 2048^2,
+v and g 2 x 2048 x 4096, o 4096 x 2048, a/b 2 x 16 x 2048, convs (2048 + 2048 + 4096) x 4,
+o_norm 256, A_log and dt_bias 16 each: about 37.8M per layer.
+
+Padding (0 in the attention mask) never reaches the state: padded inputs are zeroed before the
+convolutions and get beta = 0 and g = 0, which leaves S unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_infinitevl import InfiniteVLTextConfig
+from .ops import causal_conv1d, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+# Prompts up to this many tokens use the recurrent kernel, as the official release does.
+RECURRENT_MAX_TOKENS = 64
+
+
+def initial_decay_parameters(num_heads: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official initialisation of the decay: `A ~ U(0, 16)` and `dt ~ logU(1e-3, 1e-1)` stored through
+    softplus^-1 in `dt_bias`. Returns (A_log, dt_bias), float32 [num_heads]."""
+    A = torch.empty(num_heads, dtype=torch.float32, device=device).uniform_(0, 16)
+    log_dt = torch.rand(num_heads, device=device) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)
+    dt = log_dt.exp().clamp(min=1e-4)
+    return A.log(), dt + torch.log(-torch.expm1(-dt))
+
+
+class InfiniteVLShortConvolution(nn.Conv1d):
+    """Depthwise causal convolution + SiLU over [B, T, D], carrying the last `kernel_size - 1` inputs as state."""
+
+    def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False):
+        super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size, padding=kernel_size - 1, bias=bias)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, output_final_state: bool = False):
+        return causal_conv1d(
+            x,
+            self.weight.squeeze(1),
+            self.bias,
+            activation="silu",
+            initial_state=state,
+            output_final_state=output_final_state,
+        )
+
+
+class InfiniteVLGatedRMSNorm(nn.Module):
+    """RMSNorm over the value head dim, then a SiLU gate: `weight * x / rms(x) * silu(gate)` (computed in fp32)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        if gate is not None:
+            x = x * F.silu(gate.float())
+        return x.to(dtype)
+
+
+class InfiniteVLGatedDeltaNet(nn.Module):
+    """Gated DeltaNet layer with the official parameter names (`q_conv1d`, `a_proj`, `A_log`, `o_norm`, ...)."""
+
+    def __init__(self, config: InfiniteVLTextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mode = config.mode
+        self.num_heads = config.num_linear_heads
+        self.head_k_dim = config.linear_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.key_dim = self.num_heads * self.head_k_dim
+        self.value_dim = self.num_heads * self.head_v_dim
+        self.use_short_conv = config.use_short_conv
+        self.use_gate = config.use_gate
+        hidden = config.hidden_size
+
+        self.q_proj = nn.Linear(hidden, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.value_dim, bias=False)
+        self.a_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        self.b_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        if self.use_short_conv:
+            self.q_conv1d = InfiniteVLShortConvolution(self.key_dim, config.conv_size, config.conv_bias)
+            self.k_conv1d = InfiniteVLShortConvolution(self.key_dim, config.conv_size, config.conv_bias)
+            self.v_conv1d = InfiniteVLShortConvolution(self.value_dim, config.conv_size, config.conv_bias)
+        if self.use_gate:
+            self.g_proj = nn.Linear(hidden, self.value_dim, bias=False)
+        self.o_norm = InfiniteVLGatedRMSNorm(self.head_v_dim, eps=config.norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, hidden, bias=False)
+        with torch.no_grad():
+            A_log, dt_bias = initial_decay_parameters(self.num_heads)
+            self.A_log.copy_(A_log)
+            self.dt_bias.copy_(dt_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_valid: torch.Tensor | None = None,
+        cache=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """hidden_states [B, T, hidden]; token_valid [B, T] bool (False on padding) or None."""
+        batch, length, _ = hidden_states.shape
+        layer_cache = cache.layers[self.layer_idx] if cache is not None else None
+        keep_state = layer_cache is not None
+
+        def masked(x: torch.Tensor) -> torch.Tensor:
+            return x if token_valid is None else torch.where(token_valid[..., None], x, torch.zeros_like(x))
+
+        q, k, v = masked(self.q_proj(hidden_states)), masked(self.k_proj(hidden_states)), masked(self.v_proj(hidden_states))
+        if self.use_short_conv:
+            convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+            outputs = []
+            for idx, (conv, x) in enumerate(zip(convs, (q, k, v))):
+                state = layer_cache.conv_states[idx] if keep_state else None
+                y, new_state = conv(x, state=state, output_final_state=keep_state)
+                if keep_state:
+                    layer_cache.update_conv_state(new_state, state_idx=idx)
+                outputs.append(y)
+            q, k, v = outputs
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+
+        q = q.view(batch, length, self.num_heads, self.head_k_dim)
+        k = k.view(batch, length, self.num_heads, self.head_k_dim)
+        v = v.view(batch, length, self.num_heads, self.head_v_dim)
+        beta = self.b_proj(hidden_states).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        if token_valid is not None:
+            beta = torch.where(token_valid[..., None], beta, torch.zeros_like(beta))
+            g = torch.where(token_valid[..., None], g, torch.zeros_like(g))
+
+        recurrent = length <= RECURRENT_MAX_TOKENS or self.mode == "fused_recurrent"
+        rule = fused_recurrent_gated_delta_rule if recurrent and not self.training else chunk_gated_delta_rule
+        initial_state = layer_cache.recurrent_states[0] if keep_state else None
+        o, final_state = rule(
+            q,
+            k,
+            v,
+            g=g,
+            beta=beta,
+            initial_state=initial_state,
+            output_final_state=keep_state,
+            use_qk_l2norm_in_kernel=True,
+        )
+        if keep_state:
+            layer_cache.update_recurrent_state(final_state, state_idx=0)
+
+        gate = self.g_proj(hidden_states).view(batch, length, self.num_heads, self.head_v_dim) if self.use_gate else None
+        o = self.o_norm(o, gate)
+        return self.o_proj(o.reshape(batch, length, self.value_dim))

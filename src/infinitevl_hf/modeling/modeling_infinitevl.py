@@ -1,0 +1,459 @@
+"""InfiniteVL: the Qwen2.5-VL vision tower feeding a decoder of sliding-window attention and Gated DeltaNet.
+
+Data flow: embed tokens -> vision tower (transformers' Qwen2.5-VL classes) -> image/video features
+scattered into their placeholder tokens -> 3-D mRoPE positions (continuing from the cache) ->
+decoder layers by `config.layer_types` -> norm -> lm_head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLRMSNorm,
+    Qwen2MLP,
+)
+
+from .attention import InfiniteVLAttention, InfiniteVLRotaryEmbedding
+from .cache import InfiniteVLCache
+from .compat import CACHE_KWARG, pop_cache_kwarg
+from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
+from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
+from .loading import LEGACY_KEY_MAPPING, check_loading_info
+from .positions import mrope_position_ids, num_vision_tokens
+
+
+class InfiniteVLPreTrainedModel(PreTrainedModel):
+    config_class = InfiniteVLConfig
+    config: InfiniteVLConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["InfiniteVLDecoderLayer", "Qwen2_5_VLVisionBlock"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, InfiniteVLGatedDeltaNet):
+            A_log, dt_bias = initial_decay_parameters(module.num_heads, device=module.A_log.device)
+            init.copy_(module.A_log, A_log)
+            init.copy_(module.dt_bias, dt_bias.to(module.dt_bias.dtype))
+        elif isinstance(module, InfiniteVLRotaryEmbedding):
+            fresh = InfiniteVLRotaryEmbedding(self.config.get_text_config())
+            init.copy_(module.inv_freq, fresh.inv_freq.to(module.inv_freq.device))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, reading both key namings of the official checkpoint and refusing
+        checkpoints with missing, unexpected or mis-shaped tensors (nothing is silently random-initialised)."""
+        kwargs.setdefault("key_mapping", LEGACY_KEY_MAPPING)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        check_loading_info(model, info, pretrained_model_name_or_path)
+        return (model, info) if wants_info else model
+
+
+class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: `self_attn` is sliding-window attention or Gated DeltaNet per `layer_types`, then the MLP."""
+
+    def __init__(self, config: InfiniteVLTextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        if self.layer_type == "linear_attention":
+            self.self_attn = InfiniteVLGatedDeltaNet(config, layer_idx)
+        else:
+            self.self_attn = InfiniteVLAttention(config, layer_idx)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        token_valid: torch.Tensor | None = None,
+        cache: InfiniteVLCache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        if self.layer_type == "linear_attention":
+            hidden_states = self.self_attn(hidden_states, token_valid=token_valid, cache=cache)
+        else:
+            hidden_states = self.self_attn(hidden_states, position_embeddings, token_valid=token_valid, cache=cache, **kwargs)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
+    """The hybrid decoder (no vision). Prompts longer than `config.prefill_chunk_size` run in chunks through the cache."""
+
+    config_class = InfiniteVLTextConfig
+    config: InfiniteVLTextConfig
+    input_modalities = ("text",)
+
+    def __init__(self, config: InfiniteVLTextConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(InfiniteVLDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = InfiniteVLRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: InfiniteVLCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        cache = pop_cache_kwarg(kwargs, past_key_values)
+        kwargs.pop("cache_position", None)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if cache is not None and not isinstance(cache, InfiniteVLCache):
+            raise TypeError(
+                f"InfiniteVL needs an `InfiniteVLCache` (it keeps Gated DeltaNet states), got {type(cache).__name__}."
+            )
+        if use_cache and cache is None:
+            cache = InfiniteVLCache(self.config)
+
+        token_valid = _token_valid(attention_mask, batch, length, inputs_embeds.device)
+        if position_ids is None:
+            position_ids = text_position_ids(token_valid, cache, batch, length, inputs_embeds.device)
+        elif position_ids.dim() == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        elif position_ids.shape[0] == 4:  # transformers' layout with a leading text-position row
+            position_ids = position_ids[1:]
+
+        chunk = self.config.prefill_chunk_size
+        run_cache = cache
+        if chunk is not None and length > chunk and not self.training and run_cache is None:
+            run_cache = InfiniteVLCache(self.config)  # chunks need a cache to pass context along
+        bounds = range(0, length, chunk) if chunk is not None and length > chunk and not self.training else [0]
+        step = length if len(bounds) == 1 else chunk
+
+        pieces, hidden_pieces = [], []
+        for start in bounds:
+            stop = min(start + step, length)
+            valid = None if token_valid is None else token_valid[:, start:stop]
+            hidden, per_layer = self._run_layers(
+                inputs_embeds[:, start:stop], position_ids[..., start:stop], valid, run_cache, output_hidden_states, **kwargs
+            )
+            if run_cache is not None:
+                _advance(run_cache, position_ids[..., start:stop], valid, stop - start)
+            pieces.append(hidden)
+            hidden_pieces.append(per_layer)
+        hidden_states = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        all_hidden = None
+        if output_hidden_states:
+            all_hidden = tuple(torch.cat(parts, dim=1) for parts in zip(*hidden_pieces))
+        output = BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden)
+        output[CACHE_KWARG] = cache if use_cache else None
+        return output
+
+    def _run_layers(self, hidden_states, position_ids, token_valid, cache, output_hidden_states, **kwargs):
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        per_layer = []
+        for layer in self.layers:
+            if output_hidden_states:
+                per_layer.append(hidden_states)
+            hidden_states = layer(hidden_states, position_embeddings, token_valid=token_valid, cache=cache, **kwargs)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            per_layer.append(hidden_states)
+        return hidden_states, per_layer
+
+
+def _token_valid(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor | None:
+    """[B, T] bool of the new tokens (False on padding), or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"InfiniteVL builds its own window masks and takes a 2-D [batch, length] padding mask, got {attention_mask.dim()}-D."
+        )
+    if attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+        raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not cover inputs of shape ({batch}, {length}).")
+    valid = attention_mask[:, -length:].to(device=device).bool()
+    return None if bool(valid.all()) else valid
+
+
+def text_position_ids(token_valid, cache, batch: int, length: int, device) -> torch.LongTensor:
+    """Positions of text-only input continuing from the cache: each valid token advances all three axes by one."""
+    start = cache.next_positions if cache is not None and cache.next_positions is not None else None
+    start = torch.zeros(batch, dtype=torch.long, device=device) if start is None else start.to(device)
+    if token_valid is None:
+        positions = start[:, None] + torch.arange(length, device=device)[None]
+    else:
+        positions = start[:, None] + token_valid.long().cumsum(-1) - 1
+        positions = positions.masked_fill(~token_valid, 1)
+    return positions[None].expand(3, -1, -1)
+
+
+def _advance(cache: InfiniteVLCache, position_ids: torch.LongTensor, token_valid, length: int) -> None:
+    """After a chunk: count its tokens and move each row's running position one past its largest valid position."""
+    cache.seen_tokens += length
+    latest = position_ids.amax(dim=0)  # [B, T]
+    if token_valid is not None:
+        latest = latest.masked_fill(~token_valid, -1)
+    latest = latest.amax(dim=-1) + 1
+    previous = cache.next_positions
+    if previous is None:
+        previous = torch.zeros_like(latest)
+    cache.next_positions = torch.where(latest > 0, latest, previous.to(latest.device))
+
+
+class InfiniteVLModel(InfiniteVLPreTrainedModel):
+    """Vision tower + hybrid decoder, returning hidden states."""
+
+    def __init__(self, config: InfiniteVLConfig):
+        super().__init__(config)
+        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.language_model = InfiniteVLTextModel._from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
+        """Merged vision features [sum of tokens per image, hidden] for flattened patches `pixel_values`."""
+        output = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw)
+        return output.pooler_output if hasattr(output, "pooler_output") else output
+
+    get_video_features = get_image_features
+
+    def _scatter(self, input_ids, inputs_embeds, features, grid_thw, token_id: int, kind: str) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError(f"{kind} inputs need `input_ids` to find their placeholder tokens.")
+        mask = input_ids == token_id
+        expected = int(num_vision_tokens(grid_thw, self.config.vision_config.spatial_merge_size).sum())
+        found = int(mask.sum())
+        if found != features.shape[0] or found != expected:
+            raise ValueError(
+                f"{kind} features and {kind} tokens do not match: the text has {found} {kind} placeholder tokens, "
+                f"but the {kind}s give {features.shape[0]} features (grids {grid_thw.tolist()} expect {expected})."
+            )
+        return inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), features.to(inputs_embeds))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: InfiniteVLCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        cache = pop_cache_kwarg(kwargs, past_key_values)
+        for unused in ("cache_position", "mm_token_type_ids", "rope_deltas"):
+            kwargs.pop(unused, None)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("`pixel_values` were given without `image_grid_thw`.")
+            features = self.get_image_features(pixel_values, image_grid_thw)
+            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, image_grid_thw, self.config.image_token_id, "image")
+        if pixel_values_videos is not None:
+            if video_grid_thw is None:
+                raise ValueError("`pixel_values_videos` were given without `video_grid_thw`.")
+            features = self.get_video_features(pixel_values_videos, video_grid_thw)
+            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, video_grid_thw, self.config.video_token_id, "video")
+
+        if position_ids is None and input_ids is not None and (image_grid_thw is not None or video_grid_thw is not None):
+            start = cache.next_positions if isinstance(cache, InfiniteVLCache) else None
+            position_ids, _ = mrope_position_ids(
+                input_ids,
+                image_token_id=self.config.image_token_id,
+                video_token_id=self.config.video_token_id,
+                spatial_merge_size=self.config.vision_config.spatial_merge_size,
+                tokens_per_second=self.config.vision_config.tokens_per_second,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts,
+                attention_mask=attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None,
+                start_positions=start,
+            )
+        kwargs[CACHE_KWARG] = cache
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+
+
+class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMixin):
+    """InfiniteVL with its language-model head: `forward` (loss with `labels`) and `generate()`.
+
+    Example:
+
+    ```python
+    >>> import infinitevl_hf  # registers the Auto classes
+    >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+    >>> model = AutoModelForImageTextToText.from_pretrained("path/to/InfiniteVL-4B", dtype="bfloat16")
+    >>> processor = AutoProcessor.from_pretrained("path/to/InfiniteVL-4B")
+    >>> inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+    ...                                        return_dict=True, return_tensors="pt")
+    >>> model.generate(**inputs, max_new_tokens=64)
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: InfiniteVLConfig):
+        super().__init__(config)
+        self.model = InfiniteVLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: InfiniteVLCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` [B, T], *optional*): targets for the next-token loss; -100 is ignored.
+        logits_to_keep (`int`, defaults to 0): compute logits for the last this many positions only (0: all).
+        """
+        kwargs[CACHE_KWARG] = pop_cache_kwarg(kwargs, past_key_values)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        result[CACHE_KWARG] = outputs[CACHE_KWARG] if CACHE_KWARG in outputs else None
+        return result
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Let generate() set up as usual, then swap the attention-only cache it made for an `InfiniteVLCache`."""
+        given = model_kwargs.get(CACHE_KWARG)
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        made = model_kwargs.get(CACHE_KWARG)
+        if made is not None and made is not given and not isinstance(made, InfiniteVLCache):
+            model_kwargs[CACHE_KWARG] = InfiniteVLCache(self.config)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: InfiniteVLCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        use_cache: bool = True,
+        **kwargs,
+    ) -> dict:
+        """Feed only the tokens the cache has not seen; vision inputs go in with the prompt, once."""
+        cache = pop_cache_kwarg(kwargs, past_key_values)
+        seen = cache.get_seq_length() if cache is not None else 0
+        inputs = {"attention_mask": attention_mask, "use_cache": use_cache, CACHE_KWARG: cache}
+        if inputs_embeds is not None and seen == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids[:, seen:]
+        if seen == 0:
+            inputs.update(
+                pixel_values=pixel_values,
+                pixel_values_videos=pixel_values_videos,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts,
+            )
+        for dropped in ("cache_position", "position_ids", "next_sequence_length", "is_first_iteration", "mm_token_type_ids"):
+            kwargs.pop(dropped, None)
+        inputs.update(kwargs)
+        return inputs
+
+
+__all__ = [
+    "InfiniteVLPreTrainedModel",
+    "InfiniteVLTextModel",
+    "InfiniteVLModel",
+    "InfiniteVLForConditionalGeneration",
+]

@@ -1,0 +1,98 @@
+"""Multimodal rotary positions (mRoPE) of Qwen2.5-VL, continued across calls.
+
+Text tokens advance all three axes (time, height, width) by one. The tokens of one image or video
+take a (t, h, w) grid of positions starting at the running position, and the text after them
+continues one past the largest of those positions, as in the official release (transformers 5.2x
+continues videos at `start + max(h, w)` instead; for images both rules agree). Unlike transformers' `get_rope_index`, the start of
+every row is an argument, so a prompt split into chunks, a stream of frames fed call by call and
+one prompt holding everything all get the same positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def num_vision_tokens(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """Placeholder tokens one image/video grid takes in the text: `t * h * w // merge_size**2`.
+
+    The processor and the model both use this formula, so prompt and features always agree.
+    """
+    return grid_thw.prod(-1) // (merge_size**2)
+
+
+def mrope_position_ids(
+    input_ids: torch.LongTensor,
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    spatial_merge_size: int,
+    tokens_per_second: float,
+    image_grid_thw: torch.LongTensor | None = None,
+    video_grid_thw: torch.LongTensor | None = None,
+    second_per_grid_ts: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    start_positions: torch.LongTensor | None = None,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """3-D positions for `input_ids` [B, T].
+
+    Args:
+        image_grid_thw / video_grid_thw: [N, 3] grids, in the order their placeholder runs appear
+            (row by row). Each run of `t*h*w/merge**2` placeholder tokens consumes one grid.
+        second_per_grid_ts: [N_videos] seconds per temporal grid step (default 1.0).
+        attention_mask: [B, T]; 0 marks padding, which gets position 1 and does not advance.
+        start_positions: [B] running position of each row (default 0).
+
+    Returns:
+        position_ids [3, B, T] and next_positions [B] (where the next token of each row continues).
+    """
+    batch, length = input_ids.shape
+    device = input_ids.device
+    starts = (
+        torch.zeros(batch, dtype=torch.long) if start_positions is None else start_positions.detach().to("cpu", torch.long)
+    )
+    ids = input_ids.detach().to("cpu")
+    valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().to("cpu").bool()
+    positions = torch.ones(3, batch, length, dtype=torch.long)
+    next_positions = torch.empty(batch, dtype=torch.long)
+    grids = {
+        image_token_id: iter(image_grid_thw.tolist()) if image_grid_thw is not None else iter(()),
+        video_token_id: iter(video_grid_thw.tolist()) if video_grid_thw is not None else iter(()),
+    }
+    seconds = iter(second_per_grid_ts.tolist()) if second_per_grid_ts is not None else None
+    for row in range(batch):
+        current = int(starts[row])
+        t = 0
+        while t < length:
+            token = int(ids[row, t])
+            if not valid[row, t]:
+                t += 1
+                continue
+            if token in grids:
+                grid = next(grids[token], None)
+                if grid is None:
+                    kind = "image" if token == image_token_id else "video"
+                    raise ValueError(f"Row {row} has more {kind} placeholder runs than {kind} grids were given.")
+                gt, gh, gw = grid[0], grid[1] // spatial_merge_size, grid[2] // spatial_merge_size
+                count = gt * gh * gw
+                run = ids[row, t : t + count]
+                if run.numel() != count or not bool((run == token).all()):
+                    raise ValueError(
+                        f"Row {row}: a grid of {gt}x{gh}x{gw} needs {count} consecutive placeholder tokens at index {t}."
+                    )
+                step = 1.0
+                if token == video_token_id:
+                    per_grid = next(seconds, 1.0) if seconds is not None else 1.0
+                    step = tokens_per_second * per_grid
+                tpos = (torch.arange(gt, dtype=torch.float64) * step).long().view(-1, 1, 1).expand(gt, gh, gw)
+                hpos = torch.arange(gh).view(1, -1, 1).expand(gt, gh, gw)
+                wpos = torch.arange(gw).view(1, 1, -1).expand(gt, gh, gw)
+                positions[:, row, t : t + count] = torch.stack([tpos, hpos, wpos]).reshape(3, -1) + current
+                current += max(int(tpos.max()), gh - 1, gw - 1) + 1
+                t += count
+            else:
+                positions[:, row, t] = current
+                current += 1
+                t += 1
+        next_positions[row] = current
+    return positions.to(device), next_positions.to(device)

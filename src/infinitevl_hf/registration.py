@@ -1,0 +1,31 @@
+"""Registers InfiniteVL with transformers' Auto classes (run once, on `import infinitevl_hf`)."""
+
+from __future__ import annotations
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+)
+
+from .modeling import (
+    InfiniteVLConfig,
+    InfiniteVLForConditionalGeneration,
+    InfiniteVLTextConfig,
+    InfiniteVLTextModel,
+    InfiniteVLVisionConfig,
+)
+
+
+class InfiniteVLQwen2_5_VLForConditionalGeneration(InfiniteVLForConditionalGeneration):
+    """The class name of the official release's `architectures` and `auto_map`; the same model."""
+
+
+def register() -> None:
+    for config in (InfiniteVLConfig, InfiniteVLTextConfig, InfiniteVLVisionConfig):
+        AutoConfig.register(config.model_type, config, exist_ok=True)
+    AutoModel.register(InfiniteVLConfig, InfiniteVLForConditionalGeneration, exist_ok=True)
+    AutoModel.register(InfiniteVLTextConfig, InfiniteVLTextModel, exist_ok=True)
+    AutoModelForImageTextToText.register(InfiniteVLConfig, InfiniteVLForConditionalGeneration, exist_ok=True)
+    AutoModelForCausalLM.register(InfiniteVLConfig, InfiniteVLForConditionalGeneration, exist_ok=True)
