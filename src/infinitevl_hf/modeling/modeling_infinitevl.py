@@ -177,7 +177,8 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         if output_hidden_states:
             all_hidden = tuple(torch.cat(parts, dim=1) for parts in zip(*hidden_pieces))
         output = BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden)
-        output[CACHE_KWARG] = cache if use_cache else None
+        if use_cache and cache is not None:
+            output[CACHE_KWARG] = cache
         return output
 
     def _run_layers(self, hidden_states, position_ids, token_valid, cache, output_hidden_states, **kwargs):
@@ -404,7 +405,8 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-        result[CACHE_KWARG] = outputs[CACHE_KWARG] if CACHE_KWARG in outputs else None
+        if outputs.get(CACHE_KWARG) is not None:
+            result[CACHE_KWARG] = outputs[CACHE_KWARG]
         return result
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):

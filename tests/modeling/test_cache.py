@@ -1,0 +1,139 @@
+"""InfiniteVLCache: constant size, generate() integration, beam/sampling, fork, refusals."""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import text_ids, tiny_model
+from infinitevl_hf import InfiniteVLCache
+from infinitevl_hf.modeling.compat import CACHE_KWARG
+
+
+def _fill(model, tokens: int) -> InfiniteVLCache:
+    cache = InfiniteVLCache(model.config)
+    with torch.no_grad():
+        model(input_ids=text_ids(1, tokens), use_cache=True, **{CACHE_KWARG: cache})
+    return cache
+
+
+def test_cache_bytes_are_constant_after_the_window_fills():
+    model = tiny_model()
+    window = model.config.text_config.sliding_window
+    two, twenty = _fill(model, 2 * window), _fill(model, 20 * window)
+    assert two.nbytes == twenty.nbytes > 0
+    # attention layers keep exactly window - 1 keys; GDN layers their fixed states
+    for layer, kind in zip(twenty.layers, twenty.layer_types):
+        if kind == "sliding_attention":
+            assert layer.keys.shape[-2] == window - 1
+        else:
+            assert layer.recurrent_states[0].dtype == torch.float32
+            assert layer.conv_states[0].shape[-1] == model.config.text_config.conv_size - 1
+
+
+def test_cache_bytes_are_constant_while_decoding():
+    model = tiny_model()
+    cache = _fill(model, 3 * model.config.text_config.sliding_window)
+    sizes = []
+    with torch.no_grad():
+        for t in range(12):
+            model(input_ids=text_ids(1, 1, seed=t), use_cache=True, **{CACHE_KWARG: cache})
+            sizes.append(cache.nbytes)
+    assert len(set(sizes)) == 1
+
+
+def test_generate_creates_an_infinitevl_cache():
+    model = tiny_model()
+    out = model.generate(text_ids(1, 6), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = out[CACHE_KWARG] if CACHE_KWARG in out else out.past_key_values
+    assert isinstance(cache, InfiniteVLCache)
+    assert cache.get_seq_length() == 6 + 4 - 1
+
+
+def test_beam_search_matches_its_uncached_run():
+    model = tiny_model()
+    ids = text_ids(2, 7)
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False)
+        uncached = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_sampling_and_multiple_return_sequences_run():
+    model = tiny_model()
+    torch.manual_seed(0)
+    out = model.generate(text_ids(2, 5), max_new_tokens=6, do_sample=True, top_k=20, num_return_sequences=3)
+    assert out.shape == (6, 11)
+
+
+def test_fork_is_independent():
+    model = tiny_model()
+    cache = _fill(model, 20)
+    snapshot = copy.deepcopy(cache)
+    fork = cache.fork()
+    with torch.no_grad():
+        model(input_ids=text_ids(1, 5), use_cache=True, **{CACHE_KWARG: fork})
+    for a, b in zip(cache.layers, snapshot.layers):
+        if hasattr(a, "keys") and a.keys is not None:
+            assert torch.equal(a.keys, b.keys)
+        else:
+            assert torch.equal(a.recurrent_states[0], b.recurrent_states[0])
+    assert fork.get_seq_length() == 25 and cache.get_seq_length() == 20
+
+
+def test_fork_then_continue_equals_continuing_the_original():
+    model = tiny_model()
+    cache = _fill(model, 13)
+    fork = cache.fork()
+    nxt = text_ids(1, 3, seed=9)
+    with torch.no_grad():
+        a = model(input_ids=nxt, use_cache=True, **{CACHE_KWARG: cache}).logits
+        b = model(input_ids=nxt, use_cache=True, **{CACHE_KWARG: fork}).logits
+    assert torch.equal(a, b)
+
+
+def test_reset_empties_the_cache():
+    model = tiny_model()
+    cache = _fill(model, 10)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.next_positions is None
+    fresh = InfiniteVLCache(model.config)
+    ids = text_ids(1, 4)
+    with torch.no_grad():
+        a = model(input_ids=ids, use_cache=True, **{CACHE_KWARG: cache}).logits
+        b = model(input_ids=ids, use_cache=True, **{CACHE_KWARG: fresh}).logits
+    assert torch.equal(a, b)
+
+
+def test_batch_select_and_repeat_keep_rows_consistent():
+    model = tiny_model()
+    cache = InfiniteVLCache(model.config)
+    ids = text_ids(2, 12)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{CACHE_KWARG: cache})
+        solo = InfiniteVLCache(model.config)
+        model(input_ids=ids[1:], use_cache=True, **{CACHE_KWARG: solo})
+    cache.batch_select_indices(torch.tensor([1]))
+    nxt = text_ids(1, 2, seed=11)
+    with torch.no_grad():
+        a = model(input_ids=nxt, use_cache=True, **{CACHE_KWARG: cache}).logits
+        b = model(input_ids=nxt, use_cache=True, **{CACHE_KWARG: solo}).logits
+    torch.testing.assert_close(a, b)
+    solo.batch_repeat_interleave(3)
+    assert solo.next_positions.shape == (3,)
+    assert all(layer.recurrent_states[0].shape[0] == 3 for layer, k in zip(solo.layers, solo.layer_types) if k == "linear_attention")
+
+
+def test_rollback_is_refused_with_a_clear_error():
+    model = tiny_model()
+    cache = _fill(model, 10)
+    with pytest.raises(ValueError, match="cannot remove tokens"):
+        cache.crop(-2)
+
+
+def test_a_foreign_cache_is_refused():
+    from transformers import DynamicCache
+
+    model = tiny_model()
+    with pytest.raises(TypeError, match="InfiniteVLCache"):
+        model(input_ids=text_ids(1, 4), use_cache=True, **{CACHE_KWARG: DynamicCache()})
