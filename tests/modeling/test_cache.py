@@ -137,3 +137,35 @@ def test_a_foreign_cache_is_refused():
     model = tiny_model()
     with pytest.raises(TypeError, match="InfiniteVLCache"):
         model(input_ids=text_ids(1, 4), use_cache=True, **{CACHE_KWARG: DynamicCache()})
+
+
+def test_static_ring_decode_equals_dynamic_decode():
+    """After the prompt, a static cache (rings of `window` slots) decodes exactly like the dynamic one."""
+    model = tiny_model()
+    ids = text_ids(2, 19)
+    dynamic, static = InfiniteVLCache(model.config), InfiniteVLCache(model.config)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{CACHE_KWARG: dynamic})
+        model(input_ids=ids, use_cache=True, **{CACHE_KWARG: static})
+        bytes_before = static.to_static().nbytes
+        for t in range(3 * model.config.text_config.sliding_window):
+            step = text_ids(2, 1, seed=100 + t)
+            a = model(input_ids=step, use_cache=True, **{CACHE_KWARG: dynamic}).logits
+            b = model(input_ids=step, use_cache=True, **{CACHE_KWARG: static}).logits
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert static.nbytes == bytes_before
+    with pytest.raises(ValueError, match="one token per call"):
+        model(input_ids=text_ids(2, 3), use_cache=True, **{CACHE_KWARG: static})
+
+
+def test_generate_with_static_cache_equals_dynamic():
+    model = tiny_model()
+    ids = text_ids(2, 9)
+    with torch.no_grad():
+        dynamic = model.generate(ids, max_new_tokens=25, do_sample=False)
+        out = model.generate(
+            ids, max_new_tokens=25, do_sample=False, cache_implementation="static", return_dict_in_generate=True
+        )
+    cache = out[CACHE_KWARG] if CACHE_KWARG in out else out.past_key_values
+    assert cache.is_static  # the decode steps ran on the rings
+    assert torch.equal(dynamic, out.sequences)

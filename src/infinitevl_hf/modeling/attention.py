@@ -13,6 +13,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
+from .cache import InfiniteVLRingAttentionLayer
 from .configuration_infinitevl import InfiniteVLTextConfig
 
 
@@ -69,9 +70,7 @@ def window_attention_mask(
     attention function's own causal path gives the same result, a bool mask [B, 1, Q, P+Q] for
     sdpa, and an additive float mask otherwise.
     """
-    has_padding = (past_valid is not None and not bool(past_valid.all())) or (
-        new_valid is not None and not bool(new_valid.all())
-    )
+    has_padding = past_valid is not None or new_valid is not None  # None means "no padding" (no host sync)
     in_window = window is None or past_length + query_length <= window
     if not has_padding and in_window and (query_length == 1 or (past_length == 0 and implementation == "sdpa")):
         return None
@@ -93,6 +92,14 @@ def window_attention_mask(
     if implementation == "sdpa":
         return visible
     return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+
+
+def ring_attention_mask(valid: torch.Tensor, query_length: int, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """Mask over a ring of cached keys: every filled, non-padding slot is visible."""
+    visible = valid[:, None, None, :].expand(-1, 1, query_length, -1)
+    if implementation == "sdpa":
+        return visible
+    return torch.zeros(visible.shape, dtype=dtype, device=valid.device).masked_fill(~visible, torch.finfo(dtype).min)
 
 
 class InfiniteVLAttention(nn.Module):
@@ -134,17 +141,21 @@ class InfiniteVLAttention(nn.Module):
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         query, key = apply_rotary(query, key, *position_embeddings)
 
-        past_valid, past_length = None, 0
-        if cache is not None:
-            layer_cache = cache.layers[self.layer_idx]
-            past_valid, past_length = layer_cache.valid, layer_cache.past_length()
-            key, value = layer_cache.update(key, value, valid=token_valid)
-
         implementation = self.config._attn_implementation or "sdpa"
-        mask = window_attention_mask(
-            past_valid, token_valid, batch, length, past_length, self.window, implementation,
-            query.dtype, query.device,
-        )
+        layer_cache = cache.layers[self.layer_idx] if cache is not None else None
+        if isinstance(layer_cache, InfiniteVLRingAttentionLayer):
+            # Static decode: the ring holds exactly the window (this token included); no host syncs.
+            key, value = layer_cache.update(key, value, valid=token_valid)
+            mask = ring_attention_mask(layer_cache.valid, length, implementation, query.dtype)
+        else:
+            past_valid, past_length = None, 0
+            if layer_cache is not None:
+                past_valid, past_length = layer_cache.valid, layer_cache.past_length()
+                key, value = layer_cache.update(key, value, valid=token_valid)
+            mask = window_attention_mask(
+                past_valid, token_valid, batch, length, past_length, self.window, implementation,
+                query.dtype, query.device,
+            )
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, _ = attention(
             self,

@@ -38,24 +38,29 @@ class InfiniteVLAttentionLayer(DynamicLayer):
         self.valid: torch.Tensor | None = None  # [B, L] bool, False where the cached key is padding
 
     def update(self, key_states, value_states, *args, valid: torch.Tensor | None = None, **kwargs):
-        """Append the new keys/values; return every key/value the new queries may attend to."""
+        """Append the new keys/values; return every key/value the new queries may attend to.
+
+        `valid` [B, T] marks padding (False); `self.valid` stays None until some padding was seen, so
+        unpadded inputs never need a host sync to check it."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, _, new, _ = key_states.shape
-        past = self.keys.shape[-2] if self.keys.dim() == 4 else 0
-        if valid is None:
-            valid = torch.ones(batch, new, dtype=torch.bool, device=key_states.device)
-        past_valid = self.valid if self.valid is not None else valid.new_ones(batch, past)
+        past = self.past_length()
         full_keys = torch.cat([self.keys, key_states], dim=-2) if past else key_states
         full_values = torch.cat([self.values, value_states], dim=-2) if past else value_states
-        full_valid = torch.cat([past_valid, valid], dim=-1)
+        full_valid = None
+        if valid is not None or self.valid is not None:
+            past_valid = self.valid if self.valid is not None else torch.ones(batch, past, dtype=torch.bool, device=key_states.device)
+            new_valid = valid if valid is not None else torch.ones(batch, new, dtype=torch.bool, device=key_states.device)
+            full_valid = torch.cat([past_valid, new_valid], dim=-1)
         self.cumulative_length += new
         keep = full_keys.shape[-2] if self.window is None else min(full_keys.shape[-2], self.window - 1)
         start = full_keys.shape[-2] - keep
         # Cloning the kept tail lets the long prompt's tensors be freed: memory stays at the window.
         self.keys = full_keys[:, :, start:].clone() if start else full_keys
         self.values = full_values[:, :, start:].clone() if start else full_values
-        self.valid = full_valid[:, start:].clone() if start else full_valid
+        if full_valid is not None:
+            self.valid = full_valid[:, start:].clone() if start else full_valid
         return full_keys, full_values
 
     def past_length(self) -> int:
@@ -80,17 +85,20 @@ class InfiniteVLAttentionLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.past_length():
             super().reorder_cache(beam_idx)
-            self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+            if self.valid is not None:
+                self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.past_length():
             super().batch_repeat_interleave(repeats)
-            self.valid = self.valid.repeat_interleave(repeats, dim=0)
+            if self.valid is not None:
+                self.valid = self.valid.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.past_length():
             super().batch_select_indices(indices)
-            self.valid = self.valid[indices]
+            if self.valid is not None:
+                self.valid = self.valid[indices]
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError(_NO_ROLLBACK)
@@ -98,6 +106,86 @@ class InfiniteVLAttentionLayer(DynamicLayer):
     @property
     def nbytes(self) -> int:
         return _tensor_bytes(self.keys, self.values, self.valid) if self.is_initialized else 0
+
+
+class InfiniteVLRingAttentionLayer(DynamicLayer):
+    """Preallocated window ring for decoding with static shapes (CUDA graphs).
+
+    `keys`/`values` [B, H_kv, window, D] and `valid` [B, window]: the token with absolute index n lives
+    in slot n % window, written before its query attends, so attending over the whole ring is exactly
+    "itself and the window - 1 tokens before it". Keys are stored after RoPE, so slot order is irrelevant.
+    """
+
+    is_sliding = True
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, step: torch.Tensor):
+        super().__init__()
+        self.keys, self.values, self.valid = keys, values, valid
+        self.window = keys.shape[-2]
+        self.step = step  # shared [1] long on device: absolute index of the next token
+        self.is_initialized = True
+        self.device = keys.device
+
+    @classmethod
+    def from_window(cls, layer: InfiniteVLAttentionLayer, batch: int, step: torch.Tensor, like: torch.Tensor):
+        """Lay the last tokens of a dynamic window layer into a ring (token n -> slot n % window)."""
+        window, seen = layer.window, layer.cumulative_length
+        shape = (batch, like.shape[1], window, like.shape[-1])
+        keys = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        values = torch.zeros_like(keys)
+        valid = torch.zeros(batch, window, dtype=torch.bool, device=like.device)
+        past = layer.past_length()
+        if past:
+            slots = torch.arange(seen - past, seen, device=like.device) % window
+            keys[:, :, slots] = layer.keys
+            values[:, :, slots] = layer.values
+            valid[:, slots] = True if layer.valid is None else layer.valid
+        return cls(keys, values, valid, step)
+
+    def update(self, key_states, value_states, *args, valid: torch.Tensor | None = None, **kwargs):
+        if key_states.shape[-2] != 1:
+            raise ValueError("A static (ring) InfiniteVLCache takes one token per call; prefill with a dynamic cache first.")
+        slot = self.step % self.window
+        self.keys.index_copy_(2, slot, key_states)
+        self.values.index_copy_(2, slot, value_states)
+        self.valid.index_fill_(1, slot, True) if valid is None else self.valid.index_copy_(1, slot, valid)
+        return self.keys, self.values
+
+    def past_length(self) -> int:
+        return self.window
+
+    def get_seq_length(self) -> int:
+        return int(self.step)
+
+    def get_max_length(self) -> int:
+        return self.window
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.window, 0
+
+    def reset(self) -> None:
+        self.keys.zero_()
+        self.values.zero_()
+        self.valid.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for name in ("keys", "values", "valid"):
+            getattr(self, name).copy_(getattr(self, name).index_select(0, beam_idx.to(self.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for name in ("keys", "values", "valid"):
+            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for name in ("keys", "values", "valid"):
+            setattr(self, name, getattr(self, name)[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(_NO_ROLLBACK)
+
+    @property
+    def nbytes(self) -> int:
+        return _tensor_bytes(self.keys, self.values, self.valid)
 
 
 class InfiniteVLLinearAttentionLayer(LinearAttentionCacheLayerMixin):
@@ -131,7 +219,7 @@ class InfiniteVLLinearAttentionLayer(LinearAttentionCacheLayerMixin):
         for states, flags in ((self.conv_states, self.is_conv_states_initialized), (self.recurrent_states, self.is_recurrent_states_initialized)):
             for i in range(self.number_of_states):
                 if flags[i]:
-                    states[i] = fn(states[i])
+                    states[i] = _store(states[i], fn(states[i]))
 
     def reset(self) -> None:
         for states, flags in ((self.conv_states, self.is_conv_states_initialized), (self.recurrent_states, self.is_recurrent_states_initialized)):
@@ -196,16 +284,24 @@ class InfiniteVLCache(Cache):
 
     def __init__(self, config: InfiniteVLConfig | InfiniteVLTextConfig, **kwargs):
         text_config = config.text_config if hasattr(config, "text_config") else config
-        layers = [
-            InfiniteVLLinearAttentionLayer()
-            if kind == "linear_attention"
-            else InfiniteVLAttentionLayer(text_config.window_for_layer(i))
+        self.layer_types = list(text_config.layer_types)
+        self._windows = [
+            None if kind == "linear_attention" else text_config.window_for_layer(i)
             for i, kind in enumerate(text_config.layer_types)
         ]
-        super().__init__(layers=layers)
+        super().__init__(layers=self._fresh_layers())
         self.layer_types = list(text_config.layer_types)
         self.seen_tokens = 0
         self.next_positions: torch.LongTensor | None = None
+        self.device_step: torch.LongTensor | None = None  # set by `to_static`
+        self.wants_static = False  # generate(cache_implementation="static"): go static after the prompt
+        self.graph_decoder = None  # the CUDAGraphDecoder replaying decode steps, once captured
+
+    def _fresh_layers(self) -> list:
+        return [
+            InfiniteVLLinearAttentionLayer() if kind == "linear_attention" else InfiniteVLAttentionLayer(window)
+            for kind, window in zip(self.layer_types, self._windows)
+        ]
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.seen_tokens
@@ -223,20 +319,26 @@ class InfiniteVLCache(Cache):
         return sum(layer.nbytes for layer in self.layers) + _tensor_bytes(self.next_positions)
 
     def fork(self) -> InfiniteVLCache:
-        """An independent copy: feeding the fork leaves this cache untouched."""
-        return copy.deepcopy(self)
+        """An independent copy: feeding the fork leaves this cache untouched (a captured graph stays with the original)."""
+        decoder, self.graph_decoder = self.graph_decoder, None
+        try:
+            return copy.deepcopy(self)
+        finally:
+            self.graph_decoder = decoder
 
     def reset(self) -> None:
-        for layer in self.layers:
-            layer.reset()
+        """Forget everything; a static cache becomes dynamic again (its next input is a prompt)."""
+        self.layers = self._fresh_layers()
         self.seen_tokens = 0
         self.next_positions = None
+        self.device_step = None
+        self.graph_decoder = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:
             layer.reorder_cache(beam_idx)
         if self.next_positions is not None:
-            self.next_positions = self.next_positions.index_select(0, beam_idx.to(self.next_positions.device))
+            self.next_positions = _store(self.next_positions, self.next_positions.index_select(0, beam_idx.to(self.next_positions.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for layer in self.layers:
@@ -259,6 +361,49 @@ class InfiniteVLCache(Cache):
     @property
     def is_compileable(self) -> bool:
         return False
+
+    @property
+    def is_static(self) -> bool:
+        return self.device_step is not None
+
+    def to_static(self) -> InfiniteVLCache:
+        """Switch, in place, to preallocated buffers that decode keeps in place (for CUDA graphs).
+
+        Sliding-window layers become rings of `window` slots; Gated DeltaNet states are already fixed-size.
+        Call after the prompt went through. Full-attention layers grow without bound and cannot be static.
+        """
+        if self.is_static:
+            return self
+        if self.seen_tokens == 0 or self.next_positions is None:
+            raise ValueError("to_static() needs a cache that a prompt already went through.")
+        like = next((layer.keys for layer in self.layers if isinstance(layer, InfiniteVLAttentionLayer)), None)
+        device = self.next_positions.device
+        self.device_step = torch.full((1,), self.seen_tokens, dtype=torch.long, device=device)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, InfiniteVLAttentionLayer):
+                if layer.window is None:
+                    raise ValueError(f"Layer {i} is full attention: its cache grows with the input and cannot be static.")
+                self.layers[i] = InfiniteVLRingAttentionLayer.from_window(layer, self.batch_rows, self.device_step, like)
+        return self
+
+    @property
+    def batch_rows(self) -> int:
+        return self.next_positions.shape[0]
+
+    def advance(self, position_ids: torch.LongTensor, token_valid: torch.Tensor | None, length: int) -> None:
+        """After a forward: count its tokens and move each row's running position one past its largest
+        valid position. Updates happen in place, so a captured CUDA graph advances the same tensors."""
+        self.seen_tokens += length
+        if self.device_step is not None:
+            self.device_step.add_(length)
+        latest = position_ids.amax(dim=0)  # [B, T]
+        if token_valid is not None:
+            latest = latest.masked_fill(~token_valid, -1)
+        latest = latest.amax(dim=-1) + 1
+        if self.next_positions is None:
+            self.next_positions = latest.clamp(min=0)
+        else:
+            self.next_positions.copy_(torch.where(latest > 0, latest, self.next_positions))
 
 
 __all__ = ["InfiniteVLCache", "InfiniteVLAttentionLayer", "InfiniteVLLinearAttentionLayer"]

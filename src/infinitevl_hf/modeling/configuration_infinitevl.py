@@ -219,6 +219,8 @@ class InfiniteVLConfig(PreTrainedConfig):
             if kwargs.get("attn_implementation") == "flash_attention_2":
                 kwargs.pop("attn_implementation")
             self.text_config = InfiniteVLTextConfig(**text)
+        # One source of truth for tying lm_head to the embeddings: the top-level field.
+        self.text_config.tie_word_embeddings = self.tie_word_embeddings
         super().__post_init__(**kwargs)
 
 

@@ -12,7 +12,7 @@ LEGACY_KEY_MAPPING = {
 
 def check_loading_info(model, info: dict, source) -> None:
     """Raise when the checkpoint lacks tensors the model needs, holds tensors it does not know, or has wrong shapes."""
-    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if model.config.get_text_config().tie_word_embeddings else set()
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = sorted(k for k in info.get("missing_keys", ()) if k not in tied)
     unexpected = sorted(info.get("unexpected_keys", ()))
     mismatched = sorted(info.get("mismatched_keys", ()))

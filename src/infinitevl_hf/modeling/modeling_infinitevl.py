@@ -23,10 +23,12 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from .attention import InfiniteVLAttention, InfiniteVLRotaryEmbedding
 from .cache import InfiniteVLCache
 from .compat import CACHE_KWARG, pop_cache_kwarg
+from .cuda_graph import CUDAGraphDecoder
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
 from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
 from .loading import LEGACY_KEY_MAPPING, check_loading_info
 from .positions import mrope_position_ids, num_vision_tokens
+from .remote_code import set_auto_map, write_model_card, write_remote_code
 
 
 class InfiniteVLPreTrainedModel(PreTrainedModel):
@@ -60,6 +62,16 @@ class InfiniteVLPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         check_loading_info(model, info, pretrained_model_name_or_path)
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory, *args, remote_code_files: bool = True, **kwargs):
+        """`PreTrainedModel.save_pretrained`, and by default also the model code as flat trust_remote_code files
+        plus `config.auto_map`, so the folder loads with `trust_remote_code=True` where this package is not
+        installed. A README.md model card is written when absent and a card writer is installed."""
+        if remote_code_files and kwargs.get("is_main_process", True):
+            set_auto_map(self.config)
+            write_remote_code(save_directory)
+            write_model_card(save_directory, self.config)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
@@ -169,7 +181,7 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
                 inputs_embeds[:, start:stop], position_ids[..., start:stop], valid, run_cache, output_hidden_states, **kwargs
             )
             if run_cache is not None:
-                _advance(run_cache, position_ids[..., start:stop], valid, stop - start)
+                run_cache.advance(position_ids[..., start:stop], valid, stop - start)
             pieces.append(hidden)
             hidden_pieces.append(per_layer)
         hidden_states = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
@@ -218,19 +230,6 @@ def text_position_ids(token_valid, cache, batch: int, length: int, device) -> to
         positions = start[:, None] + token_valid.long().cumsum(-1) - 1
         positions = positions.masked_fill(~token_valid, 1)
     return positions[None].expand(3, -1, -1)
-
-
-def _advance(cache: InfiniteVLCache, position_ids: torch.LongTensor, token_valid, length: int) -> None:
-    """After a chunk: count its tokens and move each row's running position one past its largest valid position."""
-    cache.seen_tokens += length
-    latest = position_ids.amax(dim=0)  # [B, T]
-    if token_valid is not None:
-        latest = latest.masked_fill(~token_valid, -1)
-    latest = latest.amax(dim=-1) + 1
-    previous = cache.next_positions
-    if previous is None:
-        previous = torch.zeros_like(latest)
-    cache.next_positions = torch.where(latest > 0, latest, previous.to(latest.device))
 
 
 class InfiniteVLModel(InfiniteVLPreTrainedModel):
@@ -327,6 +326,18 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         )
 
 
+def _static_decode_step(cache, input_ids, pixel_values, labels) -> bool:
+    return (
+        isinstance(cache, InfiniteVLCache)
+        and cache.wants_static
+        and cache.seen_tokens > 0
+        and input_ids is not None
+        and input_ids.shape[1] == 1
+        and pixel_values is None
+        and labels is None
+    )
+
+
 class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMixin):
     """InfiniteVL with its language-model head: `forward` (loss with `labels`) and `generate()`.
 
@@ -383,7 +394,15 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         labels (`torch.LongTensor` [B, T], *optional*): targets for the next-token loss; -100 is ignored.
         logits_to_keep (`int`, defaults to 0): compute logits for the last this many positions only (0: all).
         """
-        kwargs[CACHE_KWARG] = pop_cache_kwarg(kwargs, past_key_values)
+        cache = kwargs[CACHE_KWARG] = pop_cache_kwarg(kwargs, past_key_values)
+        if kwargs.pop("_captured_step", False) is False and _static_decode_step(cache, input_ids, pixel_values, labels):
+            cache.to_static()
+            if input_ids.is_cuda:
+                if cache.graph_decoder is None:
+                    cache.graph_decoder = CUDAGraphDecoder(self, cache)
+                result = CausalLMOutputWithPast(logits=cache.graph_decoder.step(input_ids).clone())
+                result[CACHE_KWARG] = cache
+                return result
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -410,8 +429,17 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         return result
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """Let generate() set up as usual, then swap the attention-only cache it made for an `InfiniteVLCache`."""
+        """Let generate() set up as usual, then swap the attention-only cache it made for an `InfiniteVLCache`.
+
+        `cache_implementation="static"` gives a cache that turns static after the prompt, so that on CUDA
+        every decode step replays one captured CUDA graph.
+        """
         given = model_kwargs.get(CACHE_KWARG)
+        if generation_config.cache_implementation == "static" and given is None and generation_config.use_cache is not False:
+            cache = InfiniteVLCache(self.config)
+            cache.wants_static = True
+            model_kwargs[CACHE_KWARG] = cache
+            return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         made = model_kwargs.get(CACHE_KWARG)
         if made is not None and made is not given and not isinstance(made, InfiniteVLCache):
@@ -429,9 +457,13 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         video_grid_thw: torch.LongTensor | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
         use_cache: bool = True,
+        mm_token_type_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> dict:
-        """Feed only the tokens the cache has not seen; vision inputs go in with the prompt, once."""
+        """Feed only the tokens the cache has not seen; vision inputs go in with the prompt, once.
+
+        `mm_token_type_ids` (written by transformers' Qwen2.5-VL processors) is accepted and not used: positions
+        come from `input_ids` and the grids."""
         cache = pop_cache_kwarg(kwargs, past_key_values)
         seen = cache.get_seq_length() if cache is not None else 0
         inputs = {"attention_mask": attention_mask, "use_cache": use_cache, CACHE_KWARG: cache}
@@ -453,7 +485,12 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         return inputs
 
 
+class InfiniteVLQwen2_5_VLForConditionalGeneration(InfiniteVLForConditionalGeneration):
+    """The class name in the official release's `architectures` and `auto_map`; the same model."""
+
+
 __all__ = [
+    "InfiniteVLQwen2_5_VLForConditionalGeneration",
     "InfiniteVLPreTrainedModel",
     "InfiniteVLTextModel",
     "InfiniteVLModel",

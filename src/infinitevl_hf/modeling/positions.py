@@ -62,37 +62,41 @@ def mrope_position_ids(
     seconds = iter(second_per_grid_ts.tolist()) if second_per_grid_ts is not None else None
     for row in range(batch):
         current = int(starts[row])
+        tokens, keep = ids[row].tolist(), valid[row].tolist()
         t = 0
         while t < length:
-            token = int(ids[row, t])
-            if not valid[row, t]:
+            token = tokens[t]
+            if not keep[t]:
                 t += 1
                 continue
-            if token in grids:
-                grid = next(grids[token], None)
-                if grid is None:
-                    kind = "image" if token == image_token_id else "video"
-                    raise ValueError(f"Row {row} has more {kind} placeholder runs than {kind} grids were given.")
-                gt, gh, gw = grid[0], grid[1] // spatial_merge_size, grid[2] // spatial_merge_size
-                count = gt * gh * gw
-                run = ids[row, t : t + count]
-                if run.numel() != count or not bool((run == token).all()):
-                    raise ValueError(
-                        f"Row {row}: a grid of {gt}x{gh}x{gw} needs {count} consecutive placeholder tokens at index {t}."
-                    )
-                step = 1.0
-                if token == video_token_id:
-                    per_grid = next(seconds, 1.0) if seconds is not None else 1.0
-                    step = tokens_per_second * per_grid
-                tpos = (torch.arange(gt, dtype=torch.float64) * step).long().view(-1, 1, 1).expand(gt, gh, gw)
-                hpos = torch.arange(gh).view(1, -1, 1).expand(gt, gh, gw)
-                wpos = torch.arange(gw).view(1, 1, -1).expand(gt, gh, gw)
-                positions[:, row, t : t + count] = torch.stack([tpos, hpos, wpos]).reshape(3, -1) + current
-                current += max(int(tpos.max()), gh - 1, gw - 1) + 1
-                t += count
-            else:
-                positions[:, row, t] = current
-                current += 1
-                t += 1
+            if token not in grids:
+                # A run of text: one vectorised assignment.
+                end = t
+                while end < length and keep[end] and tokens[end] not in grids:
+                    end += 1
+                positions[:, row, t:end] = torch.arange(current, current + end - t)
+                current += end - t
+                t = end
+                continue
+            grid = next(grids[token], None)
+            if grid is None:
+                kind = "image" if token == image_token_id else "video"
+                raise ValueError(f"Row {row} has more {kind} placeholder runs than {kind} grids were given.")
+            gt, gh, gw = grid[0], grid[1] // spatial_merge_size, grid[2] // spatial_merge_size
+            count = gt * gh * gw
+            if tokens[t : t + count] != [token] * count:
+                raise ValueError(
+                    f"Row {row}: a grid of {gt}x{gh}x{gw} needs {count} consecutive placeholder tokens at index {t}."
+                )
+            step = 1.0
+            if token == video_token_id:
+                per_grid = next(seconds, 1.0) if seconds is not None else 1.0
+                step = tokens_per_second * per_grid
+            tpos = (torch.arange(gt, dtype=torch.float64) * step).long().view(-1, 1, 1).expand(gt, gh, gw)
+            hpos = torch.arange(gh).view(1, -1, 1).expand(gt, gh, gw)
+            wpos = torch.arange(gw).view(1, 1, -1).expand(gt, gh, gw)
+            positions[:, row, t : t + count] = torch.stack([tpos, hpos, wpos]).reshape(3, -1) + current
+            current += max(int(tpos.max()), gh - 1, gw - 1) + 1
+            t += count
         next_positions[row] = current
     return positions.to(device), next_positions.to(device)

@@ -1,0 +1,58 @@
+"""One-token decode steps replayed from a captured CUDA graph.
+
+Decoding one token of a 4B model launches hundreds of small kernels; on a fast GPU the launches, not
+the arithmetic, set the time. Because an InfiniteVL cache has a fixed size (a ring per attention
+layer, fixed Gated DeltaNet states), a whole decode step has static shapes and addresses once the
+cache is static (`InfiniteVLCache.to_static`), so it can be captured once and replayed per token.
+
+Used by `generate(..., cache_implementation="static")` on CUDA, or directly:
+
+```python
+>>> decoder = CUDAGraphDecoder(model, cache)     # cache: a prompt already went through it
+>>> logits = decoder.step(next_token_ids)        # [B, 1] -> [B, 1, vocab]
+```
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .compat import CACHE_KWARG
+
+
+class CUDAGraphDecoder:
+    """Captures `model(input_ids[B, 1], cache)` once and replays it for every following token."""
+
+    def __init__(self, model, cache, warmup_steps: int = 2):
+        if not torch.cuda.is_available() or cache.next_positions is None or not cache.next_positions.is_cuda:
+            raise ValueError("CUDAGraphDecoder needs a CUDA model and a cache that a prompt already went through.")
+        cache.to_static()
+        self.model, self.cache = model, cache
+        self.input_ids = torch.zeros(cache.batch_rows, 1, dtype=torch.long, device=cache.next_positions.device)
+        # Warm up on a copy: kernels pick their configs and allocate outside the capture, the real state untouched.
+        scratch = cache.fork()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup_steps):
+                self._forward(scratch)
+        torch.cuda.current_stream().wait_stream(stream)
+        del scratch
+        self.graph = torch.cuda.CUDAGraph()
+        seen = cache.seen_tokens
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward(cache)
+        cache.seen_tokens = seen  # capture recorded the step without running it
+
+    def _forward(self, cache) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(
+                input_ids=self.input_ids, use_cache=True, logits_to_keep=1, _captured_step=True, **{CACHE_KWARG: cache}
+            ).logits
+
+    def step(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Feed one token per row; returns the logits of the next token [B, 1, vocab] (a buffer reused per step)."""
+        self.input_ids.copy_(input_ids)
+        self.graph.replay()
+        self.cache.seen_tokens += 1
+        return self.logits
