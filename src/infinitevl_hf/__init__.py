@@ -14,7 +14,9 @@ from .modeling import (
     InfiniteVLTextModel,
     InfiniteVLVisionConfig,
 )
+from .processing import InfiniteVLProcessor
 from .registration import InfiniteVLQwen2_5_VLForConditionalGeneration, register
+from .tiny import tiny_checkpoint
 
 register()
 
@@ -26,8 +28,10 @@ __all__ = [
     "InfiniteVLForConditionalGeneration",
     "InfiniteVLModel",
     "InfiniteVLPreTrainedModel",
+    "InfiniteVLProcessor",
     "InfiniteVLQwen2_5_VLForConditionalGeneration",
     "InfiniteVLTextConfig",
     "InfiniteVLTextModel",
     "InfiniteVLVisionConfig",
+    "tiny_checkpoint",
 ]

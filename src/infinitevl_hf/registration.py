@@ -7,6 +7,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoProcessor,
 )
 
 from .modeling import (
@@ -16,6 +17,7 @@ from .modeling import (
     InfiniteVLTextModel,
     InfiniteVLVisionConfig,
 )
+from .processing import InfiniteVLProcessor
 
 
 class InfiniteVLQwen2_5_VLForConditionalGeneration(InfiniteVLForConditionalGeneration):
@@ -29,3 +31,4 @@ def register() -> None:
     AutoModel.register(InfiniteVLTextConfig, InfiniteVLTextModel, exist_ok=True)
     AutoModelForImageTextToText.register(InfiniteVLConfig, InfiniteVLForConditionalGeneration, exist_ok=True)
     AutoModelForCausalLM.register(InfiniteVLConfig, InfiniteVLForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(InfiniteVLConfig, InfiniteVLProcessor, exist_ok=True)

@@ -1,0 +1,101 @@
+"""The tiny checkpoint, transformers' image-text-to-text pipeline and streaming generation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from infinitevl_hf import InfiniteVLForConditionalGeneration, InfiniteVLProcessor, tiny_checkpoint
+from infinitevl_hf.tiny import SPECIAL_TOKENS, asset_path
+
+
+def test_tiny_checkpoint_writes_fast_and_round_trips(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    start = time.perf_counter()
+    path = tiny_checkpoint(tmp_path / "tiny", seed=3)
+    assert time.perf_counter() - start < 10
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja"):
+        assert (path / name).is_file(), name
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    assert isinstance(model, InfiniteVLForConditionalGeneration) and isinstance(processor, InfiniteVLProcessor)
+
+    tokenizer, config = processor.tokenizer, model.config
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    assert config.image_token_id == ids["<|image_pad|>"] and config.video_token_id == ids["<|video_pad|>"]
+    assert config.vision_start_token_id == ids["<|vision_start|>"] and config.vision_end_token_id == ids["<|vision_end|>"]
+    assert config.text_config.eos_token_id == ids["<|im_end|>"] and config.text_config.pad_token_id == ids["<|endoftext|>"]
+    assert config.text_config.vocab_size >= len(tokenizer)
+
+    again = tiny_checkpoint(tmp_path / "again", seed=3)
+    inputs = processor(text="<|vision_start|><|image_pad|><|vision_end|>hello", images=[str(asset_path("demo.png"))],
+                       return_tensors="pt")
+    with torch.no_grad():
+        first = model(**inputs).logits
+        second = AutoModelForImageTextToText.from_pretrained(again).eval()(**inputs).logits
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # same seed, same weights, after a save/load
+
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        tiny_checkpoint(path)
+
+
+def test_demo_image_is_small():
+    path = asset_path("demo.png")
+    assert path.stat().st_size < 50_000
+    assert Image.open(path).size == (448, 448)
+
+
+def test_pipeline_answers_chat_with_images(tiny_dir):
+    from transformers import pipeline
+
+    pipe = pipeline("image-text-to-text", model=str(tiny_dir))
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.open(asset_path("demo.png"))},
+                {"type": "image", "path": str(asset_path("demo.png"))},
+                {"type": "text", "text": "What is in these images?"},
+            ],
+        }
+    ]
+    out = pipe(text=messages, max_new_tokens=4, return_full_text=False)
+    assert isinstance(out[0]["generated_text"], str)
+    single = pipe(images=str(asset_path("demo.png")), text="<|vision_start|><|image_pad|><|vision_end|>Describe.",
+                  max_new_tokens=3, return_full_text=False)
+    assert isinstance(single[0]["generated_text"], str)
+
+
+def test_streamers_yield_text(processor, model):
+    from transformers import TextIteratorStreamer, TextStreamer
+
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(asset_path("demo.png"))},
+                                             {"type": "text", "text": "Describe the image."}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    # Random weights: forbid the end token so the stream has text to carry.
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    kwargs = dict(**inputs, max_new_tokens=6, do_sample=False, suppress_tokens=[eos])
+
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    thread = threading.Thread(target=model.generate, kwargs=dict(kwargs, streamer=streamer))
+    thread.start()
+    pieces = list(streamer)
+    thread.join()
+    out = model.generate(**kwargs)
+    expected = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "".join(pieces) == expected
+
+    printed = []
+
+    class Collect(TextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            printed.append(text)
+
+    model.generate(**kwargs, streamer=Collect(processor.tokenizer, skip_prompt=True, skip_special_tokens=True))
+    assert "".join(printed) == expected
