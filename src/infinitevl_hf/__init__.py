@@ -16,7 +16,9 @@ from .modeling import (
 )
 from .processing import InfiniteVLProcessor
 from .registration import InfiniteVLQwen2_5_VLForConditionalGeneration, register
+from .streaming import StreamingSession, StreamStats
 from .tiny import tiny_checkpoint
+from . import export  # noqa: E402,F401 - installs the model-card writer used by save_pretrained
 
 register()
 
@@ -33,5 +35,7 @@ __all__ = [
     "InfiniteVLTextConfig",
     "InfiniteVLTextModel",
     "InfiniteVLVisionConfig",
+    "StreamStats",
+    "StreamingSession",
     "tiny_checkpoint",
 ]

@@ -17,11 +17,10 @@ from .modeling import (
     InfiniteVLTextModel,
     InfiniteVLVisionConfig,
 )
+from .modeling.modeling_infinitevl import InfiniteVLQwen2_5_VLForConditionalGeneration
 from .processing import InfiniteVLProcessor
 
-
-class InfiniteVLQwen2_5_VLForConditionalGeneration(InfiniteVLForConditionalGeneration):
-    """The class name of the official release's `architectures` and `auto_map`; the same model."""
+__all__ = ["InfiniteVLQwen2_5_VLForConditionalGeneration", "register"]
 
 
 def register() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
 from ..modeling.positions import num_vision_tokens
+from ..modeling.remote_code import write_processor_remote_code
 
 VIDEO_EXTRA_HINT = "pip install infinitevl-hf[video]"
 
@@ -148,6 +149,13 @@ class InfiniteVLProcessor(Qwen2_5_VLProcessor):
         return ["image_processor", "tokenizer"]
 
     # -- placeholder counts: one formula, shared with the model --------------------------------------------
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`ProcessorMixin.save_pretrained`, plus the code files and `auto_map` that let the folder load with
+        `AutoProcessor.from_pretrained(..., trust_remote_code=True)` where this package is not installed."""
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        write_processor_remote_code(save_directory)
+        return files
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         grid = image_inputs["image_grid_thw"][image_idx]
         return self.image_token * int(num_vision_tokens(_as_tensor(grid), self.image_processor.merge_size))
