@@ -1,0 +1,557 @@
+"""Unlimited streaming video understanding: `StreamingSession` feeds frames into one constant-size cache.
+
+How frames become tokens. Frames are buffered until `frames_per_chunk` of them (a multiple of the
+vision tower's `temporal_patch_size`, 2) are waiting; that chunk then goes through the video processor
+as one video of `frames_per_chunk / 2` temporal steps and through the model with the session's cache, as
+
+    <|vision_start|> <|video_pad|> * (t * h * w / 4) <|vision_end|>
+
+so the default (2 frames per chunk) gives one video grid with t = 1 per pair of frames. Positions are
+those of the model (`positions.mrope_position_ids`), continued from `cache.next_positions`: every chunk
+and every piece of text starts one past the largest position before it, and inside a chunk of t > 1
+steps the time axis advances `tokens_per_second * second_per_grid_ts` per step, with
+`second_per_grid_ts` = `temporal_patch_size` x the spacing of the chunk's timestamps (or `1 / fps`).
+A leftover frame (odd count) waits for its partner; `flush()` feeds it with the last frame repeated
+(what the Qwen2.5-VL video processor does), and `ask()` sees it the same way, on its fork only.
+
+How `ask` works. The cache is forked (`InfiniteVLCache.fork`, a deep copy); waiting frames and the
+chat-formatted question `<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n` go into the fork,
+and `model.generate` continues on it. The fork's token counter is restarted at 0 first: generate then
+treats the question as the whole prompt (`prepare_inputs_for_generation` feeds `input_ids[:, seen:]`),
+while the positions (`next_positions`) and every layer's window and state still hold the stream. So an
+answer costs O(question + answer) whatever the stream length, and the session itself is untouched.
+
+Example:
+
+```python
+>>> session = StreamingSession(model, processor)
+>>> session.add_video("clip.mp4", fps=2)           # or add_frames([...]) from a camera, call after call
+>>> session.ask("What happened so far?", max_new_tokens=64)
+>>> session.stats.cache_bytes                       # the same after 10 frames as after 100,000
+>>> session.save("state/"); StreamingSession.load("state/", model, processor)  # resume elsewhere
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .modeling.cache import InfiniteVLAttentionLayer, InfiniteVLCache, InfiniteVLLinearAttentionLayer
+from .modeling.compat import CACHE_KWARG
+
+STATE_FORMAT = "infinitevl-stream-state"
+STATE_VERSION = 1
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "session.json"
+QUESTION_TEMPLATE = "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+# Config fields that never change what a saved state means.
+_FINGERPRINT_SKIP = {
+    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "auto_map", "use_cache",
+    "_attn_implementation", "_attn_implementation_autoset", "_experts_implementation", "output_attentions",
+    "output_hidden_states", "return_dict", "prefill_chunk_tokens", "_commit_hash", "tie_word_embeddings",
+    "chunk_size_feed_forward", "problem_type", "id2label", "label2id", "initializer_range",
+}
+
+
+@dataclass
+class StreamStats:
+    """What a session has taken in so far.
+
+    frames: frames added (fed or waiting); frames_pending: frames waiting for a full chunk; chunks: chunks fed;
+    tokens_seen: tokens through the cache (frames and text); cache_bytes: `InfiniteVLCache.nbytes` (constant
+    once every window is full); last_frame_ms: wall time per frame of the last chunk fed (None before any)."""
+
+    frames: int
+    frames_pending: int
+    chunks: int
+    tokens_seen: int
+    cache_bytes: int
+    last_frame_ms: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class StreamingSession:
+    """An endless video/text stream held in one `InfiniteVLCache`, with questions answered on forks.
+
+    Args:
+        model: an `InfiniteVLForConditionalGeneration` (any device/dtype; fp32 for exactness tests).
+        processor: its `InfiniteVLProcessor` (tokenizer + frame/video processor).
+        frames_per_chunk (`int`, defaults to 2): frames per model call; a multiple of `temporal_patch_size` (2).
+            Each chunk is one video grid of `frames_per_chunk / 2` temporal steps.
+        fps (`float`, defaults to 2.0): frame rate assumed when `add_frames` gets no timestamps.
+        system_prompt (`str`, optional): fed first (and after `reset`) as a `<|im_start|>system` turn.
+        question_template (`str`): how `ask` wraps a question; `{question}` is replaced.
+        max_pixels / min_pixels (`int`, optional): frame resolution bounds (defaults: the processor's).
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        frames_per_chunk: int = 2,
+        fps: float = 2.0,
+        system_prompt: str | None = None,
+        question_template: str = QUESTION_TEMPLATE,
+        max_pixels: int | None = None,
+        min_pixels: int | None = None,
+    ):
+        temporal = int(processor.image_processor.temporal_patch_size)
+        if not isinstance(frames_per_chunk, int) or frames_per_chunk < temporal or frames_per_chunk % temporal:
+            raise ValueError(
+                f"frames_per_chunk must be a positive multiple of the temporal patch size {temporal}, got {frames_per_chunk!r}."
+            )
+        if not fps or fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps!r}.")
+        if "{question}" not in question_template:
+            raise ValueError("question_template must contain '{question}'.")
+        self.model, self.processor = model, processor
+        self.frames_per_chunk, self.fps, self.temporal_patch_size = frames_per_chunk, float(fps), temporal
+        self.system_prompt, self.question_template = system_prompt, question_template
+        self.max_pixels, self.min_pixels = max_pixels, min_pixels
+        config = model.config
+        self._token_ids = {
+            "start": config.vision_start_token_id,
+            "video": config.video_token_id,
+            "end": config.vision_end_token_id,
+        }
+        self.cache = InfiniteVLCache(config)
+        self._pending: list[tuple[np.ndarray, float]] = []
+        self._frames = 0
+        self._chunks = 0
+        self._last_frame_ms: float | None = None
+        if system_prompt:
+            self.add_text(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
+
+    # -- input ---------------------------------------------------------------------------------------------
+    def add_frames(self, frames, timestamps: Iterable[float] | None = None) -> StreamStats:
+        """Add frames (PIL images or [H, W, 3] uint8 arrays, one or a list) with optional timestamps in seconds.
+
+        Every complete chunk of `frames_per_chunk` frames is fed at once; the rest waits. All frames are
+        checked before anything is fed: a bad frame raises and leaves the session unchanged."""
+        frames = _as_frame_list(frames)
+        arrays = [_check_frame(frame, i) for i, frame in enumerate(frames)]
+        if timestamps is None:
+            times = [(self._frames + i) / self.fps for i in range(len(arrays))]
+        else:
+            times = [float(t) for t in timestamps]
+            if len(times) != len(arrays):
+                raise ValueError(f"Got {len(arrays)} frames but {len(times)} timestamps.")
+        for array, t in zip(arrays, times):
+            self._pending.append((array, t))
+            self._frames += 1
+            if len(self._pending) == self.frames_per_chunk:
+                self._feed_pending(self.cache)
+                self._pending = []
+        return self.stats
+
+    def add_video(self, source: str | os.PathLike, fps: float | None = None, max_frames: int | None = None) -> StreamStats:
+        """Decode a video file or URL with PyAV, `fps` frames per second (default: the session's), and feed
+        it chunk by chunk as it decodes (memory stays bounded for endless inputs). A missing or unreadable
+        source raises before anything is fed; a decode error later keeps the frames fed before it."""
+        fps = self.fps if fps is None else float(fps)
+        batch, times = [], []
+        for frame, t in iter_video_frames(source, fps=fps, max_frames=max_frames):
+            batch.append(frame)
+            times.append(t)
+            if len(batch) == self.frames_per_chunk:
+                self.add_frames(batch, times)
+                batch, times = [], []
+        if batch:
+            self.add_frames(batch, times)
+        return self.stats
+
+    def add_text(self, text: str) -> StreamStats:
+        """Feed text into the stream as it is (no chat wrapping): subtitles, a transcript, a system turn.
+        Frames waiting for a partner are fed first (padded), so the stream keeps its order."""
+        if not isinstance(text, str) or not text:
+            raise ValueError("add_text needs a non-empty string.")
+        ids = self._encode(text)
+        self.flush()
+        self._forward(self.cache, ids)
+        return self.stats
+
+    def flush(self) -> StreamStats:
+        """Feed a waiting partial chunk now, repeating its last frame to a multiple of the temporal patch size."""
+        if self._pending:
+            self._feed_pending(self.cache)
+            self._pending = []
+        return self.stats
+
+    # -- questions -----------------------------------------------------------------------------------------
+    def ask(self, question: str, max_new_tokens: int = 64, skip_special_tokens: bool = True, **generate_kwargs) -> str:
+        """Answer `question` from everything seen so far (waiting frames included); the session is unchanged.
+
+        Greedy by default; other `generate` arguments (`do_sample`, `temperature`, `streamer`, ...) pass through."""
+        fork, ids = self._question_fork(question)
+        fork.seen_tokens = 0  # generate sees the question as the whole prompt; positions/states still hold the stream
+        generate_kwargs.setdefault("do_sample", False)
+        generation_config = getattr(self.model, "generation_config", None)
+        if generation_config is not None and generation_config.pad_token_id is None:
+            generate_kwargs.setdefault("pad_token_id", self.processor.tokenizer.pad_token_id)
+        with torch.no_grad():
+            output = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                use_cache=True,
+                **{CACHE_KWARG: fork},
+                **generate_kwargs,
+            )
+        sequences = output.sequences if hasattr(output, "sequences") else output
+        return self.processor.tokenizer.decode(sequences[0, ids.shape[1]:], skip_special_tokens=skip_special_tokens)
+
+    def question_logits(self, question: str) -> torch.Tensor:
+        """Logits [1, T, vocab] of the chat-formatted question's tokens read after the stream (on a fork)."""
+        fork, ids = self._question_fork(question)
+        return self._forward(fork, ids)
+
+    def _question_fork(self, question: str):
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("ask needs a non-empty question.")
+        fork = self.cache.fork()
+        if self._pending:
+            self._feed_pending(fork, timed=False)
+        return fork, self._encode(self.question_template.format(question=question))
+
+    # -- state ---------------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> StreamStats:
+        return StreamStats(
+            frames=self._frames,
+            frames_pending=len(self._pending),
+            chunks=self._chunks,
+            tokens_seen=self.cache.seen_tokens,
+            cache_bytes=self.cache.nbytes,
+            last_frame_ms=self._last_frame_ms,
+        )
+
+    def fork(self) -> StreamingSession:
+        """An independent copy of the session (same model and processor): feeding one leaves the other unchanged."""
+        other = object.__new__(StreamingSession)
+        other.__dict__.update(self.__dict__)
+        other.cache = self.cache.fork()
+        other._pending = [(array.copy(), t) for array, t in self._pending]
+        return other
+
+    def reset(self) -> None:
+        """Forget everything (the system prompt, if any, is fed again)."""
+        self.cache.reset()
+        self._pending, self._frames, self._chunks, self._last_frame_ms = [], 0, 0, None
+        if self.system_prompt:
+            self.add_text(f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n")
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the whole memory to folder `path`: cache tensors (`state.safetensors`) and counters, waiting
+        frames and a config fingerprint (`session.json`). The folder appears whole or not at all."""
+        from safetensors.torch import save_file
+
+        if self.cache.is_static:
+            raise ValueError("A static (ring) cache cannot be saved; streaming sessions keep a dynamic cache.")
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+            raise FileExistsError(f"Refusing to save the stream state into {str(path)!r}: it exists (pass overwrite=True).")
+        tensors, layers = _cache_to_tensors(self.cache)
+        for i, (array, _) in enumerate(self._pending):
+            tensors[f"pending.{i}"] = torch.from_numpy(np.ascontiguousarray(array))
+        meta = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "fingerprint": config_fingerprint(self.model.config),
+            "config": _config_summary(self.model.config),
+            "seen_tokens": self.cache.seen_tokens,
+            "layers": layers,
+            "session": {
+                "frames": self._frames,
+                "chunks": self._chunks,
+                "last_frame_ms": self._last_frame_ms,
+                "pending_timestamps": [t for _, t in self._pending],
+                "frames_per_chunk": self.frames_per_chunk,
+                "fps": self.fps,
+                "system_prompt": self.system_prompt,
+                "question_template": self.question_template,
+                "max_pixels": self.max_pixels,
+                "min_pixels": self.min_pixels,
+            },
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            save_file(tensors, str(staging / STATE_TENSORS), metadata={"format": STATE_FORMAT})
+            (staging / STATE_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            if path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            staging.rename(path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model, processor, **overrides) -> StreamingSession:
+        """A session resumed from `save(path)`, on `model` (which must have the config the state was saved with)."""
+        meta, _ = _read_state(path)
+        settings = {k: meta["session"][k] for k in ("frames_per_chunk", "fps", "question_template", "max_pixels", "min_pixels")}
+        settings.update(overrides)
+        session = cls(model, processor, **settings)
+        session.system_prompt = meta["session"].get("system_prompt")
+        session.load_state(path)
+        return session
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Replace this session's memory with the one saved at `path`. Everything is read and checked first:
+        a missing/corrupt folder or a state from a different model config raises and changes nothing."""
+        meta, tensors = _read_state(path)
+        expected = config_fingerprint(self.model.config)
+        if meta["fingerprint"] != expected:
+            diff = _summary_diff(meta.get("config", {}), _config_summary(self.model.config))
+            raise ValueError(
+                f"The stream state in {str(path)!r} was saved from a different model config ({diff}); "
+                "it can only be loaded into a model with that config."
+            )
+        cache = _cache_from_tensors(self.model.config, tensors, meta, self._device())
+        session = meta["session"]
+        pending = []
+        for i, t in enumerate(session["pending_timestamps"]):
+            if f"pending.{i}" not in tensors:
+                raise ValueError(f"The stream state in {str(path)!r} is incomplete: waiting frame {i} is missing.")
+            pending.append((tensors[f"pending.{i}"].numpy().copy(), float(t)))
+        self.cache, self._pending = cache, pending
+        self._frames, self._chunks, self._last_frame_ms = session["frames"], session["chunks"], session["last_frame_ms"]
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _encode(self, text: str) -> torch.LongTensor:
+        ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return torch.tensor([ids], dtype=torch.long, device=self._device())
+
+    def chunk_inputs(self, frames: list[np.ndarray], timestamps: list[float] | None = None) -> dict:
+        """Model inputs of one chunk of frames: `input_ids` [1, n + 2], `pixel_values_videos`, `video_grid_thw` [1, 3],
+        `second_per_grid_ts` [1]. Building one prompt from several chunks' pieces gives the same positions."""
+        kwargs = {}
+        if self.max_pixels is not None:
+            kwargs["max_pixels"] = self.max_pixels
+        if self.min_pixels is not None:
+            kwargs["min_pixels"] = self.min_pixels
+        video = self.processor.video_processor(videos=[list(frames)], return_tensors="pt", **kwargs)
+        grid = video["video_grid_thw"]
+        merge = self.model.config.vision_config.spatial_merge_size
+        count = int(grid.prod()) // merge**2
+        ids = [self._token_ids["start"]] + [self._token_ids["video"]] * count + [self._token_ids["end"]]
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "pixel_values_videos": video["pixel_values_videos"],
+            "video_grid_thw": grid,
+            "second_per_grid_ts": torch.tensor([self._seconds_per_grid(timestamps)], dtype=torch.float32),
+        }
+
+    def _seconds_per_grid(self, timestamps: list[float] | None) -> float:
+        steps = [b - a for a, b in zip(timestamps or [], (timestamps or [])[1:]) if b - a > 0]
+        per_frame = sum(steps) / len(steps) if steps else 1.0 / self.fps
+        return self.temporal_patch_size * per_frame
+
+    def _feed_pending(self, cache: InfiniteVLCache, timed: bool = True) -> None:
+        frames = [array for array, _ in self._pending]
+        inputs = self.chunk_inputs(frames, [t for _, t in self._pending])
+        device = self._device()
+        start = time.perf_counter()
+        self._forward(cache, inputs.pop("input_ids").to(device), **{k: v.to(device) for k, v in inputs.items()})
+        if timed:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self._chunks += 1
+            self._last_frame_ms = (time.perf_counter() - start) * 1000.0 / len(frames)
+
+    def _forward(self, cache: InfiniteVLCache, input_ids: torch.LongTensor, **inputs) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(input_ids=input_ids, use_cache=True, **inputs, **{CACHE_KWARG: cache}).logits
+
+
+# -- frames ----------------------------------------------------------------------------------------------------
+def _as_frame_list(frames) -> list:
+    if isinstance(frames, np.ndarray) and frames.ndim == 4:
+        return list(frames)
+    if isinstance(frames, (list, tuple)):
+        return list(frames)
+    return [frames]
+
+
+def _check_frame(frame, index: int) -> np.ndarray:
+    """A frame as a contiguous [H, W, 3] uint8 array; anything else is refused with its index named."""
+    from PIL import Image
+
+    if isinstance(frame, Image.Image):
+        return np.asarray(frame.convert("RGB"), dtype=np.uint8).copy()
+    if isinstance(frame, np.ndarray):
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3 or min(frame.shape[:2]) < 1:
+            raise ValueError(
+                f"Frame {index}: expected an [H, W, 3] uint8 array, got shape {tuple(frame.shape)} of {frame.dtype}."
+            )
+        return np.ascontiguousarray(frame).copy()
+    raise TypeError(f"Frame {index}: expected a PIL image or an [H, W, 3] uint8 numpy array, got {type(frame).__name__}.")
+
+
+def iter_video_frames(source: str | os.PathLike, fps: float | None = None, max_frames: int | None = None) -> Iterator[tuple[np.ndarray, float]]:
+    """Yield (frame [H, W, 3] uint8, seconds) from a video file or an http(s)/rtsp URL, decoded with PyAV,
+    keeping about `fps` frames per second (every frame when None). Opening fails with FileNotFoundError for a
+    missing file and ValueError for anything PyAV cannot read, before the first frame is yielded."""
+    try:
+        import av
+    except ImportError as error:
+        raise ImportError("Reading a video needs PyAV: pip install infinitevl-hf[video]") from error
+    text = str(source)
+    is_url = "://" in text
+    if not is_url and not Path(text).is_file():
+        raise FileNotFoundError(f"Video file not found: {text!r}.")
+    try:
+        container = av.open(text)
+        if not container.streams.video:
+            container.close()
+            raise ValueError("it has no video stream")
+    except ValueError as error:
+        raise ValueError(f"Cannot read video {text!r}: {error}.") from error
+    except Exception as error:  # av.error.* (InvalidDataError, HTTP errors, ...)
+        raise ValueError(f"Cannot read video {text!r}: not a readable video ({error}).") from error
+    yielded, next_time = 0, 0.0
+    try:
+        stream = container.streams.video[0]
+        for index, frame in enumerate(container.decode(stream)):
+            seconds = float(frame.time) if frame.time is not None else index / float(stream.average_rate or 30)
+            if fps is not None and seconds + 1e-6 < next_time:
+                continue
+            yield frame.to_ndarray(format="rgb24"), seconds
+            yielded += 1
+            if fps is not None:
+                next_time = max(next_time + 1.0 / fps, seconds)
+            if max_frames is not None and yielded >= max_frames:
+                return
+    except av.error.FFmpegError as error:
+        raise ValueError(f"Cannot decode video {text!r} after {yielded} frames: {error}.") from error
+    finally:
+        container.close()
+    if yielded == 0:
+        raise ValueError(f"Cannot read video {text!r}: it has no frames.")
+
+
+# -- persistence -----------------------------------------------------------------------------------------------
+def _clean(value):
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in sorted(value.items()) if k not in _FINGERPRINT_SKIP}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def config_fingerprint(config) -> str:
+    """sha256 of the model config's fields that shape or give meaning to a cache (names, dtype, attention backend left out)."""
+    blob = json.dumps(_clean(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _config_summary(config) -> dict:
+    text = config.get_text_config()
+    fields = ("num_hidden_layers", "hidden_size", "layer_types", "sliding_window", "num_key_value_heads",
+              "num_linear_heads", "linear_head_dim", "expand_v", "vocab_size")
+    summary = {f"text.{name}": getattr(text, name, None) for name in fields}
+    summary["vision.tokens_per_second"] = getattr(config.vision_config, "tokens_per_second", None)
+    summary["vision.spatial_merge_size"] = getattr(config.vision_config, "spatial_merge_size", None)
+    return summary
+
+
+def _summary_diff(saved: dict, current: dict) -> str:
+    diffs = [f"{k}: saved {saved.get(k)!r}, model {current.get(k)!r}" for k in current if saved.get(k) != current.get(k)]
+    return "; ".join(diffs[:4]) if diffs else "other fields differ"
+
+
+def _cache_to_tensors(cache: InfiniteVLCache) -> tuple[dict, list]:
+    tensors, layers = {}, []
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, InfiniteVLAttentionLayer):
+            info = {"kind": "attention", "cumulative_length": layer.cumulative_length, "initialized": layer.is_initialized}
+            if layer.is_initialized:
+                tensors[f"layers.{i}.keys"] = layer.keys.detach().contiguous().cpu()
+                tensors[f"layers.{i}.values"] = layer.values.detach().contiguous().cpu()
+                if layer.valid is not None:
+                    tensors[f"layers.{i}.valid"] = layer.valid.detach().contiguous().cpu()
+        elif isinstance(layer, InfiniteVLLinearAttentionLayer):
+            info = {"kind": "linear_attention", "has_previous_state": [bool(layer.has_previous_state[j]) for j in range(layer.number_of_states)]}
+            for j in range(layer.number_of_states):
+                if layer.conv_states[j] is not None:
+                    tensors[f"layers.{i}.conv.{j}"] = layer.conv_states[j].detach().contiguous().cpu()
+                if layer.recurrent_states[j] is not None:
+                    tensors[f"layers.{i}.recurrent.{j}"] = layer.recurrent_states[j].detach().contiguous().cpu()
+        else:
+            raise ValueError(f"Cache layer {i} ({type(layer).__name__}) cannot be saved.")
+        layers.append(info)
+    if cache.next_positions is not None:
+        tensors["next_positions"] = cache.next_positions.detach().contiguous().cpu()
+    return tensors, layers
+
+
+def _cache_from_tensors(config, tensors: dict, meta: dict, device) -> InfiniteVLCache:
+    cache = InfiniteVLCache(config)
+    if len(meta["layers"]) != len(cache.layers):
+        raise ValueError(f"The saved state has {len(meta['layers'])} layers, the model {len(cache.layers)}.")
+    for i, (layer, info) in enumerate(zip(cache.layers, meta["layers"])):
+        if isinstance(layer, InfiniteVLAttentionLayer):
+            if info["kind"] != "attention":
+                raise ValueError(f"Saved layer {i} is {info['kind']}, the model's is attention.")
+            layer.cumulative_length = int(info["cumulative_length"])
+            if info["initialized"]:
+                keys, values = tensors[f"layers.{i}.keys"].to(device), tensors[f"layers.{i}.values"].to(device)
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys, values
+                layer.dtype = keys.dtype
+                valid = tensors.get(f"layers.{i}.valid")
+                layer.valid = None if valid is None else valid.to(device)
+        else:
+            if info["kind"] != "linear_attention":
+                raise ValueError(f"Saved layer {i} is {info['kind']}, the model's is linear_attention.")
+            for j in range(layer.number_of_states):
+                conv, recurrent = tensors.get(f"layers.{i}.conv.{j}"), tensors.get(f"layers.{i}.recurrent.{j}")
+                if conv is not None:
+                    layer.update_conv_state(conv.to(device), state_idx=j)
+                if recurrent is not None:
+                    layer.update_recurrent_state(recurrent.to(device), state_idx=j)
+                layer.has_previous_state[j] = bool(info["has_previous_state"][j])
+    cache.seen_tokens = int(meta["seen_tokens"])
+    positions = tensors.get("next_positions")
+    cache.next_positions = None if positions is None else positions.to(device)
+    return cache
+
+
+def _read_state(path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / STATE_JSON).is_file() or not (path / STATE_TENSORS).is_file():
+        raise FileNotFoundError(f"No saved stream state in {str(path)!r}: expected {STATE_JSON} and {STATE_TENSORS}.")
+    try:
+        meta = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        tensors = load_file(str(path / STATE_TENSORS))
+    except Exception as error:
+        raise ValueError(f"Cannot read the stream state in {str(path)!r}: {error}.") from error
+    if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"{str(path)!r} is not a version-{STATE_VERSION} InfiniteVL stream state "
+            f"(format {meta.get('format')!r}, version {meta.get('version')!r})."
+        )
+    return meta, tensors
+
+
+__all__ = ["StreamingSession", "StreamStats", "iter_video_frames", "config_fingerprint"]
