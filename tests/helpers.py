@@ -25,7 +25,7 @@ def tiny_config(**text_overrides) -> InfiniteVLConfig:
         sliding_window=8,
         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
         max_position_embeddings=4096,
-        prefill_chunk_size=None,
+        prefill_chunk_tokens=None,
         tie_word_embeddings=True,
         pad_token_id=0,
         eos_token_id=1,

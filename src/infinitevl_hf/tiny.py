@@ -127,7 +127,7 @@ def tiny_config(tokenizer, **text_overrides):
         sliding_window=64,
         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0},
         max_position_embeddings=32768,
-        prefill_chunk_size=8192,
+        prefill_chunk_tokens=8192,
         tie_word_embeddings=True,
         pad_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],

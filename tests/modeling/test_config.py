@@ -58,7 +58,7 @@ def test_default_config_is_the_released_layout():
         (dict(num_linear_heads=8, num_linear_key_value_heads=4), "num_linear_heads"),
         (dict(mode="parallel"), "mode"),
         (dict(conv_size=0), "conv_size"),
-        (dict(prefill_chunk_size=0), "prefill_chunk_size"),
+        (dict(prefill_chunk_tokens=0), "prefill_chunk_tokens"),
     ],
 )
 def test_invalid_values_name_the_field(overrides, field):

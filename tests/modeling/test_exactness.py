@@ -59,8 +59,8 @@ def test_chunked_prefill_equals_one_shot(chunk):
     vision = dict(pixel_values=pixel_values, image_grid_thw=grid)
     with torch.no_grad():
         full = model(input_ids=ids, **vision).logits
-        model.config.text_config.prefill_chunk_size = chunk
-        model.model.language_model.config.prefill_chunk_size = chunk
+        model.config.text_config.prefill_chunk_tokens = chunk
+        model.model.language_model.config.prefill_chunk_tokens = chunk
         chunked = model(input_ids=ids, **vision).logits
     _close(chunked, full)
 

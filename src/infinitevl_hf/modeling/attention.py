@@ -94,6 +94,22 @@ def window_attention_mask(
     return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
 
 
+def packed_window_mask(
+    cu_seqlens: torch.LongTensor, length: int, window: int | None, implementation: str, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """Block-diagonal causal window mask [1, 1, T, T] of sequences packed in one row at boundaries `cu_seqlens`:
+    a token sees the tokens of its own sequence that are not in the future and lie within the window."""
+    segment = torch.bucketize(torch.arange(length, device=device), cu_seqlens.to(device)[1:], right=True)
+    pos = torch.arange(length, device=device)
+    visible = (pos[None, :] <= pos[:, None]) & (segment[None, :] == segment[:, None])
+    if window is not None:
+        visible &= pos[None, :] > pos[:, None] - window
+    visible = visible[None, None]
+    if implementation == "sdpa":
+        return visible
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+
+
 def ring_attention_mask(valid: torch.Tensor, query_length: int, implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """Mask over a ring of cached keys: every filled, non-padding slot is visible."""
     visible = valid[:, None, None, :].expand(-1, 1, query_length, -1)
@@ -143,7 +159,13 @@ class InfiniteVLAttention(nn.Module):
 
         implementation = self.config._attn_implementation or "sdpa"
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
-        if isinstance(layer_cache, InfiniteVLRingAttentionLayer):
+        cu_seqlens = kwargs.pop("cu_seqlens", None)
+        if cu_seqlens is not None:
+            # Packed sequences (training): block-diagonal window; positions already restart per sequence.
+            if layer_cache is not None:
+                raise ValueError("Packed sequences (cu_seqlens) are for training and cannot use a cache.")
+            mask = packed_window_mask(cu_seqlens, length, self.window, implementation, query.dtype, query.device)
+        elif isinstance(layer_cache, InfiniteVLRingAttentionLayer):
             # Static decode: the ring holds exactly the window (this token included); no host syncs.
             key, value = layer_cache.update(key, value, valid=token_valid)
             mask = ring_attention_mask(layer_cache.valid, length, implementation, query.dtype)

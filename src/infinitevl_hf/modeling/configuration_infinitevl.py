@@ -66,8 +66,10 @@ class InfiniteVLTextConfig(Qwen2_5_VLTextConfig):
     use_gate (`bool`, defaults to True): output `o_proj(RMSNorm(o) * SiLU(g_proj(x)))` instead of `o_proj(RMSNorm(o))`.
     norm_eps (`float`, defaults to 1e-5): epsilon of that output RMSNorm.
     mode (`str`, defaults to "chunk"): kernel for prompts ("chunk" or "fused_recurrent"); decode steps always recur.
-    prefill_chunk_size (`int` or None, defaults to 8192): prompts longer than this run through the decoder
+    prefill_chunk_tokens (`int` or None, defaults to 8192): prompts longer than this run through the decoder
         in pieces of this many tokens via the cache, which bounds activation and mask memory. None: one shot.
+        (Not named `prefill_chunk_size`: generate() would copy that into its own chunking, which cannot split
+        images across chunks.)
     """
 
     model_type = "infinite_vl_text"
@@ -96,7 +98,7 @@ class InfiniteVLTextConfig(Qwen2_5_VLTextConfig):
     use_gate: bool = True
     norm_eps: float = 1e-5
     mode: str = "chunk"
-    prefill_chunk_size: int | None = 8192
+    prefill_chunk_tokens: int | None = 8192
 
     def __post_init__(self, **kwargs):
         # Qwen2.5-VL's own default would make every layer full attention; ours is the released layout.
@@ -154,8 +156,8 @@ class InfiniteVLTextConfig(Qwen2_5_VLTextConfig):
                 )
             if self.mode not in GDN_MODES:
                 raise ValueError(f"`mode` is {self.mode!r}; it must be one of {GDN_MODES}.")
-        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
-            raise ValueError(f"`prefill_chunk_size` must be a positive number of tokens or None, got {self.prefill_chunk_size}.")
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
+            raise ValueError(f"`prefill_chunk_tokens` must be a positive number of tokens or None, got {self.prefill_chunk_tokens}.")
 
     def window_for_layer(self, layer_idx: int) -> int | None:
         """Tokens an attention layer can see (itself included), or None for unbounded attention."""

@@ -46,7 +46,7 @@ class InfiniteVLShortConvolution(nn.Conv1d):
     def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False):
         super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size, padding=kernel_size - 1, bias=bias)
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, output_final_state: bool = False):
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, output_final_state: bool = False, cu_seqlens=None):
         return causal_conv1d(
             x,
             self.weight.squeeze(1),
@@ -54,6 +54,7 @@ class InfiniteVLShortConvolution(nn.Conv1d):
             activation="silu",
             initial_state=state,
             output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
         )
 
 
@@ -115,10 +116,17 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         hidden_states: torch.Tensor,
         token_valid: torch.Tensor | None = None,
         cache=None,
+        cu_seqlens: torch.LongTensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """hidden_states [B, T, hidden]; token_valid [B, T] bool (False on padding) or None."""
+        """hidden_states [B, T, hidden]; token_valid [B, T] bool (False on padding) or None.
+
+        cu_seqlens: [N + 1] boundaries of N sequences packed in one row (B = 1, training, no cache): each
+        sequence starts from a zero convolution and recurrent state.
+        """
         batch, length, _ = hidden_states.shape
+        if cu_seqlens is not None and cache is not None:
+            raise ValueError("Packed sequences (cu_seqlens) are for training and cannot use a cache.")
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
         keep_state = layer_cache is not None
 
@@ -131,7 +139,7 @@ class InfiniteVLGatedDeltaNet(nn.Module):
             outputs = []
             for idx, (conv, x) in enumerate(zip(convs, (q, k, v))):
                 state = layer_cache.conv_states[idx] if keep_state else None
-                y, new_state = conv(x, state=state, output_final_state=keep_state)
+                y, new_state = conv(x, state=state, output_final_state=keep_state, cu_seqlens=cu_seqlens)
                 if keep_state:
                     layer_cache.update_conv_state(new_state, state_idx=idx)
                 outputs.append(y)
@@ -159,6 +167,7 @@ class InfiniteVLGatedDeltaNet(nn.Module):
             beta=beta,
             initial_state=initial_state,
             output_final_state=keep_state,
+            cu_seqlens=cu_seqlens,
             use_qk_l2norm_in_kernel=True,
         )
         if keep_state:

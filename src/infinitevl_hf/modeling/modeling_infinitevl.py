@@ -27,7 +27,7 @@ from .cuda_graph import CUDAGraphDecoder
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
 from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
 from .loading import LEGACY_KEY_MAPPING, check_loading_info
-from .positions import mrope_position_ids, num_vision_tokens
+from .positions import mrope_position_ids, num_vision_tokens, packed_mrope_position_ids
 from .remote_code import set_auto_map, write_model_card, write_remote_code
 
 
@@ -99,7 +99,7 @@ class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.layer_type == "linear_attention":
-            hidden_states = self.self_attn(hidden_states, token_valid=token_valid, cache=cache)
+            hidden_states = self.self_attn(hidden_states, token_valid=token_valid, cache=cache, cu_seqlens=kwargs.get("cu_seqlens"))
         else:
             hidden_states = self.self_attn(hidden_states, position_embeddings, token_valid=token_valid, cache=cache, **kwargs)
         hidden_states = residual + hidden_states
@@ -109,7 +109,7 @@ class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
 
 
 class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
-    """The hybrid decoder (no vision). Prompts longer than `config.prefill_chunk_size` run in chunks through the cache."""
+    """The hybrid decoder (no vision). Prompts longer than `config.prefill_chunk_tokens` run in chunks through the cache."""
 
     config_class = InfiniteVLTextConfig
     config: InfiniteVLTextConfig
@@ -155,22 +155,28 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
             raise TypeError(
                 f"InfiniteVL needs an `InfiniteVLCache` (it keeps Gated DeltaNet states), got {type(cache).__name__}."
             )
+        token_valid = _token_valid(attention_mask, batch, length, inputs_embeds.device)
+        cu_seqlens = kwargs.get("cu_seqlens")
+        if cu_seqlens is not None:
+            _check_packed(cu_seqlens, batch, length, cache, token_valid)
+            use_cache = False
         if use_cache and cache is None:
             cache = InfiniteVLCache(self.config)
-
-        token_valid = _token_valid(attention_mask, batch, length, inputs_embeds.device)
-        if position_ids is None:
+        if position_ids is None and cu_seqlens is not None:
+            position_ids = packed_text_position_ids(cu_seqlens, length)[None].expand(3, -1, -1).to(inputs_embeds.device)
+        elif position_ids is None:
             position_ids = text_position_ids(token_valid, cache, batch, length, inputs_embeds.device)
         elif position_ids.dim() == 2:
             position_ids = position_ids[None].expand(3, -1, -1)
         elif position_ids.shape[0] == 4:  # transformers' layout with a leading text-position row
             position_ids = position_ids[1:]
 
-        chunk = self.config.prefill_chunk_size
+        chunk = self.config.prefill_chunk_tokens
         run_cache = cache
-        if chunk is not None and length > chunk and not self.training and run_cache is None:
+        chunked = chunk is not None and length > chunk and not self.training and cu_seqlens is None
+        if chunked and run_cache is None:
             run_cache = InfiniteVLCache(self.config)  # chunks need a cache to pass context along
-        bounds = range(0, length, chunk) if chunk is not None and length > chunk and not self.training else [0]
+        bounds = range(0, length, chunk) if chunked else [0]
         step = length if len(bounds) == 1 else chunk
 
         pieces, hidden_pieces = [], []
@@ -218,6 +224,24 @@ def _token_valid(attention_mask: torch.Tensor | None, batch: int, length: int, d
         raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not cover inputs of shape ({batch}, {length}).")
     valid = attention_mask[:, -length:].to(device=device).bool()
     return None if bool(valid.all()) else valid
+
+
+def _check_packed(cu_seqlens, batch: int, length: int, cache, token_valid) -> None:
+    """Packed sequences: one row, boundaries covering it, no cache and no padding."""
+    if cache is not None:
+        raise ValueError("Packed sequences (cu_seqlens) are for training and cannot use a cache.")
+    if batch != 1 or token_valid is not None:
+        raise ValueError(f"Packed sequences (cu_seqlens) need one unpadded row, got batch {batch}"
+                         + (" with padding." if token_valid is not None else "."))
+    if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != length or bool((cu_seqlens.diff() <= 0).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to the row length {length}, got {cu_seqlens.tolist()}.")
+
+
+def packed_text_position_ids(cu_seqlens: torch.LongTensor, length: int) -> torch.LongTensor:
+    """[1, T] positions of text sequences packed in one row: each restarts at 0 at its boundary."""
+    starts = cu_seqlens[:-1].to("cpu")
+    lengths = cu_seqlens.diff().to("cpu")
+    return (torch.arange(length) - torch.repeat_interleave(starts, lengths))[None]
 
 
 def text_position_ids(token_valid, cache, batch: int, length: int, device) -> torch.LongTensor:
@@ -301,7 +325,20 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
             features = self.get_video_features(pixel_values_videos, video_grid_thw)
             inputs_embeds = self._scatter(input_ids, inputs_embeds, features, video_grid_thw, self.config.video_token_id, "video")
 
-        if position_ids is None and input_ids is not None and (image_grid_thw is not None or video_grid_thw is not None):
+        vision = image_grid_thw is not None or video_grid_thw is not None
+        if position_ids is None and input_ids is not None and vision and kwargs.get("cu_seqlens") is not None:
+            position_ids = packed_mrope_position_ids(
+                input_ids,
+                kwargs["cu_seqlens"],
+                image_token_id=self.config.image_token_id,
+                video_token_id=self.config.video_token_id,
+                spatial_merge_size=self.config.vision_config.spatial_merge_size,
+                tokens_per_second=self.config.vision_config.tokens_per_second,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts,
+            )
+        elif position_ids is None and input_ids is not None and vision:
             start = cache.next_positions if isinstance(cache, InfiniteVLCache) else None
             position_ids, _ = mrope_position_ids(
                 input_ids,
@@ -458,13 +495,15 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         second_per_grid_ts: torch.Tensor | None = None,
         use_cache: bool = True,
         mm_token_type_ids: torch.Tensor | None = None,
+        cache: InfiniteVLCache | None = None,
         **kwargs,
     ) -> dict:
         """Feed only the tokens the cache has not seen; vision inputs go in with the prompt, once.
 
         `mm_token_type_ids` (written by transformers' Qwen2.5-VL processors) is accepted and not used: positions
         come from `input_ids` and the grids."""
-        cache = pop_cache_kwarg(kwargs, past_key_values)
+        # `cache` is named in the signature so that generate(cache=...) (transformers >= 5.24) passes its kwarg check.
+        cache = pop_cache_kwarg(kwargs, cache, past_key_values)
         seen = cache.get_seq_length() if cache is not None else 0
         inputs = {"attention_mask": attention_mask, "use_cache": use_cache, CACHE_KWARG: cache}
         if inputs_embeds is not None and seen == 0:

@@ -100,3 +100,46 @@ def mrope_position_ids(
             t += count
         next_positions[row] = current
     return positions.to(device), next_positions.to(device)
+
+
+def packed_mrope_position_ids(
+    input_ids: torch.LongTensor,
+    cu_seqlens: torch.LongTensor,
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    spatial_merge_size: int,
+    image_grid_thw: torch.LongTensor | None = None,
+    video_grid_thw: torch.LongTensor | None = None,
+    second_per_grid_ts: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.LongTensor:
+    """3-D positions [3, 1, T] of sequences packed in one row (`input_ids` [1, T], boundaries `cu_seqlens`):
+    each sequence starts at 0 and takes, in order, the grids its placeholder tokens need."""
+    ids = input_ids.detach().to("cpu")
+    bounds = cu_seqlens.tolist()
+    used = {"image": 0, "video": 0, "seconds": 0}
+    pieces = []
+    for bos, eos in zip(bounds[:-1], bounds[1:]):
+        segment = ids[:, bos:eos]
+        grids = {}
+        for kind, token, all_grids in (("image", image_token_id, image_grid_thw), ("video", video_token_id, video_grid_thw)):
+            need, take = int((segment == token).sum()), used[kind]
+            while need > 0 and all_grids is not None and take < all_grids.shape[0]:
+                need -= int(num_vision_tokens(all_grids[take], spatial_merge_size))
+                take += 1
+            if need != 0:
+                raise ValueError(f"The packed sequence at [{bos}, {eos}) has {kind} tokens that the {kind} grids do not match.")
+            grids[kind] = all_grids[used[kind]:take] if take > used[kind] else None
+            used[kind] = take
+        seconds = None
+        if second_per_grid_ts is not None and grids["video"] is not None:
+            seconds = second_per_grid_ts[used["seconds"]: used["seconds"] + grids["video"].shape[0]]
+            used["seconds"] += grids["video"].shape[0]
+        positions, _ = mrope_position_ids(
+            segment, image_token_id=image_token_id, video_token_id=video_token_id,
+            spatial_merge_size=spatial_merge_size, image_grid_thw=grids["image"], video_grid_thw=grids["video"],
+            second_per_grid_ts=seconds, **kwargs,
+        )
+        pieces.append(positions)
+    return torch.cat(pieces, dim=-1).to(input_ids.device)
