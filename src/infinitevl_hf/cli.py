@@ -7,6 +7,8 @@
     infinitevl export MODEL OUTPUT  a self-contained trust_remote_code folder
     infinitevl convert ...          Qwen2.5-VL teacher -> InfiniteVL weights
     infinitevl stream MODEL --video FILE --ask 10:QUESTION   a constant-memory video stream with questions
+    infinitevl distill --teacher T --student S --data D --stage 1|2 --out DIR
+    infinitevl sft --model M --data D --out DIR [--lora-r 16]
     infinitevl env                  versions, CUDA, fla kernels
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from .conversion.cli import add_convert_arguments, run_convert
 from .streaming_cli import add_stream_arguments, run_stream
+from .training.cli import add_distill_arguments, add_sft_arguments, run_distill, run_sft
 
 COMMANDS = {}
 RANDOM_WEIGHTS_NOTE = ("Note: the default model is a tiny checkpoint with RANDOM weights, written to a temporary folder: "
@@ -193,6 +196,9 @@ def _library_command(name: str, help_text: str, add_arguments, run_function) -> 
 _library_command("convert", "convert a Qwen2.5-VL teacher checkpoint into InfiniteVL weights", add_convert_arguments, run_convert)
 _library_command("stream", "stream a video through a constant-memory session and ask questions at any time",
                  add_stream_arguments, run_stream)
+_library_command("distill", "distil a converted student from its Qwen2.5-VL teacher (stage 1: layer-wise, 2: logits)",
+                 add_distill_arguments, run_distill)
+_library_command("sft", "supervised fine-tuning on image-text conversations (full or LoRA)", add_sft_arguments, run_sft)
 
 
 def build_parser() -> argparse.ArgumentParser:
