@@ -132,3 +132,17 @@ def test_generate_with_image_cache_equals_without():
         cached = model.generate(ids, max_new_tokens=16, do_sample=False, **vision)
         uncached = model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=False, **vision)
     assert torch.equal(cached, uncached)
+
+
+def test_chunked_prefill_keeps_only_the_requested_positions():
+    """With logits_to_keep, a chunked prompt keeps just those positions (flat memory) and they are exact."""
+    model = tiny_model()
+    ids = text_ids(1, 40)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        model.config.text_config.prefill_chunk_tokens = 6
+        model.model.language_model.config.prefill_chunk_tokens = 6
+        last = model(input_ids=ids, logits_to_keep=1).logits
+        hidden = model.model.language_model(input_ids=ids, keep_last=3).last_hidden_state
+    assert last.shape[1] == 1 and hidden.shape[1] == 3
+    _close(last[:, -1], full[:, -1])

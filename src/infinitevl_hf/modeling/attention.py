@@ -110,6 +110,24 @@ def packed_window_mask(
     return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
 
 
+def ring_decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """One query token per row over a ring of cached keys, as two batched matmuls.
+
+    query [B, H, 1, D]; key/value [B, H_kv, S, D]; valid [B, S]. Returns [B, 1, H, D]. The query heads of
+    one key/value head are stacked as rows, so GQA needs no repeated keys; softmax runs in fp32. For a
+    single query this beats the fused attention kernels, whose tiles assume many queries.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling  # [B, H_kv, G, S]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    return torch.matmul(probs, value).reshape(batch, 1, heads, dim)
+
+
 def ring_attention_mask(valid: torch.Tensor, query_length: int, implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """Mask over a ring of cached keys: every filled, non-padding slot is visible."""
     visible = valid[:, None, None, :].expand(-1, 1, query_length, -1)
@@ -168,6 +186,9 @@ class InfiniteVLAttention(nn.Module):
         elif isinstance(layer_cache, InfiniteVLRingAttentionLayer):
             # Static decode: the ring holds exactly the window (this token included); no host syncs.
             key, value = layer_cache.update(key, value, valid=token_valid)
+            if length == 1 and not self.training:
+                output = ring_decode_attention(query, key, value, layer_cache.valid, self.scaling)
+                return self.o_proj(output.reshape(batch, length, -1))
             mask = ring_attention_mask(layer_cache.valid, length, implementation, query.dtype)
         else:
             past_valid, past_length = None, 0

@@ -23,10 +23,17 @@ from .compat import CACHE_KWARG
 class CUDAGraphDecoder:
     """Captures `model(input_ids[B, 1], cache)` once and replays it for every following token."""
 
-    def __init__(self, model, cache, warmup_steps: int = 2):
+    def __init__(self, model, cache, warmup_steps: int = 2, compile_modules: bool = False):
+        """compile_modules: also `torch.compile` the norms and MLPs (fewer, fused elementwise kernels inside
+        the graph; results then differ from eager by rounding)."""
         if not torch.cuda.is_available() or cache.next_positions is None or not cache.next_positions.is_cuda:
             raise ValueError("CUDAGraphDecoder needs a CUDA model and a cache that a prompt already went through.")
         cache.to_static()
+        if compile_modules:
+            for layer in model.model.language_model.layers:
+                for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+                    module.compile(dynamic=False)
+            warmup_steps = max(warmup_steps, 3)
         self.model, self.cache = model, cache
         self.input_ids = torch.zeros(cache.batch_rows, 1, dtype=torch.long, device=cache.next_positions.device)
         # Warm up on a copy: kernels pick their configs and allocate outside the capture, the real state untouched.

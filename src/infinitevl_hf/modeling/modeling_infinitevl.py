@@ -139,15 +139,20 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        keep_last: int = 0,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        r"""
+        keep_last (`int`, defaults to 0): return only the last this many positions of `last_hidden_state`
+            (0: all). With chunked prefill this keeps memory flat however long the prompt is.
+        """
         cache = pop_cache_kwarg(kwargs, past_key_values)
         kwargs.pop("cache_position", None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch, length = inputs_embeds.shape[:2]
+        # Token ids are embedded chunk by chunk below, so a long prompt never holds all its embeddings at once.
+        batch, length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
+        device = (inputs_embeds if inputs_embeds is not None else input_ids).device
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
@@ -155,7 +160,7 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
             raise TypeError(
                 f"InfiniteVL needs an `InfiniteVLCache` (it keeps Gated DeltaNet states), got {type(cache).__name__}."
             )
-        token_valid = _token_valid(attention_mask, batch, length, inputs_embeds.device)
+        token_valid = _token_valid(attention_mask, batch, length, device)
         cu_seqlens = kwargs.get("cu_seqlens")
         if cu_seqlens is not None:
             _check_packed(cu_seqlens, batch, length, cache, token_valid)
@@ -163,9 +168,9 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         if use_cache and cache is None:
             cache = InfiniteVLCache(self.config)
         if position_ids is None and cu_seqlens is not None:
-            position_ids = packed_text_position_ids(cu_seqlens, length)[None].expand(3, -1, -1).to(inputs_embeds.device)
+            position_ids = packed_text_position_ids(cu_seqlens, length)[None].expand(3, -1, -1).to(device)
         elif position_ids is None:
-            position_ids = text_position_ids(token_valid, cache, batch, length, inputs_embeds.device)
+            position_ids = text_position_ids(token_valid, cache, batch, length, device)
         elif position_ids.dim() == 2:
             position_ids = position_ids[None].expand(3, -1, -1)
         elif position_ids.shape[0] == 4:  # transformers' layout with a leading text-position row
@@ -183,14 +188,18 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         for start in bounds:
             stop = min(start + step, length)
             valid = None if token_valid is None else token_valid[:, start:stop]
+            embeds = inputs_embeds[:, start:stop] if inputs_embeds is not None else self.embed_tokens(input_ids[:, start:stop])
             hidden, per_layer = self._run_layers(
-                inputs_embeds[:, start:stop], position_ids[..., start:stop], valid, run_cache, output_hidden_states, **kwargs
+                embeds, position_ids[..., start:stop], valid, run_cache, output_hidden_states, **kwargs
             )
             if run_cache is not None:
                 run_cache.advance(position_ids[..., start:stop], valid, stop - start)
-            pieces.append(hidden)
+            # clone: a view of the tail would keep the whole chunk's activations alive
+            pieces.append(hidden[:, -keep_last:].clone() if keep_last and chunked else hidden)
             hidden_pieces.append(per_layer)
         hidden_states = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        if keep_last:
+            hidden_states = hidden_states[:, -keep_last:]
         all_hidden = None
         if output_hidden_states:
             all_hidden = tuple(torch.cat(parts, dim=1) for parts in zip(*hidden_pieces))
@@ -312,7 +321,7 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
             kwargs.pop(unused, None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
+        if inputs_embeds is None and (pixel_values is not None or pixel_values_videos is not None):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
             if image_grid_thw is None:
@@ -354,6 +363,7 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
             )
         kwargs[CACHE_KWARG] = cache
         return self.language_model(
+            input_ids=input_ids if inputs_embeds is None else None,  # text only: embedded chunk by chunk
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -452,6 +462,7 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
             video_grid_thw=video_grid_thw,
             second_per_grid_ts=second_per_grid_ts,
             output_hidden_states=output_hidden_states,
+            keep_last=logits_to_keep if isinstance(logits_to_keep, int) and labels is None else 0,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
