@@ -92,9 +92,9 @@ def test_left_padded_batch(processor):
 
 
 def test_mismatched_image_count(processor):
-    with pytest.raises(ValueError, match=r"Found total 2 <\|image_pad\|> tokens and 1 images"):
+    with pytest.raises(ValueError, match=r"2 <\|image_pad\|> placeholders but 1 image"):
         processor(text=f"{IMG}{IMG}", images=[demo_image()])
-    with pytest.raises(ValueError, match=r"1 <\|image_pad\|> tokens in the text but no images"):
+    with pytest.raises(ValueError, match=r"1 <\|image_pad\|> placeholders but 0 image"):
         processor(text=IMG)
 
 

@@ -172,12 +172,61 @@ class InfiniteVLProcessor(Qwen2_5_VLProcessor):
         return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        kwargs = _pixels_to_size(kwargs, self.image_processor)
+        if text is not None:
+            _check_placeholders(text, images, self.image_token, "image")
+            _check_placeholders(text, videos, self.video_token, "video")
         if videos is not None and "video_metadata" not in kwargs:
             # Video files are decoded here so their frame rate reaches the video processor (mRoPE time axis).
             videos, metadata = _decode_videos(videos, fps=getattr(self.video_processor, "fps", None))
             if metadata is not None:
                 kwargs["video_metadata"] = metadata
         return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+
+def _pixels_to_size(kwargs: dict, image_processor) -> dict:
+    """Per-call `min_pixels`/`max_pixels` (top level or in `images_kwargs`) as the `size` every 5.x release reads."""
+    images_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
+    bounds = {key: images_kwargs.pop(key, kwargs.pop(key, None)) for key in ("min_pixels", "max_pixels")}
+    if any(value is not None for value in bounds.values()):
+        size = dict(images_kwargs.get("size") or getattr(image_processor, "size", None) or {})
+        if bounds["min_pixels"] is not None:
+            size["shortest_edge"] = bounds["min_pixels"]
+        if bounds["max_pixels"] is not None:
+            size["longest_edge"] = bounds["max_pixels"]
+        images_kwargs["size"] = size
+    if images_kwargs:
+        kwargs["images_kwargs"] = images_kwargs
+    return kwargs
+
+
+def _count_images(images) -> int:
+    """Images given as one image, a list, or a list of per-sample lists."""
+    if images is None:
+        return 0
+    if isinstance(images, (list, tuple)):
+        return sum(_count_images(image) for image in images)
+    return 1
+
+
+def _count_videos(videos) -> int:
+    """Videos given as one path/array/frame list, or a list of those."""
+    if videos is None:
+        return 0
+    if not isinstance(videos, (list, tuple)):
+        return 1
+    if videos and not isinstance(videos[0], (list, tuple, str, os.PathLike)) and getattr(videos[0], "ndim", 3) == 3:
+        return 1  # one video as a flat list of frames
+    return len(videos)
+
+
+def _check_placeholders(text, items, token: str, kind: str) -> None:
+    """Name the mismatch between placeholders in the text and the images/videos given, on every 5.x release."""
+    texts = [text] if isinstance(text, str) else list(text)
+    found = sum(t.count(token) for t in texts)
+    given = _count_images(items) if kind == "image" else _count_videos(items)
+    if found != given:
+        raise ValueError(f"The text has {found} {token} placeholders but {given} {kind}(s) were given.")
 
 
 def _as_tensor(grid):
