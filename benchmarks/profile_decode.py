@@ -1,0 +1,48 @@
+"""Where a decode step of InfiniteVL-4B spends its GPU time: torch.profiler over eager static-cache steps.
+
+    python benchmarks/profile_decode.py --context 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench import build_infinitevl
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=30)
+    args = parser.parse_args(argv)
+
+    from infinitevl_hf import InfiniteVLCache
+    from infinitevl_hf.modeling.compat import CACHE_KWARG
+
+    model = build_infinitevl()
+    cache = InfiniteVLCache(model.config)
+    ids = torch.randint(0, 150000, (1, args.context), device="cuda")
+    token = torch.randint(0, 150000, (1, 1), device="cuda")
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
+        cache.to_static()
+        for _ in range(3):
+            model(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                model(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    try:
+        print(averages.table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=70))
+    except (AttributeError, KeyError):
+        print(averages.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
