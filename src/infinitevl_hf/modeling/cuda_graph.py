@@ -23,15 +23,19 @@ from .compat import CACHE_KWARG
 class CUDAGraphDecoder:
     """Captures `model(input_ids[B, 1], cache)` once and replays it for every following token."""
 
-    def __init__(self, model, cache, warmup_steps: int = 2, compile_modules: bool = False):
-        """compile_modules: also `torch.compile` the norms and MLPs (fewer, fused elementwise kernels inside
-        the graph; results then differ from eager by rounding)."""
+    def __init__(self, model, cache, warmup_steps: int = 2, compile: str | None = None):
+        """compile: None (eager kernels in the graph), "modules" (`torch.compile` the norms and MLPs) or
+        "layers" (whole decoder layers). Compiling fuses the many small elementwise kernels of a one-token
+        step; results then differ from eager by rounding."""
+        if compile not in (None, "modules", "layers"):
+            raise ValueError(f"compile must be None, 'modules' or 'layers', got {compile!r}")
         if not torch.cuda.is_available() or cache.next_positions is None or not cache.next_positions.is_cuda:
             raise ValueError("CUDAGraphDecoder needs a CUDA model and a cache that a prompt already went through.")
         cache.to_static()
-        if compile_modules:
+        if compile is not None:
             for layer in model.model.language_model.layers:
-                for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+                modules = [layer] if compile == "layers" else [layer.input_layernorm, layer.post_attention_layernorm, layer.mlp]
+                for module in modules:
                     module.compile(dynamic=False)
             warmup_steps = max(warmup_steps, 3)
         self.model, self.cache = model, cache
