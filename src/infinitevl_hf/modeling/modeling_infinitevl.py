@@ -335,10 +335,8 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
             inputs_embeds = self._scatter(input_ids, inputs_embeds, features, video_grid_thw, self.config.video_token_id, "video")
 
         vision = image_grid_thw is not None or video_grid_thw is not None
-        if position_ids is None and input_ids is not None and vision and kwargs.get("cu_seqlens") is not None:
-            position_ids = packed_mrope_position_ids(
-                input_ids,
-                kwargs["cu_seqlens"],
+        if position_ids is None and input_ids is not None and vision:
+            grids = dict(
                 image_token_id=self.config.image_token_id,
                 video_token_id=self.config.video_token_id,
                 spatial_merge_size=self.config.vision_config.spatial_merge_size,
@@ -347,20 +345,15 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
                 video_grid_thw=video_grid_thw,
                 second_per_grid_ts=second_per_grid_ts,
             )
-        elif position_ids is None and input_ids is not None and vision:
-            start = cache.next_positions if isinstance(cache, InfiniteVLCache) else None
-            position_ids, _ = mrope_position_ids(
-                input_ids,
-                image_token_id=self.config.image_token_id,
-                video_token_id=self.config.video_token_id,
-                spatial_merge_size=self.config.vision_config.spatial_merge_size,
-                tokens_per_second=self.config.vision_config.tokens_per_second,
-                image_grid_thw=image_grid_thw,
-                video_grid_thw=video_grid_thw,
-                second_per_grid_ts=second_per_grid_ts,
-                attention_mask=attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None,
-                start_positions=start,
-            )
+            if kwargs.get("cu_seqlens") is not None:  # packed samples: positions restart per sample
+                position_ids = packed_mrope_position_ids(input_ids, kwargs["cu_seqlens"], **grids)
+            else:  # continue from where the cache left off
+                position_ids, _ = mrope_position_ids(
+                    input_ids,
+                    attention_mask=attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None,
+                    start_positions=cache.next_positions if isinstance(cache, InfiniteVLCache) else None,
+                    **grids,
+                )
         kwargs[CACHE_KWARG] = cache
         return self.language_model(
             input_ids=input_ids if inputs_embeds is None else None,  # text only: embedded chunk by chunk
