@@ -1,9 +1,11 @@
 """Sliding-window (and full) attention layers of the decoder, with their mRoPE and masks.
 
 The layers are Qwen2.5-VL's text attention (16 query heads, 2 key/value heads, q/k/v bias) run
-through transformers' attention interface (`sdpa` by default, `eager`, `flex_attention`). Only the
-window differs: a token sees itself and the `window - 1` tokens before it. The cache keeps just
-those tokens, so the mask of a call is built from what the cache holds, not from the whole history.
+through transformers' attention interface (`sdpa` by default and `eager` are tested; other backends get
+the same dense masks but are not verified: the vision tower refuses flex_attention, and torch's CPU
+flex kernel crashed on these masks). Only the window differs: a token sees itself and the
+`window - 1` tokens before it. The cache keeps just those tokens, so the mask of a call is built
+from what the cache holds, not from the whole history.
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ class InfiniteVLTextConfig(Qwen2_5_VLTextConfig):
         if self.layer_types is None:
             self.layer_types = default_layer_types(self.num_hidden_layers)
         # The official config asks for flash-attention 2; it is not a property of the weights, and the
-        # package runs on sdpa/eager/flex, so the choice is left to `from_pretrained(attn_implementation=...)`.
+        # package runs on sdpa or eager, so the choice is left to `from_pretrained(attn_implementation=...)`.
         if kwargs.get("attn_implementation") == "flash_attention_2":
             kwargs.pop("attn_implementation")
         super().__post_init__(**kwargs)

@@ -39,7 +39,6 @@ class InfiniteVLPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["InfiniteVLDecoderLayer", "Qwen2_5_VLVisionBlock"]
     _supports_sdpa = True
-    _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
