@@ -204,6 +204,22 @@ def test_dispatchers_use_torch_on_cpu_even_if_fla_loads(monkeypatch):
 
 class _FakeCuda:
     is_cuda = True
+    device = "cuda:0"
+
+    def __init__(self, requires_grad: bool = False):
+        self.requires_grad = requires_grad
+
+
+def test_training_avoids_an_unreliable_fla_backward(monkeypatch):
+    op = "chunk_gated_delta_rule"
+    monkeypatch.delenv(backend_mod.DISABLE_ENV, raising=False)
+    monkeypatch.setitem(backend_mod._LOADERS, op, lambda: (object(), None))
+    monkeypatch.setattr(backend_mod, "fla_backward_problem", lambda device: "fla's backward is unreliable here")
+    assert backend_mod.select_backend(op, _FakeCuda(requires_grad=False)) == "fla"  # inference is unaffected
+    backend, reason = backend_mod._decide(op, (_FakeCuda(requires_grad=True),))
+    assert backend == "torch" and "unreliable" in reason
+    with torch.no_grad():
+        assert backend_mod.select_backend(op, _FakeCuda(requires_grad=True)) == "fla"
 
 
 def test_backend_choice_rules(monkeypatch):

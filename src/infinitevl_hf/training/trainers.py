@@ -260,9 +260,18 @@ class LayerDistillationTrainer(_DistillationMixin, Trainer):
                 diff = (self._student_out[i].float() - target) * valid
                 losses[i] = diff.pow(2).sum() / count
         finally:
-            self._feed, self._student_out = {}, {}
+            self._student_out = {}
             self.capture.clear()
+            if not torch.is_grad_enabled():
+                self._feed = {}
         return losses
+
+    def training_step(self, *args, **kwargs):
+        # The teacher inputs stay fed until backward has run: gradient checkpointing re-runs the mixers there.
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            self._feed = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         losses = self.layer_losses(model, inputs)

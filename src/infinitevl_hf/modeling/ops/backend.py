@@ -9,6 +9,8 @@ once per op and outcome.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from typing import Callable
 
@@ -48,7 +50,34 @@ def _decide(op_name: str, tensors: tuple[torch.Tensor | None, ...]) -> tuple[str
     kernels, reason = loader()
     if kernels is None:
         return TORCH, f"fla is unavailable ({reason})"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        broken = fla_backward_problem(present[0].device)
+        if broken is not None:
+            return TORCH, broken
     return FLA, "inputs on CUDA and fla imported"
+
+
+@functools.lru_cache(maxsize=None)
+def fla_backward_problem(device: torch.device) -> str | None:
+    """Why fla's backward cannot be trusted on `device`, or None.
+
+    fla 0.6 refuses gradients on Hopper (sm_90) with Triton >= 3.4.0 and < 3.7.1 unless tilelang is
+    installed: those Triton releases miscompile its gated `chunk_bwd_dqkwg` kernel. Training then runs on
+    the torch reference instead of failing.
+    """
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return None
+    try:
+        import triton
+    except ImportError:
+        return None
+    version = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:3] if part.isdigit())
+    if not ((3, 4, 0) <= version < (3, 7, 1)):
+        return None
+    if importlib.util.find_spec("tilelang") is not None:
+        return None
+    return (f"gradients needed, and fla's backward is unreliable with Triton {triton.__version__} on Hopper "
+            "(upgrade Triton to >= 3.7.1 or install tilelang)")
 
 
 def select_backend(op_name: str, *tensors: torch.Tensor | None) -> str:
