@@ -64,3 +64,18 @@ def test_default_config_is_the_released_layout():
 def test_invalid_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         InfiniteVLTextConfig(**overrides)
+
+
+def test_documented_defaults_match_the_fields():
+    """Every `name (`type`, defaults to X)` line of the text config docstring states the real default."""
+    import ast
+    import re
+
+    doc = InfiniteVLTextConfig.__doc__
+    documented = dict(re.findall(r"^\s*(\w+) \(`[^`]+`(?: or None)?, defaults to ([^)]+)\)", doc, flags=re.M))
+    assert len(documented) >= 10, documented
+    fields = InfiniteVLTextConfig.__dataclass_fields__
+    for name, text in documented.items():
+        assert name in fields, f"{name} is documented but is not a field"
+        default = fields[name].default
+        assert ast.literal_eval(text.strip()) == default, f"{name}: documented {text}, actual {default!r}"
