@@ -61,9 +61,11 @@ def test_fla_path_matches_torch_reference_on_4k_tokens(model, monkeypatch):
     kernel_err, fla_vs_fp32, torch_bf16_vs_fp32 = rel(fast, torch_bf16), rel(fast, fp32), rel(torch_bf16, fp32)
     _report(test="logits_4k_tokens", fla_bf16_vs_torch_bf16=kernel_err, fla_bf16_vs_torch_fp32=fla_vs_fp32,
             torch_bf16_vs_torch_fp32=torch_bf16_vs_fp32)
-    assert kernel_err < 1e-2, kernel_err
-    # the fast path is no less accurate than the reference run in the same precision
-    assert fla_vs_fp32 < 1.25 * torch_bf16_vs_fp32 + 1e-3, (fla_vs_fp32, torch_bf16_vs_fp32)
+    # With random weights, bf16 rounding alone moves the logits of this 36-layer model by ~5% (measured on an
+    # H200: torch bf16 vs torch fp32 5.2e-2), so two bf16 runs that differ only in kernels differ by a few
+    # percent too. The property that holds is that the fast path is as accurate as the reference in bf16.
+    assert torch.isfinite(fast).all()
+    assert fla_vs_fp32 < 1.1 * torch_bf16_vs_fp32 + 1e-3, (fla_vs_fp32, torch_bf16_vs_fp32)
 
 
 def test_cuda_graph_decode_equals_eager_for_64_tokens(model):
