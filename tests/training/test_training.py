@@ -385,3 +385,34 @@ def test_stage1_with_gradient_checkpointing_matches_without(setup, pack):
     assert gc_losses == pytest.approx(plain_losses, rel=1e-4)
     for name, value in plain_params.items():
         torch.testing.assert_close(gc_params[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_teacher_hooks_record_nothing_outside_distillation_and_detach(setup):
+    from infinitevl_hf.training.trainers import teacher_layers
+
+    train = ConversationDataset(setup["train"], setup["processor"])
+    trainer = LayerDistillationTrainer(model=student(setup), teacher=setup["teacher"], train_dataset=train,
+                                       data_collator=collator(setup), args=args(setup["root"] / "hooks", 1, 1e-3))
+    trainer.train()
+    with torch.no_grad():
+        setup["teacher"](**{k: v for k, v in collator(setup)([train[0]]).items() if k != "labels"})
+    assert all(not parts for parts in trainer.capture.inputs.values())  # a plain teacher forward keeps nothing
+    trainer.remove_hooks()
+    layer = teacher_layers(setup["teacher"])[trainer.layers[0]].self_attn
+    assert not layer._forward_hooks
+
+
+def test_cli_training_arguments_reach_the_trainer():
+    import argparse
+
+    from infinitevl_hf.training.cli import _training_arguments, add_sft_arguments
+
+    flags = ["--model", "m", "--data", "d.jsonl", "--out", "/tmp/unused-out", "--save-steps", "7", "--logging-steps", "3"]
+    training_args = _training_arguments(add_sft_arguments(argparse.ArgumentParser()).parse_args(flags))
+    assert training_args.save_steps == 7 and training_args.logging_steps == 3 and not training_args.bf16
+    with_bf16 = add_sft_arguments(argparse.ArgumentParser()).parse_args(flags + ["--bf16"])
+    if torch.cuda.is_available():
+        assert _training_arguments(with_bf16).bf16
+    else:  # transformers refuses bf16 without a GPU: proof that the flag reached TrainingArguments
+        with pytest.raises(ValueError, match="bf16"):
+            _training_arguments(with_bf16)

@@ -53,7 +53,8 @@ def _training_arguments(args):
     return TrainingArguments(
         output_dir=args.out, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps, lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_ratio,  # a float < 1 is a fraction of the steps save_steps=args.save_steps, logging_steps=args.logging_steps, bf16=args.bf16,
+        warmup_steps=args.warmup_ratio,  # a float < 1 is a fraction of the steps
+        save_steps=args.save_steps, logging_steps=args.logging_steps, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, report_to="none", weight_decay=0.0,
     )
 

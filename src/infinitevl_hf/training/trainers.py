@@ -29,6 +29,8 @@ Packed rows (`cu_seqlens`, see `ConversationCollator(pack=True)`) go to the stud
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import re
 
@@ -134,12 +136,15 @@ class TeacherCapture:
         self.inputs = {i: [] for i in indices}
         self.outputs = {i: [] for i in indices}
         self.handles = []
+        self.active = False  # record only inside `recording()`: other teacher forwards keep nothing
         layers = teacher_layers(teacher)
         for i in indices:
             self.handles.append(layers[i].self_attn.register_forward_hook(self._hook(i), with_kwargs=True))
 
     def _hook(self, i):
         def hook(module, args, kwargs, output):
+            if not self.active:
+                return
             hidden = args[0] if args else kwargs["hidden_states"]
             self.inputs[i].append(hidden.detach())
             self.outputs[i].append((output[0] if isinstance(output, tuple) else output).detach())
@@ -150,6 +155,14 @@ class TeacherCapture:
         for store in (self.inputs, self.outputs):
             for parts in store.values():
                 parts.clear()
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
 
     def take(self, i) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat(self.inputs[i], dim=1), torch.cat(self.outputs[i], dim=1)
@@ -175,13 +188,13 @@ class _DistillationMixin:
             self.teacher.to(self.args.device)
 
     @torch.no_grad()
-    def teacher_logits(self, inputs: dict) -> torch.Tensor | None:
+    def teacher_logits(self, inputs: dict, **kwargs) -> torch.Tensor | None:
         """Run the teacher on `inputs` (each packed sample alone); returns its logits [B, T, V] (concatenated)."""
         if "cu_seqlens" in inputs:
             config = _base(self.model).config
             samples = split_packed(inputs, config.image_token_id, config.vision_config.spatial_merge_size)
-            return torch.cat([self.teacher(**_teacher_inputs(s)).logits for s in samples], dim=1)
-        return self.teacher(**_teacher_inputs(inputs)).logits
+            return torch.cat([self.teacher(**_teacher_inputs(s), **kwargs).logits for s in samples], dim=1)
+        return self.teacher(**_teacher_inputs(inputs), **kwargs).logits
 
 
 def _valid_mask(inputs: dict, like: torch.Tensor) -> torch.Tensor:
@@ -215,10 +228,18 @@ class LayerDistillationTrainer(_DistillationMixin, Trainer):
         self._feed: dict[int, torch.Tensor] = {}
         self._student_out: dict[int, torch.Tensor] = {}
         student_layers = _base(model).model.language_model.layers
+        self._student_hooks = []
         for i in self.layers:
             mixer = student_layers[i].self_attn
-            mixer.register_forward_pre_hook(self._feed_hook(i), with_kwargs=True)
-            mixer.register_forward_hook(self._output_hook(i))
+            self._student_hooks.append(mixer.register_forward_pre_hook(self._feed_hook(i), with_kwargs=True))
+            self._student_hooks.append(mixer.register_forward_hook(self._output_hook(i)))
+
+    def remove_hooks(self) -> None:
+        """Detach every hook this trainer put on the teacher and the student (call when done with the trainer)."""
+        self.capture.remove()
+        for handle in self._student_hooks:
+            handle.remove()
+        self._student_hooks = []
 
     def _feed_hook(self, i):
         def hook(module, args, kwargs):
@@ -241,8 +262,8 @@ class LayerDistillationTrainer(_DistillationMixin, Trainer):
     def layer_losses(self, model, inputs: dict) -> dict[int, torch.Tensor]:
         """Mean squared error of every GDN layer's mixer output against the teacher's attention output."""
         self.capture.clear()
-        with torch.no_grad():
-            self.teacher_logits(inputs)
+        with torch.no_grad(), self.capture.recording():
+            self.teacher_logits(inputs, logits_to_keep=1)  # only the layer activations are needed
         self._feed = {i: self.capture.take(i)[0] for i in self.layers}
         self._student_out = {}
         try:
