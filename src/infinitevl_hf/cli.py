@@ -225,7 +225,7 @@ def run(argv=None):
     return COMMANDS[args.command][0](args)
 
 
-EXPECTED_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError, ImportError, OSError, TypeError)
+EXPECTED_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError, ImportError, OSError)
 
 
 def main(argv=None) -> int:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -114,8 +115,8 @@ class StreamingSession:
             raise ValueError(
                 f"frames_per_chunk must be a positive multiple of the temporal patch size {temporal}, got {frames_per_chunk!r}."
             )
-        if not fps or fps <= 0:
-            raise ValueError(f"fps must be positive, got {fps!r}.")
+        if not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+            raise ValueError(f"fps must be a positive number, got {fps!r}.")
         if "{question}" not in question_template:
             raise ValueError("question_template must contain '{question}'.")
         self.model, self.processor = model, processor
@@ -153,10 +154,20 @@ class StreamingSession:
         for array, t in zip(arrays, times):
             self._pending.append((array, t))
             self._frames += 1
-            if len(self._pending) == self.frames_per_chunk:
-                self._feed_pending(self.cache)
-                self._pending = []
+            self._feed_complete_chunks()
         return self.stats
+
+    def _feed_complete_chunks(self) -> None:
+        # `>=`: a state loaded with a smaller `frames_per_chunk` may hold more than one chunk's frames.
+        while len(self._pending) >= self.frames_per_chunk:
+            chunk, rest = self._pending[: self.frames_per_chunk], self._pending[self.frames_per_chunk :]
+            self._pending = chunk  # `_feed_pending` feeds what waits
+            try:
+                self._feed_pending(self.cache)
+            except BaseException:
+                self._pending = chunk + rest
+                raise
+            self._pending = rest
 
     def add_video(self, source: str | os.PathLike, fps: float | None = None, max_frames: int | None = None) -> StreamStats:
         """Decode a video file or URL with PyAV, `fps` frames per second (default: the session's), and feed
@@ -262,8 +273,14 @@ class StreamingSession:
         if self.cache.is_static:
             raise ValueError("A static (ring) cache cannot be saved; streaming sessions keep a dynamic cache.")
         path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-            raise FileExistsError(f"Refusing to save the stream state into {str(path)!r}: it exists (pass overwrite=True).")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            if not overwrite:
+                raise FileExistsError(f"Refusing to save the stream state into {str(path)!r}: it exists (pass overwrite=True).")
+            if not path.is_dir() or not (path / STATE_JSON).is_file() or Path.cwd().is_relative_to(path.resolve()):
+                raise FileExistsError(
+                    f"Refusing to replace {str(path)!r}: it is not a saved stream state (no {STATE_JSON}), so overwrite=True "
+                    "would delete files that are not ours."
+                )
         tensors, layers = _cache_to_tensors(self.cache)
         for i, (array, _) in enumerate(self._pending):
             tensors[f"pending.{i}"] = torch.from_numpy(np.ascontiguousarray(array))
@@ -322,7 +339,7 @@ class StreamingSession:
                 f"The stream state in {str(path)!r} was saved from a different model config ({diff}); "
                 "it can only be loaded into a model with that config."
             )
-        cache = _cache_from_tensors(self.model.config, tensors, meta, self._device())
+        cache = _cache_from_tensors(self.model.config, tensors, meta, self._device(), self.model.dtype)
         session = meta["session"]
         pending = []
         for i, t in enumerate(session["pending_timestamps"]):
@@ -414,6 +431,10 @@ def iter_video_frames(source: str | os.PathLike, fps: float | None = None, max_f
         import av
     except ImportError as error:
         raise ImportError("Reading a video needs PyAV: pip install infinitevl-hf[video]") from error
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number, got {fps!r}.")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, got {max_frames!r}.")
     text = str(source)
     is_url = "://" in text
     if not is_url and not Path(text).is_file():
@@ -437,7 +458,7 @@ def iter_video_frames(source: str | os.PathLike, fps: float | None = None, max_f
             yield frame.to_ndarray(format="rgb24"), seconds
             yielded += 1
             if fps is not None:
-                next_time = max(next_time + 1.0 / fps, seconds)
+                next_time = max(next_time, seconds) + 1.0 / fps
             if max_frames is not None and yielded >= max_frames:
                 return
     except av.error.FFmpegError as error:
@@ -503,7 +524,9 @@ def _cache_to_tensors(cache: InfiniteVLCache) -> tuple[dict, list]:
     return tensors, layers
 
 
-def _cache_from_tensors(config, tensors: dict, meta: dict, device) -> InfiniteVLCache:
+def _cache_from_tensors(config, tensors: dict, meta: dict, device, dtype: torch.dtype) -> InfiniteVLCache:
+    """Rebuild a cache on `device`; keys, values and conv states take the model's `dtype` (a state saved from a
+    bf16 model resumes in an fp32 one without mixing precisions); recurrent states stay float32."""
     cache = InfiniteVLCache(config)
     if len(meta["layers"]) != len(cache.layers):
         raise ValueError(f"The saved state has {len(meta['layers'])} layers, the model {len(cache.layers)}.")
@@ -513,7 +536,8 @@ def _cache_from_tensors(config, tensors: dict, meta: dict, device) -> InfiniteVL
                 raise ValueError(f"Saved layer {i} is {info['kind']}, the model's is attention.")
             layer.cumulative_length = int(info["cumulative_length"])
             if info["initialized"]:
-                keys, values = tensors[f"layers.{i}.keys"].to(device), tensors[f"layers.{i}.values"].to(device)
+                keys = tensors[f"layers.{i}.keys"].to(device, dtype)
+                values = tensors[f"layers.{i}.values"].to(device, dtype)
                 layer.lazy_initialization(keys, values)
                 layer.keys, layer.values = keys, values
                 layer.dtype = keys.dtype
@@ -525,7 +549,7 @@ def _cache_from_tensors(config, tensors: dict, meta: dict, device) -> InfiniteVL
             for j in range(layer.number_of_states):
                 conv, recurrent = tensors.get(f"layers.{i}.conv.{j}"), tensors.get(f"layers.{i}.recurrent.{j}")
                 if conv is not None:
-                    layer.update_conv_state(conv.to(device), state_idx=j)
+                    layer.update_conv_state(conv.to(device, dtype), state_idx=j)
                 if recurrent is not None:
                     layer.update_recurrent_state(recurrent.to(device), state_idx=j)
                 layer.has_previous_state[j] = bool(info["has_previous_state"][j])

@@ -18,8 +18,10 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     """Add the `stream` subcommand's arguments to `parser`."""
     parser.add_argument("model", help="checkpoint folder or Hub id of an InfiniteVL model")
     parser.add_argument("--video", help="video file or http(s)/rtsp URL, decoded with PyAV")
-    parser.add_argument("--fps", type=float, default=2.0, help="frames per second sampled from the video (default 2)")
-    parser.add_argument("--frames-per-chunk", type=int, default=2, help="frames per model call, a multiple of 2 (default 2)")
+    parser.add_argument("--fps", type=float, default=None,
+                        help="frames per second sampled from the video (default 2, or the saved state's)")
+    parser.add_argument("--frames-per-chunk", type=int, default=None,
+                        help="frames per model call, a multiple of 2 (default 2, or the saved state's)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     parser.add_argument("--max-pixels", type=int, default=None, help="upper bound on pixels per frame")
     parser.add_argument(
@@ -77,7 +79,9 @@ def run_stream(args: argparse.Namespace) -> int:
         else:
             print(" ".join(f"{k}={v}" for k, v in event.items()), flush=True)
 
-    settings = dict(frames_per_chunk=args.frames_per_chunk, fps=args.fps, max_pixels=args.max_pixels)
+    # Only the flags given on the command line override a loaded state's own settings.
+    given = dict(frames_per_chunk=args.frames_per_chunk, fps=args.fps, max_pixels=args.max_pixels)
+    settings = {key: value for key, value in given.items() if value is not None}
     if args.load_state:
         session = StreamingSession.load(args.load_state, model, processor, **settings)
     else:
@@ -89,20 +93,11 @@ def run_stream(args: argparse.Namespace) -> int:
 
     seconds = 0.0
     if args.video:
-        batch, times = [], []
-        for frame, seconds in iter_video_frames(args.video, fps=args.fps, max_frames=args.max_frames):
-            batch.append(frame)
-            times.append(seconds)
-            if len(batch) == args.frames_per_chunk:
-                session.add_frames(batch, times)
-                batch, times = [], []
+        # Frame by frame: the session feeds every complete chunk, and `ask` also sees the frames still waiting.
+        for frame, seconds in iter_video_frames(args.video, fps=session.fps, max_frames=args.max_frames):
+            session.add_frames([frame], [seconds])
             while timed and timed[0][0] <= seconds:
-                if batch:  # frames waiting are seen by ask (padded) without being fed
-                    session.add_frames(batch, times)
-                    batch, times = [], []
                 answer(timed.pop(0)[1], seconds)
-        if batch:
-            session.add_frames(batch, times)
         emit({"event": "stream_end", "seconds": round(seconds, 3), **session.stats.as_dict()})
     for _, question in timed:
         answer(question, seconds)

@@ -242,3 +242,66 @@ def test_state_from_other_config_refused(model, processor, tmp_path):
         session.load_state(tmp_path / "broken")
     assert_same_state(session.cache, before)
     assert session.stats.frames == 3 and session.stats.frames_pending == 1
+
+
+def test_state_loaded_with_a_smaller_chunk_feeds_every_waiting_frame(model, processor, tmp_path):
+    session = StreamingSession(model, processor, frames_per_chunk=4)
+    session.add_frames(frames(3))  # three frames wait for a fourth
+    session.save(tmp_path / "state")
+    resumed = StreamingSession.load(tmp_path / "state", model, processor, frames_per_chunk=2)
+    stats = resumed.add_frames(frames(1, seed=5))
+    assert stats.chunks == 2 and stats.frames_pending == 0
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_state(model, processor, tmp_path):
+    session = StreamingSession(model, processor)
+    session.add_frames(frames(2))
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "important.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a saved stream state"):
+        session.save(precious, overwrite=True)
+    assert (precious / "important.txt").read_text() == "keep me"
+    session.save(tmp_path / "state")
+    session.save(tmp_path / "state", overwrite=True)  # replacing an earlier state is fine
+    assert (tmp_path / "state" / STATE_JSON).is_file()
+
+
+def test_video_sampling_keeps_the_rate_after_a_late_start(tmp_path):
+    av = pytest.importorskip("av")
+    from fractions import Fraction
+
+    from infinitevl_hf.streaming import iter_video_frames
+
+    path = tmp_path / "late.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.time_base = Fraction(1, 30)
+        for i in range(60):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 4 * i, dtype=np.uint8), format="rgb24")
+            frame.pts = 42 + i  # the stream starts at 1.4 s
+            frame.time_base = Fraction(1, 30)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    times = [t for _, t in iter_video_frames(path, fps=2)]
+    gaps = np.diff(times)
+    assert len(times) >= 3 and np.allclose(gaps, 0.5, atol=0.04), times
+    with pytest.raises(ValueError, match="fps"):
+        next(iter_video_frames(path, fps=float("nan")))
+    with pytest.raises(ValueError, match="max_frames"):
+        next(iter_video_frames(path, max_frames=0))
+
+
+def test_a_state_resumes_in_the_model_dtype(model, processor, tmp_path):
+    import copy
+
+    session = StreamingSession(model, processor)
+    session.add_frames(frames(4))
+    session.save(tmp_path / "state")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    resumed = StreamingSession.load(tmp_path / "state", half, processor)
+    tensors = cache_tensors(resumed.cache)
+    assert all(t.dtype == torch.bfloat16 for k, t in tensors.items() if k.endswith((".keys", ".values")) or ".conv_states." in k)
+    assert all(t.dtype == torch.float32 for k, t in tensors.items() if ".recurrent_states." in k and t is not None)
+    assert resumed.add_frames(frames(2, seed=3)).chunks == 3  # and it keeps streaming

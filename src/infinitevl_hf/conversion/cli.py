@@ -1,4 +1,4 @@
-"""`infinitevl convert`: argument definitions and the runner, for the lead to register as a subcommand.
+"""`infinitevl convert`: argument definitions and the runner (registered as a subcommand by `infinitevl_hf.cli`).
 
 ```python
 >>> parser = argparse.ArgumentParser(prog="infinitevl convert")  # doctest: +SKIP
@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .convert import DTYPES, ConversionError, convert_teacher
 from .gdn_init import INIT_STRATEGIES
@@ -50,7 +51,7 @@ def run_convert(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except ConversionError as error:
-        print(f"infinitevl convert: error: {error}")
+        print(f"infinitevl convert: error: {error}", file=sys.stderr)
         return 2
     print(f"Wrote {out}")
     return 0

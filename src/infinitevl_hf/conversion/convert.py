@@ -123,7 +123,7 @@ def resolve_teacher(teacher: str | os.PathLike) -> Path:
         raise ConversionError(f"Teacher {teacher} is neither an existing folder nor a Hugging Face Hub id (owner/name).")
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.bin"]
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # weights are read from safetensors only
     return Path(snapshot_download(repo_id=str(teacher), allow_patterns=patterns))
 
 
@@ -435,24 +435,12 @@ def _copy_side_files(teacher: Path, tmp: Path) -> list[str]:
 
 
 def _export_hooks(folder: Path, info: dict) -> list[str]:
-    """Hook for `infinitevl_hf.cards` / `infinitevl_hf.export`, used when those modules exist: a "converted"
-    model card (written first, so the remote-code export keeps it) and the trust_remote_code files."""
-    done = []
-    try:
-        from .. import cards
-    except ImportError:
-        cards = None
-    if cards is not None and hasattr(cards, "write_model_card"):
-        cards.write_model_card(folder, kind="converted", **info)
-        done.append("model_card")
-    try:
-        from .. import export
-    except ImportError:
-        export = None
-    if export is not None and hasattr(export, "write_remote_code"):
-        export.write_remote_code(folder)
-        done.append("remote_code")
-    return done
+    """A "converted" model card (written first, so the remote-code export keeps it) and the trust_remote_code files."""
+    from .. import cards, export
+
+    cards.write_model_card(folder, kind="converted", **info)
+    export.write_remote_code(folder)
+    return ["model_card", "remote_code"]
 
 
 # ---------------------------------------------------------------------------------------------- entry point

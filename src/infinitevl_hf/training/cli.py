@@ -1,4 +1,4 @@
-"""`infinitevl distill` and `infinitevl sft`: argument parsers and runners for the lead's CLI to register."""
+"""`infinitevl distill` and `infinitevl sft`: argument parsers and runners (registered by `infinitevl_hf.cli`)."""
 
 from __future__ import annotations
 
