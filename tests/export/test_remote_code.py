@@ -64,6 +64,15 @@ CHILD = textwrap.dedent(
         prompt = processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "text", "text": "hello there"}]}], add_generation_prompt=True)
         result["prompt_ids"] = processor(text=prompt, return_tensors="pt")["input_ids"]
+        from PIL import Image
+        from transformers import pipeline
+
+        pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+        image = Image.new("RGB", (64, 48), (200, 30, 30))
+        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}]
+        answer = pipe(text=messages, max_new_tokens=3, do_sample=False, return_full_text=False)
+        result["pipeline_answer"] = answer[0]["generated_text"]
+        result["pipeline_model"] = type(pipe.model).__module__
     torch.save(result, out)
     """
 )
@@ -114,6 +123,8 @@ def test_tiny_checkpoint_with_processor_loads_without_the_package(tmp_path):
     result = _run_blocked(tmp_path, folder, with_processor=True)
     torch.testing.assert_close(result["AutoModelForImageTextToText"], expected, rtol=1e-5, atol=1e-5)
     assert result["processor"].endswith("processing_infinitevl.InfiniteVLProcessor")
+    # pipeline("image-text-to-text", trust_remote_code=True) answers a chat with an image, package blocked
+    assert isinstance(result["pipeline_answer"], str) and "transformers_modules" in result["pipeline_model"]
     assert torch.equal(result["prompt_ids"], processor(text=prompt, return_tensors="pt")["input_ids"])
 
 
