@@ -154,8 +154,60 @@ def test_static_ring_decode_equals_dynamic_decode():
             b = model(input_ids=step, use_cache=True, **{CACHE_KWARG: static}).logits
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert static.nbytes == bytes_before
-    with pytest.raises(ValueError, match="one token per call"):
-        model(input_ids=text_ids(2, 3), use_cache=True, **{CACHE_KWARG: static})
+    window = model.config.text_config.sliding_window
+    with pytest.raises(ValueError, match=f"at most window={window} tokens"):
+        model(input_ids=text_ids(2, window + 1), use_cache=True, **{CACHE_KWARG: static})
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_static_ring_takes_chunks_like_the_dynamic_cache(implementation):
+    """Chunks of up to `window` tokens (images too) through the rings equal the dynamic cache, padding included."""
+    model = tiny_model(attn_implementation=implementation)
+    window = model.config.text_config.sliding_window
+    dynamic, static = InfiniteVLCache(model.config), InfiniteVLCache(model.config)
+    prompt = text_ids(2, 5)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0  # a left-padded row
+    with torch.no_grad():
+        model(input_ids=prompt, attention_mask=mask, use_cache=True, **{CACHE_KWARG: dynamic})
+        model(input_ids=prompt, attention_mask=mask, use_cache=True, **{CACHE_KWARG: static})
+        static.to_static()
+        seen = 5
+        for t, size in enumerate([3, window, 1, 5, 2, window - 1, 4]):
+            chunk = text_ids(2, size, seed=200 + t)
+            mask = torch.cat([mask, torch.ones(2, size, dtype=torch.long)], dim=1)
+            a = model(input_ids=chunk, attention_mask=mask, use_cache=True, **{CACHE_KWARG: dynamic}).logits
+            b = model(input_ids=chunk, attention_mask=mask, use_cache=True, **{CACHE_KWARG: static}).logits
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+            seen += size
+    assert static.is_static and static.get_seq_length() == seen
+
+
+def test_static_cache_turns_back_into_the_dynamic_one():
+    model = tiny_model()
+    dynamic, static = InfiniteVLCache(model.config), InfiniteVLCache(model.config)
+    ids = text_ids(1, 19)
+    with torch.no_grad():
+        for cache in (dynamic, static):
+            model(input_ids=ids, use_cache=True, **{CACHE_KWARG: cache})
+        static.to_static()
+        for t in range(4):
+            step = text_ids(1, 1, seed=300 + t)
+            for cache in (dynamic, static):
+                model(input_ids=step, use_cache=True, **{CACHE_KWARG: cache})
+    static.to_dynamic()
+    assert not static.is_static
+    for a, b in zip(dynamic.layers, static.layers):
+        if hasattr(a, "keys") and a.keys is not None:
+            torch.testing.assert_close(b.keys, a.keys)
+            assert b.cumulative_length == a.cumulative_length
+    nxt = text_ids(1, 6, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=nxt, use_cache=True, **{CACHE_KWARG: static}).logits,
+            model(input_ids=nxt, use_cache=True, **{CACHE_KWARG: dynamic}).logits,
+            rtol=1e-5, atol=1e-6,
+        )
 
 
 def test_generate_with_static_cache_equals_dynamic():

@@ -54,6 +54,13 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def mask_for(visible: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A bool visibility mask in the form the attention function takes: bool for sdpa, additive float otherwise."""
+    if implementation == "sdpa":
+        return visible
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
+
+
 def window_attention_mask(
     past_valid: torch.Tensor | None,
     new_valid: torch.Tensor | None,
@@ -91,9 +98,7 @@ def window_attention_mask(
             dim=-1,
         )
         visible = (visible & keys_valid[:, None, None, :]) | (k_pos == q_pos)[None, None]
-    if implementation == "sdpa":
-        return visible
-    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+    return mask_for(visible, implementation, dtype)
 
 
 def packed_window_mask(
@@ -107,9 +112,7 @@ def packed_window_mask(
     if window is not None:
         visible &= pos[None, :] > pos[:, None] - window
     visible = visible[None, None]
-    if implementation == "sdpa":
-        return visible
-    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+    return mask_for(visible, implementation, dtype)
 
 
 def ring_decode_attention(
@@ -128,14 +131,6 @@ def ring_decode_attention(
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     return torch.matmul(probs, value).reshape(batch, 1, heads, dim)
-
-
-def ring_attention_mask(valid: torch.Tensor, query_length: int, implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """Mask over a ring of cached keys: every filled, non-padding slot is visible."""
-    visible = valid[:, None, None, :].expand(-1, 1, query_length, -1)
-    if implementation == "sdpa":
-        return visible
-    return torch.zeros(visible.shape, dtype=dtype, device=valid.device).masked_fill(~visible, torch.finfo(dtype).min)
 
 
 class InfiniteVLAttention(nn.Module):
@@ -191,7 +186,7 @@ class InfiniteVLAttention(nn.Module):
             if length == 1 and not self.training:
                 output = ring_decode_attention(query, key, value, layer_cache.valid, self.scaling)
                 return self.o_proj(output.reshape(batch, length, -1))
-            mask = ring_attention_mask(layer_cache.valid, length, implementation, query.dtype)
+            mask = mask_for(layer_cache.chunk_mask, implementation, query.dtype)
         else:
             past_valid, past_length = None, 0
             if layer_cache is not None:

@@ -143,13 +143,51 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
         return cls(keys, values, valid, step)
 
     def update(self, key_states, value_states, *args, valid: torch.Tensor | None = None, **kwargs):
-        if key_states.shape[-2] != 1:
-            raise ValueError("A static (ring) InfiniteVLCache takes one token per call; prefill with a dynamic cache first.")
-        slot = self.step % self.window
-        self.keys.index_copy_(2, slot, key_states)
-        self.values.index_copy_(2, slot, value_states)
-        self.valid.index_fill_(1, slot, True) if valid is None else self.valid.index_copy_(1, slot, valid)
-        return self.keys, self.values
+        """One token: write it, then attend over the ring. A chunk of T <= window tokens: return the ring
+        followed by the chunk (with `self.chunk_mask` [B, 1, T, window + T] saying what each query may see),
+        then write the chunk into its slots. Everything stays on the device (no host syncs)."""
+        length = key_states.shape[-2]
+        if length == 1:
+            slot = self.step % self.window
+            self.keys.index_copy_(2, slot, key_states)
+            self.values.index_copy_(2, slot, value_states)
+            self.valid.index_fill_(1, slot, True) if valid is None else self.valid.index_copy_(1, slot, valid)
+            return self.keys, self.values
+        if length > self.window:
+            raise ValueError(
+                f"A static (ring) InfiniteVLCache takes at most window={self.window} tokens per call, got {length}."
+            )
+        device = key_states.device
+        batch = key_states.shape[0]
+        new_valid = torch.ones(batch, length, dtype=torch.bool, device=device) if valid is None else valid
+        keys = torch.cat([self.keys, key_states], dim=2)  # copies: the writes below do not touch them
+        values = torch.cat([self.values, value_states], dim=2)
+        offsets = torch.arange(length, device=device)
+        slots = torch.arange(self.window, device=device)
+        newest = self.step - 1 - torch.remainder(self.step - 1 - slots, self.window)  # token held by each slot
+        in_window = (self.step + offsets)[:, None] - newest[None, :] < self.window  # [T, window]
+        ring_visible = self.valid[:, None, :] & in_window[None]
+        causal = offsets[None, :] <= offsets[:, None]
+        chunk_visible = (causal[None] & new_valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
+        self.chunk_mask = torch.cat([ring_visible, chunk_visible], dim=-1)[:, None]
+        write = torch.remainder(self.step + offsets, self.window)
+        self.keys.index_copy_(2, write, key_states)
+        self.values.index_copy_(2, write, value_states)
+        self.valid.index_copy_(1, write, new_valid)
+        return keys, values
+
+    def to_window_layer(self, seen: int) -> InfiniteVLAttentionLayer:
+        """The same keys as a dynamic window layer (oldest first, the last `window - 1` tokens)."""
+        layer = InfiniteVLAttentionLayer(self.window)
+        keep = min(seen, self.window - 1)
+        layer.cumulative_length = seen
+        if keep:
+            slots = torch.arange(seen - keep, seen, device=self.keys.device) % self.window
+            layer.lazy_initialization(self.keys, self.values)
+            layer.keys, layer.values = self.keys[:, :, slots].clone(), self.values[:, :, slots].clone()
+            valid = self.valid[:, slots]
+            layer.valid = None if bool(valid.all()) else valid.clone()
+        return layer
 
     def past_length(self) -> int:
         return self.window
@@ -384,6 +422,16 @@ class InfiniteVLCache(Cache):
                 if layer.window is None:
                     raise ValueError(f"Layer {i} is full attention: its cache grows with the input and cannot be static.")
                 self.layers[i] = InfiniteVLRingAttentionLayer.from_window(layer, self.batch_rows, self.device_step, like)
+        return self
+
+    def to_dynamic(self) -> InfiniteVLCache:
+        """Switch, in place, from rings back to growing window layers (e.g. to save the memory to disk)."""
+        if not self.is_static:
+            return self
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, InfiniteVLRingAttentionLayer):
+                self.layers[i] = layer.to_window_layer(self.seen_tokens)
+        self.device_step, self.graph_decoder = None, None
         return self
 
     @property
