@@ -50,6 +50,8 @@ import torch
 
 from .modeling.cache import InfiniteVLAttentionLayer, InfiniteVLCache, InfiniteVLLinearAttentionLayer
 from .modeling.compat import CACHE_KWARG
+from .modeling.cuda_graph import CUDAGraphPrefill
+from .modeling.modeling_infinitevl import text_position_ids
 
 STATE_FORMAT = "infinitevl-stream-state"
 STATE_VERSION = 1
@@ -109,6 +111,7 @@ class StreamingSession:
         question_template: str = QUESTION_TEMPLATE,
         max_pixels: int | None = None,
         min_pixels: int | None = None,
+        cuda_graphs: bool = True,
     ):
         temporal = int(processor.image_processor.temporal_patch_size)
         if not isinstance(frames_per_chunk, int) or frames_per_chunk < temporal or frames_per_chunk % temporal:
@@ -130,6 +133,12 @@ class StreamingSession:
             "end": config.vision_end_token_id,
         }
         self.cache = InfiniteVLCache(config)
+        # On CUDA, chunks of a length seen before replay a captured decoder graph (the vision tower stays eager).
+        self.cuda_graphs = cuda_graphs and all(
+            kind == "linear_attention" or config.text_config.window_for_layer(i) is not None
+            for i, kind in enumerate(config.text_config.layer_types)
+        )
+        self._graphs: dict[int, CUDAGraphPrefill] = {}
         self._pending: list[tuple[np.ndarray, float]] = []
         self._frames = 0
         self._chunks = 0
@@ -255,12 +264,14 @@ class StreamingSession:
         other = object.__new__(StreamingSession)
         other.__dict__.update(self.__dict__)
         other.cache = self.cache.fork()
+        other._graphs = {}  # graphs are bound to this session's cache tensors
         other._pending = [(array.copy(), t) for array, t in self._pending]
         return other
 
     def reset(self) -> None:
         """Forget everything (the system prompt, if any, is fed again)."""
         self.cache.reset()
+        self._graphs = {}
         self._pending, self._frames, self._chunks, self._last_frame_ms = [], 0, 0, None
         if self.system_prompt:
             self.add_text(f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n")
@@ -270,8 +281,6 @@ class StreamingSession:
         frames and a config fingerprint (`session.json`). The folder appears whole or not at all."""
         from safetensors.torch import save_file
 
-        if self.cache.is_static:
-            raise ValueError("A static (ring) cache cannot be saved; streaming sessions keep a dynamic cache.")
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             if not overwrite:
@@ -281,7 +290,8 @@ class StreamingSession:
                     f"Refusing to replace {str(path)!r}: it is not a saved stream state (no {STATE_JSON}), so overwrite=True "
                     "would delete files that are not ours."
                 )
-        tensors, layers = _cache_to_tensors(self.cache)
+        # A cache turned static for CUDA graphs is saved in its dynamic form (the rings laid out oldest first).
+        tensors, layers = _cache_to_tensors(self.cache.fork().to_dynamic() if self.cache.is_static else self.cache)
         for i, (array, _) in enumerate(self._pending):
             tensors[f"pending.{i}"] = torch.from_numpy(np.ascontiguousarray(array))
         meta = {
@@ -346,7 +356,7 @@ class StreamingSession:
             if f"pending.{i}" not in tensors:
                 raise ValueError(f"The stream state in {str(path)!r} is incomplete: waiting frame {i} is missing.")
             pending.append((tensors[f"pending.{i}"].numpy().copy(), float(t)))
-        self.cache, self._pending = cache, pending
+        self.cache, self._pending, self._graphs = cache, pending, {}
         self._frames, self._chunks, self._last_frame_ms = session["frames"], session["chunks"], session["last_frame_ms"]
 
     # -- internals -----------------------------------------------------------------------------------------
@@ -387,12 +397,35 @@ class StreamingSession:
         inputs = self.chunk_inputs(frames, [t for _, t in self._pending])
         device = self._device()
         start = time.perf_counter()
-        self._forward(cache, inputs.pop("input_ids").to(device), **{k: v.to(device) for k, v in inputs.items()})
+        input_ids, inputs = inputs.pop("input_ids").to(device), {k: v.to(device) for k, v in inputs.items()}
+        if cache is self.cache and self._graph_ready(input_ids.shape[1], device):
+            self._graph_forward(input_ids, **inputs)
+        else:
+            self._forward(cache, input_ids, **inputs)
         if timed:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             self._chunks += 1
             self._last_frame_ms = (time.perf_counter() - start) * 1000.0 / len(frames)
+
+    def _graph_ready(self, length: int, device: torch.device) -> bool:
+        if not (self.cuda_graphs and device.type == "cuda" and self.cache.seen_tokens > 0):
+            return False
+        return length <= (self.cache.max_tokens_per_call or self.model.config.text_config.sliding_window)
+
+    def _graph_forward(self, input_ids: torch.LongTensor, **inputs) -> None:
+        """Feed a chunk through the captured decoder graph for its length (captured on first use)."""
+        base = self.model.model
+        with torch.no_grad():
+            embeds, positions = base.decoder_inputs(input_ids, cache=self.cache, **inputs)
+            if embeds is None:
+                embeds = base.get_input_embeddings()(input_ids)
+            if positions is None:
+                positions = text_position_ids(None, self.cache, input_ids.shape[0], input_ids.shape[1], input_ids.device)
+            step = self._graphs.get(input_ids.shape[1])
+            if step is None:
+                step = self._graphs[input_ids.shape[1]] = CUDAGraphPrefill(self.model, self.cache, input_ids.shape[1])
+            step(embeds, positions)
 
     def _forward(self, cache: InfiniteVLCache, input_ids: torch.LongTensor, **inputs) -> torch.Tensor:
         with torch.no_grad():

@@ -7,6 +7,7 @@ import torch
 
 from helpers import text_ids, tiny_model
 from infinitevl_hf import InfiniteVLCache
+from infinitevl_hf.modeling.cache import InfiniteVLRingAttentionLayer
 from infinitevl_hf.modeling.compat import CACHE_KWARG
 
 
@@ -155,8 +156,16 @@ def test_static_ring_decode_equals_dynamic_decode():
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert static.nbytes == bytes_before
     window = model.config.text_config.sliding_window
+    longer = text_ids(2, window + 3, seed=77)  # more than a ring holds: the decoder splits it into windows
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=longer, use_cache=True, **{CACHE_KWARG: static}).logits,
+            model(input_ids=longer, use_cache=True, **{CACHE_KWARG: dynamic}).logits,
+            rtol=1e-5, atol=1e-6,
+        )
+    ring = next(layer for layer in static.layers if isinstance(layer, InfiniteVLRingAttentionLayer))
     with pytest.raises(ValueError, match=f"at most window={window} tokens"):
-        model(input_ids=text_ids(2, window + 1), use_cache=True, **{CACHE_KWARG: static})
+        ring.update(torch.zeros(2, 2, window + 1, 8), torch.zeros(2, 2, window + 1, 8))
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])

@@ -305,3 +305,18 @@ def test_a_state_resumes_in_the_model_dtype(model, processor, tmp_path):
     assert all(t.dtype == torch.bfloat16 for k, t in tensors.items() if k.endswith((".keys", ".values")) or ".conv_states." in k)
     assert all(t.dtype == torch.float32 for k, t in tensors.items() if ".recurrent_states." in k and t is not None)
     assert resumed.add_frames(frames(2, seed=3)).chunks == 3  # and it keeps streaming
+
+
+def test_a_session_on_static_rings_streams_and_saves_like_a_dynamic_one(model, processor, tmp_path):
+    """The CUDA-graph path feeds frames through static rings; on CPU the same rings run eagerly."""
+    ringed, plain = StreamingSession(model, processor), StreamingSession(model, processor)
+    for session in (ringed, plain):
+        session.add_frames(frames(2))
+    ringed.cache.to_static()
+    for session in (ringed, plain):
+        session.add_frames(frames(10, seed=4))
+    torch.testing.assert_close(ringed.question_logits(QUESTION), plain.question_logits(QUESTION), rtol=1e-4, atol=1e-5)
+    ringed.save(tmp_path / "state")
+    resumed = StreamingSession.load(tmp_path / "state", model, processor)
+    assert not resumed.cache.is_static
+    torch.testing.assert_close(resumed.question_logits(QUESTION), plain.question_logits(QUESTION), rtol=1e-4, atol=1e-5)

@@ -435,6 +435,12 @@ class InfiniteVLCache(Cache):
         return self
 
     @property
+    def max_tokens_per_call(self) -> int | None:
+        """Most tokens one forward may feed a static cache (its smallest ring); None for a dynamic cache."""
+        windows = [layer.window for layer in self.layers if isinstance(layer, InfiniteVLRingAttentionLayer)]
+        return min(windows) if windows else None
+
+    @property
     def batch_rows(self) -> int:
         return self.next_positions.shape[0]
 

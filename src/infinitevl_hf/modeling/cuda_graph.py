@@ -5,7 +5,10 @@ the arithmetic, set the time. Because an InfiniteVL cache has a fixed size (a ri
 layer, fixed Gated DeltaNet states), a whole decode step has static shapes and addresses once the
 cache is static (`InfiniteVLCache.to_static`), so it can be captured once and replayed per token.
 
-Used by `generate(..., cache_implementation="static")` on CUDA, or directly:
+The same holds for feeding a fixed number of tokens, e.g. one video frame per call in a stream:
+`CUDAGraphPrefill` captures the decoder over `length` input embeddings (the vision tower stays eager).
+
+Decode steps are used by `generate(..., cache_implementation="static")` on CUDA, or directly:
 
 ```python
 >>> decoder = CUDAGraphDecoder(model, cache)     # cache: a prompt already went through it
@@ -67,3 +70,53 @@ class CUDAGraphDecoder:
         self.graph.replay()
         self.cache.seen_tokens += 1
         return self.logits
+
+
+class CUDAGraphPrefill:
+    """Captures the decoder over `length` embedded tokens ([B, length, hidden] plus 3-D positions) through a
+    static cache, and replays it for every later call of the same length (the frames of a stream).
+
+    ```python
+    >>> step = CUDAGraphPrefill(model, cache, length=258)   # cache: static-able, a prompt already went through
+    >>> hidden = step(inputs_embeds, position_ids)          # [B, 1, hidden]: the last position
+    ```
+    """
+
+    def __init__(self, model, cache, length: int, warmup_steps: int = 2):
+        if not torch.cuda.is_available() or cache.next_positions is None or not cache.next_positions.is_cuda:
+            raise ValueError("CUDAGraphPrefill needs a CUDA model and a cache that a prompt already went through.")
+        cache.to_static()
+        if length > cache.max_tokens_per_call:
+            raise ValueError(f"A captured prefill takes at most one window ({cache.max_tokens_per_call} tokens), got {length}.")
+        self.decoder, self.cache, self.length = model.model.language_model, cache, length
+        embed = self.decoder.get_input_embeddings().weight
+        self.inputs_embeds = torch.zeros(cache.batch_rows, length, embed.shape[1], dtype=embed.dtype, device=embed.device)
+        self.position_ids = torch.zeros(3, cache.batch_rows, length, dtype=torch.long, device=embed.device)
+        scratch = cache.fork()  # kernels tune and allocate on a copy, outside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup_steps):
+                self._forward(scratch)
+        torch.cuda.current_stream().wait_stream(stream)
+        del scratch
+        self.graph = torch.cuda.CUDAGraph()
+        seen = cache.seen_tokens
+        with torch.cuda.graph(self.graph):
+            self.hidden = self._forward(cache)
+        cache.seen_tokens = seen  # capture recorded the call without running it
+
+    def _forward(self, cache) -> torch.Tensor:
+        with torch.no_grad():
+            return self.decoder(
+                inputs_embeds=self.inputs_embeds, position_ids=self.position_ids, use_cache=True, keep_last=1,
+                **{CACHE_KWARG: cache},
+            ).last_hidden_state
+
+    def __call__(self, inputs_embeds: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
+        """Feed [B, length, hidden] embeddings at positions [3, B, length]; returns the last hidden state [B, 1, hidden]."""
+        self.inputs_embeds.copy_(inputs_embeds)
+        self.position_ids.copy_(position_ids)
+        self.graph.replay()
+        self.cache.seen_tokens += self.length
+        return self.hidden

@@ -176,6 +176,8 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
             position_ids = position_ids[1:]
 
         chunk = self.config.prefill_chunk_tokens
+        if cache is not None and cache.is_static:  # a ring takes at most one window of tokens per call
+            chunk = min(chunk or length, cache.max_tokens_per_call)
         run_cache = cache
         chunked = chunk is not None and length > chunk and not self.training and cu_seqlens is None
         if chunked and run_cache is None:
@@ -299,6 +301,55 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
             )
         return inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), features.to(inputs_embeds))
 
+    def decoder_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        cache: InfiniteVLCache | None = None,
+        cu_seqlens: torch.LongTensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.LongTensor | None]:
+        """What the decoder reads for these inputs: embeddings with the vision features scattered in (None for
+        text-only `input_ids`, which the decoder embeds chunk by chunk) and the 3-D mRoPE positions of inputs
+        holding images or videos (None for text, whose positions the decoder continues itself)."""
+        if inputs_embeds is None and (pixel_values is not None or pixel_values_videos is not None):
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("`pixel_values` were given without `image_grid_thw`.")
+            features = self.get_image_features(pixel_values, image_grid_thw)
+            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, image_grid_thw, self.config.image_token_id, "image")
+        if pixel_values_videos is not None:
+            if video_grid_thw is None:
+                raise ValueError("`pixel_values_videos` were given without `video_grid_thw`.")
+            features = self.get_video_features(pixel_values_videos, video_grid_thw)
+            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, video_grid_thw, self.config.video_token_id, "video")
+        if input_ids is None or (image_grid_thw is None and video_grid_thw is None):
+            return inputs_embeds, None
+        grids = dict(
+            image_token_id=self.config.image_token_id,
+            video_token_id=self.config.video_token_id,
+            spatial_merge_size=self.config.vision_config.spatial_merge_size,
+            tokens_per_second=self.config.vision_config.tokens_per_second,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts,
+        )
+        if cu_seqlens is not None:  # packed samples: positions restart per sample
+            return inputs_embeds, packed_mrope_position_ids(input_ids, cu_seqlens, **grids)
+        positions, _ = mrope_position_ids(  # continue from where the cache left off
+            input_ids,
+            attention_mask=attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None,
+            start_positions=cache.next_positions if isinstance(cache, InfiniteVLCache) else None,
+            **grids,
+        )
+        return inputs_embeds, positions
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -320,39 +371,19 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
             kwargs.pop(unused, None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None and (pixel_values is not None or pixel_values_videos is not None):
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            if image_grid_thw is None:
-                raise ValueError("`pixel_values` were given without `image_grid_thw`.")
-            features = self.get_image_features(pixel_values, image_grid_thw)
-            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, image_grid_thw, self.config.image_token_id, "image")
-        if pixel_values_videos is not None:
-            if video_grid_thw is None:
-                raise ValueError("`pixel_values_videos` were given without `video_grid_thw`.")
-            features = self.get_video_features(pixel_values_videos, video_grid_thw)
-            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, video_grid_thw, self.config.video_token_id, "video")
-
-        vision = image_grid_thw is not None or video_grid_thw is not None
-        if position_ids is None and input_ids is not None and vision:
-            grids = dict(
-                image_token_id=self.config.image_token_id,
-                video_token_id=self.config.video_token_id,
-                spatial_merge_size=self.config.vision_config.spatial_merge_size,
-                tokens_per_second=self.config.vision_config.tokens_per_second,
-                image_grid_thw=image_grid_thw,
-                video_grid_thw=video_grid_thw,
-                second_per_grid_ts=second_per_grid_ts,
-            )
-            if kwargs.get("cu_seqlens") is not None:  # packed samples: positions restart per sample
-                position_ids = packed_mrope_position_ids(input_ids, kwargs["cu_seqlens"], **grids)
-            else:  # continue from where the cache left off
-                position_ids, _ = mrope_position_ids(
-                    input_ids,
-                    attention_mask=attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None,
-                    start_positions=cache.next_positions if isinstance(cache, InfiniteVLCache) else None,
-                    **grids,
-                )
+        inputs_embeds, vision_positions = self.decoder_inputs(
+            input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts,
+            cache=cache,
+            cu_seqlens=kwargs.get("cu_seqlens"),
+        )
+        position_ids = position_ids if position_ids is not None else vision_positions
         kwargs[CACHE_KWARG] = cache
         return self.language_model(
             input_ids=input_ids if inputs_embeds is None else None,  # text only: embedded chunk by chunk
