@@ -23,25 +23,6 @@ import torch
 from .compat import CACHE_KWARG
 
 
-def capture(forward, cache, warmup_steps: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Warm `forward(cache)` up on a fork of `cache` (kernels tune and allocate outside the capture, the real
-    state untouched), then capture it on `cache` itself. Returns the graph and its output buffer."""
-    scratch = cache.fork()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup_steps):
-            forward(scratch)
-    torch.cuda.current_stream().wait_stream(stream)
-    del scratch
-    graph = torch.cuda.CUDAGraph()
-    seen = cache.seen_tokens
-    with torch.cuda.graph(graph):
-        output = forward(cache)
-    cache.seen_tokens = seen  # the capture recorded the call without running it
-    return graph, output
-
-
 class CUDAGraphDecoder:
     """Captures `model(input_ids[B, 1], cache)` once and replays it for every following token."""
 
@@ -62,7 +43,20 @@ class CUDAGraphDecoder:
             warmup_steps = max(warmup_steps, 3)
         self.model, self.cache = model, cache
         self.input_ids = torch.zeros(cache.batch_rows, 1, dtype=torch.long, device=cache.next_positions.device)
-        self.graph, self.logits = capture(self._forward, cache, warmup_steps)
+        # Warm up on a copy: kernels pick their configs and allocate outside the capture, the real state untouched.
+        scratch = cache.fork()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup_steps):
+                self._forward(scratch)
+        torch.cuda.current_stream().wait_stream(stream)
+        del scratch
+        self.graph = torch.cuda.CUDAGraph()
+        seen = cache.seen_tokens
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward(cache)
+        cache.seen_tokens = seen  # capture recorded the step without running it
 
     def _forward(self, cache) -> torch.Tensor:
         with torch.no_grad():
@@ -98,7 +92,19 @@ class CUDAGraphPrefill:
         embed = self.decoder.get_input_embeddings().weight
         self.inputs_embeds = torch.zeros(cache.batch_rows, length, embed.shape[1], dtype=embed.dtype, device=embed.device)
         self.position_ids = torch.zeros(3, cache.batch_rows, length, dtype=torch.long, device=embed.device)
-        self.graph, self.hidden = capture(self._forward, cache, warmup_steps)
+        scratch = cache.fork()  # kernels tune and allocate on a copy, outside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup_steps):
+                self._forward(scratch)
+        torch.cuda.current_stream().wait_stream(stream)
+        del scratch
+        self.graph = torch.cuda.CUDAGraph()
+        seen = cache.seen_tokens
+        with torch.cuda.graph(self.graph):
+            self.hidden = self._forward(cache)
+        cache.seen_tokens = seen  # capture recorded the call without running it
 
     def _forward(self, cache) -> torch.Tensor:
         with torch.no_grad():
