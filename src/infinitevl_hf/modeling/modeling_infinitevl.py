@@ -1,8 +1,8 @@
 """InfiniteVL: the Qwen2.5-VL vision tower feeding a decoder of sliding-window attention and Gated DeltaNet.
 
-Data flow: embed tokens -> vision tower (transformers' Qwen2.5-VL classes) -> image/video features
-scattered into their placeholder tokens -> 3-D mRoPE positions (continuing from the cache) ->
-decoder layers by `config.layer_types` -> norm -> lm_head.
+Data flow: embed tokens -> vision tower (transformers' Qwen2.5-VL classes; its attention batches the windows,
+see vision_attention.py) -> image/video features scattered into their placeholder tokens -> 3-D mRoPE
+positions (continuing from the cache) -> decoder layers by `config.layer_types` -> norm -> lm_head.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
 from .loading import LEGACY_KEY_MAPPING, check_loading_info
 from .positions import mrope_position_ids, num_vision_tokens, packed_mrope_position_ids
 from .remote_code import set_auto_map, write_model_card, write_remote_code
+from .vision_attention import use_batched_vision_attention
 
 
 class InfiniteVLPreTrainedModel(PreTrainedModel):
@@ -272,6 +273,7 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
     def __init__(self, config: InfiniteVLConfig):
         super().__init__(config)
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        use_batched_vision_attention(self.visual)
         self.language_model = InfiniteVLTextModel._from_config(config.text_config)
         self.post_init()
 
