@@ -140,7 +140,8 @@ def event_times(fn, steps: int) -> list[float]:
     return out
 
 
-def infinitevl_context(model, length: int, steps: int, cache_kwarg: str, compile: str | None = None) -> dict:
+def infinitevl_context(model, length: int, steps: int, cache_kwarg: str, compile: str | None = None,
+                       concat: bool = False) -> dict:
     from infinitevl_hf import InfiniteVLCache
     from infinitevl_hf.modeling.cuda_graph import CUDAGraphDecoder
 
@@ -155,7 +156,9 @@ def infinitevl_context(model, length: int, steps: int, cache_kwarg: str, compile
     with torch.no_grad():
         seconds = timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache}))
         peak = torch.cuda.max_memory_allocated() / GiB
-        decoder = CUDAGraphDecoder(model, cache, compile=compile)
+        start = time.perf_counter()
+        decoder = CUDAGraphDecoder(model, cache, compile=compile, concat_projections=concat)
+        capture_s = time.perf_counter() - start
         token = torch.randint(0, 150000, (1, 1), device="cuda")
         for _ in range(8):
             decoder.step(token)
@@ -163,7 +166,7 @@ def infinitevl_context(model, length: int, steps: int, cache_kwarg: str, compile
     state = cache.nbytes
     del cache, decoder, ids
     return {"prefill_s": seconds, "prefill_tok_s": length / seconds, "decode_ms": statistics.median(ms),
-            "peak_gib": peak, "cache_bytes": state}
+            "peak_gib": peak, "cache_bytes": state, "graph_build_s": capture_s}
 
 
 def teacher_context(model, length: int, steps: int, cache_kwarg: str) -> dict:
@@ -189,6 +192,27 @@ def teacher_context(model, length: int, steps: int, cache_kwarg: str) -> dict:
         ms = event_times(step, steps)
     del cache, ids
     return {"prefill_s": seconds, "prefill_tok_s": length / seconds, "decode_ms": statistics.median(ms), "peak_gib": peak}
+
+
+def teacher_static_context(model, length: int, new_tokens: int = 65) -> dict:
+    """The teacher as transformers decodes fastest: `generate(cache_implementation="static")`, which compiles the
+    decode step (`torch.compile`, CUDA graphs). generate() allows no per-step events, so decode ms/token is
+    (time of `new_tokens` tokens - time of 1 token) / (new_tokens - 1), each the median of 3 runs after a
+    warm-up that compiles for this length's cache."""
+    ids = torch.randint(0, 150000, (1, length), device="cuda")
+
+    def run(n):
+        return timed(lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                            cache_implementation="static"))
+
+    with torch.no_grad():
+        compile_s = run(new_tokens)  # compiles (and captures) for this cache length
+        run(new_tokens)
+        torch.cuda.reset_peak_memory_stats()
+        one = statistics.median(run(1) for _ in range(3))
+        many = statistics.median(run(new_tokens) for _ in range(3))
+    return {"decode_ms": 1e3 * (many - one) / (new_tokens - 1), "first_call_s": compile_s,
+            "peak_gib": torch.cuda.max_memory_allocated() / GiB}
 
 
 def frame_inputs(model, group: int = 1):
@@ -342,8 +366,10 @@ def main(argv=None):
                         help="frame group sizes for the single-stream measurement")
     parser.add_argument("--graph", action="store_true", help="replay the decoder of each frame call from a CUDA graph")
     parser.add_argument("--skip-teacher", action="store_true")
-    parser.add_argument("--compile", choices=["modules", "layers"], default=None,
-                        help="torch.compile norms/MLPs or whole decoder layers inside the decode graph")
+    parser.add_argument("--compile", choices=["fused", "modules", "layers"], default=None,
+                        help="decode graph of compiled fused layer steps, compiled norms/MLPs or compiled decoder layers")
+    parser.add_argument("--teacher-static", type=int, nargs="*", default=[],
+                        help="contexts at which to also time the teacher's compiled static-cache generate()")
     args = parser.parse_args(argv)
 
     from infinitevl_hf.modeling.compat import CACHE_KWARG
@@ -385,6 +411,12 @@ def main(argv=None):
             row = guarded(f"teacher {length}", lambda: teacher_context(teacher, length, args.steps, CACHE_KWARG))
             results["teacher"][str(length)] = row
             log("teacher", length, row)
+            write_outputs(results, args.out)
+        results["teacher_static"] = {}
+        for length in args.teacher_static:
+            row = guarded(f"teacher static {length}", lambda: teacher_static_context(teacher, length))
+            results["teacher_static"][str(length)] = row
+            log("teacher static", length, row)
             write_outputs(results, args.out)
     write_outputs(results, args.out)
     log("done")

@@ -1,4 +1,5 @@
-"""Decode ms/token of InfiniteVL-4B under each CUDA-graph variant (eager kernels, compiled modules, compiled layers).
+"""Decode ms/token of InfiniteVL-4B under each CUDA-graph variant (eager kernels, fused compiled layer steps with
+or without concatenated projections, compiled modules, compiled layers).
 
     python benchmarks/decode_variants.py --context 1024
 """
@@ -17,7 +18,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--variants", nargs="+", default=["none", "modules", "layers"])
+    parser.add_argument("--variants", nargs="+", default=["none", "fused", "fused_concat", "modules", "layers"])
     args = parser.parse_args(argv)
 
     from infinitevl_hf.modeling.compat import CACHE_KWARG
@@ -25,8 +26,10 @@ def main(argv=None):
     model = build_infinitevl()
     rows = {}
     for variant in args.variants:
-        compile = None if variant == "none" else variant
-        rows[variant] = guarded(variant, lambda: infinitevl_context(model, args.context, args.steps, CACHE_KWARG, compile))
+        compile = None if variant == "none" else variant.split("_")[0]
+        concat = variant.endswith("_concat")
+        rows[variant] = guarded(
+            variant, lambda: infinitevl_context(model, args.context, args.steps, CACHE_KWARG, compile, concat))
         log(variant, rows[variant])
         for module in model.modules():  # undo module.compile() so the next variant starts from eager
             module._compiled_call_impl = None

@@ -18,10 +18,12 @@ def main(argv=None):
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--fused", action="store_true", help="profile the compiled FusedDecodeStep instead of the modules")
     args = parser.parse_args(argv)
 
     from infinitevl_hf import InfiniteVLCache
     from infinitevl_hf.modeling.compat import CACHE_KWARG
+    from infinitevl_hf.modeling.fused_decode import FusedDecodeStep
 
     model = build_infinitevl()
     cache = InfiniteVLCache(model.config)
@@ -30,14 +32,22 @@ def main(argv=None):
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
         cache.to_static()
+        if args.fused:
+            fused = FusedDecodeStep(model, cache, compile=True)
+            step = lambda: fused(token)  # noqa: E731
+        else:
+            step = lambda: model(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})  # noqa: E731
         for _ in range(3):
-            model(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
+            step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
-                model(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
+                step()
             torch.cuda.synchronize()
     averages = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / args.steps / 1e3
+    print(f"{len(kernels) / args.steps:.0f} GPU kernels per step, {busy:.3f} ms of kernel time per step")
     try:
         print(averages.table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=70))
     except (AttributeError, KeyError):

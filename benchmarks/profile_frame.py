@@ -25,14 +25,15 @@ def seconds(fn, repeats: int = 10) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--rows", type=int, default=25, help="rows of the profile tables (0: timings only)")
+    parser.add_argument("--group", type=int, default=1, help="frames per call")
     args = parser.parse_args(argv)
 
     from infinitevl_hf import InfiniteVLCache
     from infinitevl_hf.modeling.compat import CACHE_KWARG
 
     model = build_infinitevl()
-    ids, grid, pixels = frame_inputs(model, 1)
+    ids, grid, pixels = frame_inputs(model, args.group)
     cache = InfiniteVLCache(model.config)
 
     def frame():
@@ -43,9 +44,12 @@ def main(argv=None):
         for _ in range(5):
             frame()
         embeds = model.model.get_input_embeddings()(ids)
-        print(f"whole frame      {1e3 * seconds(frame):8.2f} ms")
+        print(f"{args.group} frame(s) per call, ms per call:")
+        print(f"whole call       {1e3 * seconds(frame):8.2f} ms")
         print(f"vision tower     {1e3 * seconds(lambda: model.model.get_image_features(pixels[0], grid)):8.2f} ms")
-        print(f"decoder (258 t)  {1e3 * seconds(lambda: model.model.language_model(inputs_embeds=embeds, use_cache=True, keep_last=1, **{CACHE_KWARG: cache})):8.2f} ms")
+        print(f"decoder ({ids.shape[1]} t) {1e3 * seconds(lambda: model.model.language_model(inputs_embeds=embeds, use_cache=True, keep_last=1, **{CACHE_KWARG: cache})):8.2f} ms")
+        if not args.rows:
+            return
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 frame()

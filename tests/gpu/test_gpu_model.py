@@ -69,13 +69,75 @@ def test_fla_path_matches_torch_reference_on_4k_tokens(model, monkeypatch):
 
 
 def test_cuda_graph_decode_equals_eager_for_64_tokens(model):
+    """The captured graph of the module path (no compilation) replays exactly the eager greedy decode."""
+    from infinitevl_hf import InfiniteVLCache
+    from infinitevl_hf.modeling.compat import CACHE_KWARG
+    from infinitevl_hf.modeling.cuda_graph import CUDAGraphDecoder
+
     ids = torch.randint(0, 151000, (1, 1000), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=64, do_sample=False)
-        graph = model.generate(ids, max_new_tokens=64, do_sample=False, cache_implementation="static")
+        cache = InfiniteVLCache(model.config)
+        token = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache}).logits[:, -1:].argmax(-1)
+        decoder, graph = CUDAGraphDecoder(model, cache), [token]
+        for _ in range(63):
+            graph.append(decoder.step(graph[-1])[:, -1:].argmax(-1))
+    graph = torch.cat([ids, *graph], dim=1)
     same = (eager == graph).float().mean().item()
     _report(test="cuda_graph_vs_eager_64_greedy_tokens", identical_fraction=same)
     assert torch.equal(eager, graph)
+
+
+def test_generate_with_a_static_cache_decodes_through_the_fused_graph(model):
+    from infinitevl_hf.modeling.compat import CACHE_KWARG
+
+    ids = torch.randint(0, 151000, (1, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, cache_implementation="static",
+                             return_dict_in_generate=True)
+    cache = out[CACHE_KWARG] if CACHE_KWARG in out else out.past_key_values
+    assert out.sequences.shape == (1, 316)
+    assert cache.graph_decoder is not None and cache.graph_decoder.fused is not None
+    assert cache.seen_tokens == 315
+
+
+@pytest.mark.parametrize("concat", [False, True], ids=["separate", "concat"])
+def test_fused_compiled_graph_decode_is_as_accurate_as_eager_decode(model, concat):
+    """32 teacher-forced decode steps: the fused compiled graph vs the eager module path, both in bf16, against the
+    same steps in fp32 as the yardstick (random weights make bf16 runs of this model differ by percents)."""
+    from infinitevl_hf import InfiniteVLCache
+    from infinitevl_hf.modeling.compat import CACHE_KWARG
+    from infinitevl_hf.modeling.cuda_graph import CUDAGraphDecoder
+
+    generator = torch.Generator("cuda").manual_seed(3)
+    ids = torch.randint(0, 151000, (1, 1000), device="cuda", generator=generator)
+    tokens = torch.randint(0, 151000, (1, 32), device="cuda", generator=generator)
+
+    def eager_steps(cache):
+        return [model(input_ids=tokens[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache}).logits[:, -1].float()
+                for t in range(tokens.shape[1])]
+
+    with torch.no_grad():
+        cache = InfiniteVLCache(model.config)
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
+        eager = eager_steps(cache.fork())
+        decoder = CUDAGraphDecoder(model, cache, compile="fused", concat_projections=concat)
+        fused = [decoder.step(tokens[:, t : t + 1])[:, -1].float() for t in range(tokens.shape[1])]
+        model.float()
+        fp32_cache = InfiniteVLCache(model.config)
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: fp32_cache})
+        fp32 = eager_steps(fp32_cache)
+        model.to(torch.bfloat16)
+
+    def mean_rel(xs):
+        return sum(((x - r).norm() / r.norm()).item() for x, r in zip(xs, fp32)) / len(fp32)
+
+    fused_err, eager_err = mean_rel(fused), mean_rel(eager)
+    agree = sum(bool((f.argmax(-1) == e.argmax(-1)).all()) for f, e in zip(fused, eager)) / len(eager)
+    _report(test=f"fused_graph_decode_concat{int(concat)}", fused_vs_fp32=fused_err,
+            eager_bf16_vs_fp32=eager_err, fused_eager_argmax_agreement=agree)
+    assert all(torch.isfinite(f).all() for f in fused)
+    assert fused_err < 1.1 * eager_err + 1e-3, (fused_err, eager_err)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -110,3 +172,19 @@ def test_fla_kernels_match_the_torch_reference(dtype):
         _report(test=f"fla_{name}_vs_torch", dtype=str(dtype), tokens=length, o_relative_error=err_o, state_relative_error=err_h)
         limit = 1e-2 if dtype == torch.bfloat16 else 5e-3
         assert err_o < limit and err_h < limit, (name, err_o, err_h)
+
+
+def test_compiled_window_flex_attention_matches_sdpa_on_a_full_chunk():
+    from infinitevl_hf.modeling.attention import window_attention_mask, window_flex_attention
+
+    torch.manual_seed(0)
+    window, past, length = 8192, 8191, 8192
+    q = torch.randn(1, 16, length, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, past + length, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    got = window_flex_attention(q, k, v, past, window, 128**-0.5).float()
+    mask = window_attention_mask(None, None, 1, length, past, window, "sdpa", q.dtype, q.device)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=128**-0.5, enable_gqa=True).transpose(1, 2).float()
+    error = ((got - expected).norm() / expected.norm()).item()
+    _report(test="window_flex_vs_sdpa_full_chunk_bf16", rel_error=error)
+    assert error < 1e-2, error

@@ -10,6 +10,8 @@ from what the cache holds, not from the whole history.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -133,6 +135,57 @@ def ring_decode_attention(
     return torch.matmul(probs, value).reshape(batch, 1, heads, dim)
 
 
+# Chunks at least this long, over a full window of cached keys, take the flex_attention path on CUDA. The
+# shape is then the same for every chunk of a long prompt but the last, so the compiled kernel is reused.
+FLEX_MIN_TOKENS = 1024
+
+
+@functools.lru_cache(maxsize=2)
+def _flex_attention(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # flex_attention is fast only compiled; uncompiled it is a slow reference (used on CPU by tests). Default
+    # dynamism: a second chunk length (a prompt's last chunk) recompiles once with dynamic shapes, not per length.
+    return torch.compile(flex_attention) if compiled else flex_attention
+
+
+@functools.lru_cache(maxsize=16)
+def _window_block_mask(past_length: int, length: int, window: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(batch, head, q_idx, kv_idx):
+        offset = kv_idx - past_length  # key position relative to the first query
+        return (offset <= q_idx) & (offset > q_idx - window)
+
+    return create_block_mask(visible, None, None, length, past_length + length, device=device)
+
+
+def window_flex_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_length: int, window: int, scaling: float
+) -> torch.Tensor:
+    """A chunk of `T` queries over `past_length` cached keys followed by its own keys, through a sliding window,
+    with flex_attention: its block mask skips the blocks outside the window that a dense-mask kernel computes
+    and throws away (for a chunk of one window that is half the work). No padding.
+
+    query [B, H, T, D]; key/value [B, H_kv, past_length + T, D]. Returns [B, T, H, D].
+    """
+    mask = _window_block_mask(past_length, query.shape[2], window, str(query.device))
+    out = _flex_attention(query.is_cuda)(query, key, value, block_mask=mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def flex_attention_usable(query: torch.Tensor) -> bool:
+    """Compiled flex_attention needs CUDA and Triton; anything else keeps the dense-mask path."""
+    if not query.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class InfiniteVLAttention(nn.Module):
     """Qwen2.5-VL text attention over a window of `config.sliding_window` tokens (`sliding_attention`),
     or over everything (`full_attention`)."""
@@ -192,6 +245,12 @@ class InfiniteVLAttention(nn.Module):
             if layer_cache is not None:
                 past_valid, past_length = layer_cache.valid, layer_cache.past_length()
                 key, value = layer_cache.update(key, value, valid=token_valid)
+            if (self.window is not None and past_length == self.window - 1 and length >= FLEX_MIN_TOKENS
+                    and token_valid is None and past_valid is None and implementation == "sdpa" and not self.training
+                    and flex_attention_usable(query)):
+                # A long prefill chunk after the first: on CUDA the window's block mask halves the attention work.
+                output = window_flex_attention(query, key, value, past_length, self.window, self.scaling)
+                return self.o_proj(output.reshape(batch, length, -1).contiguous())
             mask = window_attention_mask(
                 past_valid, token_valid, batch, length, past_length, self.window, implementation,
                 query.dtype, query.device,

@@ -8,7 +8,8 @@ cache is static (`InfiniteVLCache.to_static`), so it can be captured once and re
 The same holds for feeding a fixed number of tokens, e.g. one video frame per call in a stream:
 `CUDAGraphPrefill` captures the decoder over `length` input embeddings (the vision tower stays eager).
 
-Decode steps are used by `generate(..., cache_implementation="static")` on CUDA, or directly:
+Decode steps are used by `generate(..., cache_implementation="static")` on CUDA (with `compile="fused"` and
+concatenated projections where Triton is installed: `FusedDecodeStep`), or directly:
 
 ```python
 >>> decoder = CUDAGraphDecoder(model, cache)     # cache: a prompt already went through it
@@ -21,25 +22,43 @@ from __future__ import annotations
 import torch
 
 from .compat import CACHE_KWARG
+from .fused_decode import FusedDecodeStep
+
+COMPILE_MODES = (None, "fused", "modules", "layers")
+
+
+def fused_decode_available() -> bool:
+    """Whether `torch.compile` can build the fused decode step here (it emits Triton kernels on CUDA)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class CUDAGraphDecoder:
     """Captures `model(input_ids[B, 1], cache)` once and replays it for every following token."""
 
-    def __init__(self, model, cache, warmup_steps: int = 2, compile: str | None = None):
-        """compile: None (eager kernels in the graph), "modules" (`torch.compile` the norms and MLPs) or
-        "layers" (whole decoder layers). Compiling fuses the many small elementwise kernels of a one-token
-        step; results then differ from eager by rounding."""
-        if compile not in (None, "modules", "layers"):
-            raise ValueError(f"compile must be None, 'modules' or 'layers', got {compile!r}")
+    def __init__(self, model, cache, warmup_steps: int = 2, compile: str | None = None, concat_projections: bool = False):
+        """compile: None (eager kernels in the graph), "fused" (`FusedDecodeStep`: each decoder layer one
+        `torch.compile`d function of tensors), "modules" (`torch.compile` the norms and MLPs) or "layers"
+        (whole decoder modules). Compiling fuses the many small elementwise kernels of a one-token step;
+        results then differ from eager by rounding. concat_projections (with "fused"): see `FusedDecodeStep`."""
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         if not torch.cuda.is_available() or cache.next_positions is None or not cache.next_positions.is_cuda:
             raise ValueError("CUDAGraphDecoder needs a CUDA model and a cache that a prompt already went through.")
         cache.to_static()
-        if compile is not None:
+        # Built outside the capture (concatenating weights inside it would record the copies into the graph).
+        self.fused = None
+        if compile == "fused":
+            self.fused = FusedDecodeStep(model, cache, compile=True, concat_projections=concat_projections)
+        if compile in ("modules", "layers"):
             for layer in model.model.language_model.layers:
                 modules = [layer] if compile == "layers" else [layer.input_layernorm, layer.post_attention_layernorm, layer.mlp]
                 for module in modules:
                     module.compile(dynamic=False)
+        if compile is not None:  # the first calls compile; capture only after the kernels settled
             warmup_steps = max(warmup_steps, 3)
         self.model, self.cache = model, cache
         self.input_ids = torch.zeros(cache.batch_rows, 1, dtype=torch.long, device=cache.next_positions.device)
@@ -59,6 +78,8 @@ class CUDAGraphDecoder:
         cache.seen_tokens = seen  # capture recorded the step without running it
 
     def _forward(self, cache) -> torch.Tensor:
+        if self.fused is not None:
+            return (self.fused if cache is self.cache else self.fused.with_cache(cache))(self.input_ids)
         with torch.no_grad():
             return self.model(
                 input_ids=self.input_ids, use_cache=True, logits_to_keep=1, _captured_step=True, **{CACHE_KWARG: cache}

@@ -23,7 +23,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from .attention import InfiniteVLAttention, InfiniteVLRotaryEmbedding
 from .cache import InfiniteVLCache
 from .compat import CACHE_KWARG, pop_cache_kwarg
-from .cuda_graph import CUDAGraphDecoder
+from .cuda_graph import CUDAGraphDecoder, fused_decode_available
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
 from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
 from .loading import LEGACY_KEY_MAPPING, check_loading_info
@@ -471,7 +471,9 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
             cache.to_static()
             if input_ids.is_cuda:
                 if cache.graph_decoder is None:
-                    cache.graph_decoder = CUDAGraphDecoder(self, cache)
+                    fused = fused_decode_available()
+                    cache.graph_decoder = CUDAGraphDecoder(
+                        self, cache, compile="fused" if fused else None, concat_projections=fused)
                 result = CausalLMOutputWithPast(logits=cache.graph_decoder.step(input_ids).clone())
                 result[CACHE_KWARG] = cache
                 return result

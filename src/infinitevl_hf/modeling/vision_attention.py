@@ -23,6 +23,27 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from transformers.utils.generic import is_flash_attention_requested
 
 
+def _segments_by_length(cu_seqlens: torch.Tensor, seq_length: int) -> dict[int, torch.Tensor]:
+    """{segment length: token index [segments, length] of those segments} of `cu_seqlens`. The tower passes the same tensor to every block of a kind,
+    so the answer is kept on it: one host sync per tower call and kind instead of one per layer (a sync per
+    layer stops the host from queueing the next layers while the GPU works)."""
+    plan = getattr(cu_seqlens, "_segments_by_length", None)
+    if plan is not None:
+        return plan
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != seq_length:
+        raise ValueError(f"cu_seqlens must run from 0 to the {seq_length} tokens, got {bounds[0]}..{bounds[-1]}")
+    starts: dict[int, list[int]] = {}
+    for start, end in zip(bounds, bounds[1:]):
+        if end > start:
+            starts.setdefault(end - start, []).append(start)
+    device = cu_seqlens.device
+    plan = {length: torch.tensor(s, device=device)[:, None] + torch.arange(length, device=device)
+            for length, s in starts.items()}
+    cu_seqlens._segments_by_length = plan
+    return plan
+
+
 class InfiniteVLVisionAttention(Qwen2_5_VLVisionAttention):
     """`Qwen2_5_VLVisionAttention` with the segments of `cu_seqlens` batched by length (non-flash backends)."""
 
@@ -55,25 +76,15 @@ class InfiniteVLVisionAttention(Qwen2_5_VLVisionAttention):
                 **kwargs,
             )[0]
 
-        bounds = cu_seqlens.tolist()  # one host sync per layer, as in the parent's split
-        if bounds[0] != 0 or bounds[-1] != seq_length:
-            raise ValueError(f"cu_seqlens must run from 0 to the {seq_length} tokens, got {bounds[0]}..{bounds[-1]}")
-        starts_by_length: dict[int, list[int]] = {}
-        for start, end in zip(bounds, bounds[1:]):
-            if end > start:
-                starts_by_length.setdefault(end - start, []).append(start)
-
-        if len(starts_by_length) == 1:
+        segments = _segments_by_length(cu_seqlens, seq_length)
+        if len(segments) == 1:
             # Equal segments tile the sequence in order: a view, no gather.
-            (length,) = starts_by_length
+            (length,) = segments
             shape = (seq_length // length, length, self.num_heads, self.head_dim)
             output = attend(query.reshape(shape), key.reshape(shape), value.reshape(shape))
         else:
             output = value.new_empty(seq_length, self.num_heads, self.head_dim)
-            for length, starts in starts_by_length.items():
-                index = torch.tensor(starts, device=hidden_states.device)[:, None] + torch.arange(
-                    length, device=hidden_states.device
-                )
+            for index in segments.values():
                 output[index] = attend(query[index], key[index], value[index])
         return self.proj(output.reshape(seq_length, -1))
 

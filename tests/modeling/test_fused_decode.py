@@ -1,0 +1,102 @@
+"""FusedDecodeStep: the one-token decode as tensor functions equals the module path, eager and compiled."""
+
+import pytest
+import torch
+
+from helpers import image_inputs, text_ids, tiny_model
+from infinitevl_hf import InfiniteVLCache
+from infinitevl_hf.modeling.compat import CACHE_KWARG
+from infinitevl_hf.modeling.fused_decode import FusedDecodeStep
+
+
+def _prompted(model, **inputs) -> InfiniteVLCache:
+    cache = InfiniteVLCache(model.config)
+    with torch.no_grad():
+        model(use_cache=True, **inputs, **{CACHE_KWARG: cache})
+    return cache.to_static()
+
+
+def _module_steps(model, cache, tokens):
+    logits = []
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            out = model(input_ids=tokens[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache})
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+def _fused_steps(model, cache, tokens, compile=False, concat=False):
+    step = FusedDecodeStep(model, cache, compile=compile, concat_projections=concat)
+    return torch.cat([step(tokens[:, t : t + 1]) for t in range(tokens.shape[1])], 1)
+
+
+def _assert_same_state(a: InfiniteVLCache, b: InfiniteVLCache, atol: float):
+    assert a.seen_tokens == b.seen_tokens
+    assert torch.equal(a.next_positions, b.next_positions) and torch.equal(a.device_step, b.device_step)
+    for x, y in zip(a.layers, b.layers):
+        if hasattr(x, "keys"):
+            torch.testing.assert_close(x.keys, y.keys, atol=atol, rtol=0)
+            assert torch.equal(x.valid, y.valid)
+        else:
+            for i in range(3):
+                torch.testing.assert_close(x.conv_states[i], y.conv_states[i], atol=atol, rtol=0)
+            torch.testing.assert_close(x.recurrent_states[0], y.recurrent_states[0], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("concat", [False, True], ids=["separate", "concat"])
+@pytest.mark.parametrize("batch,prompt", [(1, 5), (2, 19)])  # 19 > window 8: the rings have wrapped
+def test_fused_steps_equal_the_module_path(batch, prompt, concat):
+    model = tiny_model()
+    cache = _prompted(model, input_ids=text_ids(batch, prompt))
+    reference_cache = cache.fork()
+    tokens = text_ids(batch, 12, seed=5)
+    expected = _module_steps(model, reference_cache, tokens)
+    got = _fused_steps(model, cache, tokens, concat=concat)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+    _assert_same_state(cache, reference_cache, atol=2e-5)
+
+
+def test_fused_steps_continue_positions_after_an_image():
+    model = tiny_model()
+    ids, pixels, grid = image_inputs()
+    cache = _prompted(model, input_ids=ids, pixel_values=pixels, image_grid_thw=grid)
+    reference_cache = cache.fork()
+    tokens = text_ids(1, 6, seed=7)
+    torch.testing.assert_close(_fused_steps(model, cache, tokens), _module_steps(model, reference_cache, tokens), atol=2e-5, rtol=0)
+
+
+def test_fused_step_needs_a_static_cache():
+    model = tiny_model()
+    cache = InfiniteVLCache(model.config)
+    with torch.no_grad():
+        model(input_ids=text_ids(1, 4), use_cache=True, **{CACHE_KWARG: cache})
+    with pytest.raises(ValueError, match="static cache"):
+        FusedDecodeStep(model, cache)
+
+
+@pytest.mark.slow
+def test_compiled_fused_steps_equal_the_module_path():
+    model = tiny_model()
+    cache = _prompted(model, input_ids=text_ids(1, 11))
+    reference_cache = cache.fork()
+    tokens = text_ids(1, 4, seed=5)
+    expected = _module_steps(model, reference_cache, tokens)
+    got = _fused_steps(model, cache, tokens, compile=True, concat=True)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    _assert_same_state(cache, reference_cache, atol=1e-4)
+
+
+def test_concatenated_projections_are_views_that_keep_the_weights():
+    model = tiny_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    cache = _prompted(model, input_ids=text_ids(1, 6))
+    FusedDecodeStep(model, cache, concat_projections=True)
+    mlp = model.model.language_model.layers[1].mlp
+    assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    # a second step over the same layout views the joined buffers instead of copying them again
+    second = FusedDecodeStep(model, cache.fork(), concat_projections=True)
+    joined = second.layers[1][1][2][0]
+    assert joined.untyped_storage().data_ptr() == mlp.gate_proj.weight.untyped_storage().data_ptr()
+    assert torch.equal(joined, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
