@@ -326,6 +326,13 @@ def write_outputs(results: dict, out: Path) -> None:
     if "streaming_batched" in results:
         s = results["streaming_batched"]
         lines += [f"Batched: {s.get('streams')} streams, {s.get('aggregate_frames_per_s', 0):.1f} frames/s in aggregate."]
+    static = {k: v for k, v in results.get("teacher_static", {}).items() if "decode_ms" in v}
+    if static:
+        lines += ["", "Teacher with `generate(cache_implementation=\"static\")` (compiled decode step):"]
+        for length, row in static.items():
+            ours = results["infinitevl"].get(length, {}).get("decode_ms")
+            ratio = f"; InfiniteVL {row['decode_ms'] / ours:.1f}x faster" if ours else ""
+            lines.append(f"- {length} tokens: {row['decode_ms']:.2f} ms/token (first call {row['first_call_s']:.0f} s){ratio}")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -341,6 +348,10 @@ def write_outputs(results: dict, out: Path) -> None:
         axes[0].plot(xs, [rows[str(x)]["prefill_s"] for x in xs], "o-", label=name)
         axes[1].plot(xs, [rows[str(x)]["decode_ms"] for x in xs], "o-", label=name)
         axes[2].plot(xs, [rows[str(x)]["peak_gib"] for x in xs], "o-", label=name)
+    static = {int(k): v["decode_ms"] for k, v in results.get("teacher_static", {}).items() if "decode_ms" in v}
+    if static:
+        xs = sorted(static)
+        axes[1].plot(xs, [static[x] for x in xs], "s--", label="Qwen2.5-VL-3B (static cache, compiled)")
     if "decode_floor_ms" in results:
         axes[1].axhline(results["decode_floor_ms"], ls="--", c="gray", label="InfiniteVL bandwidth floor")
     for ax, title in zip(axes, ("prefill seconds", "decode ms/token", "peak GPU memory (GiB)")):
@@ -366,6 +377,9 @@ def main(argv=None):
                         help="frame group sizes for the single-stream measurement")
     parser.add_argument("--graph", action="store_true", help="replay the decoder of each frame call from a CUDA graph")
     parser.add_argument("--skip-teacher", action="store_true")
+    parser.add_argument("--skip-infinitevl", action="store_true")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="results.json of a first part of the run (same GPU) to complete, e.g. with --skip-infinitevl")
     parser.add_argument("--compile", choices=["fused", "modules", "layers"], default=None,
                         help="decode graph of compiled fused layer steps, compiled norms/MLPs or compiled decoder layers")
     parser.add_argument("--teacher-static", type=int, nargs="*", default=[],
@@ -375,35 +389,42 @@ def main(argv=None):
     from infinitevl_hf.modeling.compat import CACHE_KWARG
 
     results = {"environment": environment(), "infinitevl": {}, "teacher": {}}
+    if args.resume:  # a run split in two (one command has a time limit): keep what the first part measured
+        earlier = json.loads(args.resume.read_text())
+        if earlier["environment"]["gpu"] != results["environment"]["gpu"]:
+            raise SystemExit(f"--resume: {args.resume} was measured on {earlier['environment']['gpu']}, not here")
+        results = {**earlier, "environment": results["environment"], "first_part_environment": earlier["environment"]}
     results["bandwidth_tb_s"] = copy_bandwidth() / 1e12
     log("environment", results["environment"], f"bandwidth {results['bandwidth_tb_s']:.2f} TB/s")
 
-    model = build_infinitevl()
-    weight_bytes = decoder_weight_bytes(model)
-    for length in args.lengths:
-        row = guarded(f"infinitevl {length}",
-                      lambda: infinitevl_context(model, length, args.steps, CACHE_KWARG, args.compile))
-        results["infinitevl"][str(length)] = row
-        log("infinitevl", length, row)
+    if not args.skip_infinitevl:
+        model = build_infinitevl()
+        weight_bytes = decoder_weight_bytes(model)
+        for length in args.lengths:
+            row = guarded(f"infinitevl {length}", lambda: infinitevl_context(
+                model, length, args.steps, CACHE_KWARG, args.compile, concat=args.compile == "fused"))
+            results["infinitevl"][str(length)] = row
+            log("infinitevl", length, row)
+            write_outputs(results, args.out)
+        state = next(r["cache_bytes"] for r in results["infinitevl"].values() if "cache_bytes" in r)
+        results["decode_compile"] = args.compile
+        results["decode_weight_bytes"] = weight_bytes
+        results["decode_state_bytes"] = state
+        results["decode_floor_ms"] = 1e3 * (weight_bytes + state) / (results["bandwidth_tb_s"] * 1e12)
+        if args.frames:
+            results["streaming_groups"] = {}
+            for group in args.frames_per_call:
+                row = guarded(f"streaming x{group}", lambda: streaming(model, args.frames, CACHE_KWARG, group, args.graph))
+                results["streaming_groups"][str(group)] = row
+                log("streaming", group, {k: v for k, v in row.items() if k != "ms_per_call_curve"})
+            results["streaming"] = max(results["streaming_groups"].values(), key=lambda r: r.get("frames_per_s", 0))
+            results["streaming_batched"] = guarded(
+                "batched", lambda: streaming_batched(model, max(8, args.frames // 20), args.streams, CACHE_KWARG))
+            log("batched", results["streaming_batched"])
         write_outputs(results, args.out)
-    state = next(r["cache_bytes"] for r in results["infinitevl"].values() if "cache_bytes" in r)
-    results["decode_weight_bytes"] = weight_bytes
-    results["decode_state_bytes"] = state
-    results["decode_floor_ms"] = 1e3 * (weight_bytes + state) / (results["bandwidth_tb_s"] * 1e12)
-    if args.frames:
-        results["streaming_groups"] = {}
-        for group in args.frames_per_call:
-            row = guarded(f"streaming x{group}", lambda: streaming(model, args.frames, CACHE_KWARG, group, args.graph))
-            results["streaming_groups"][str(group)] = row
-            log("streaming", group, {k: v for k, v in row.items() if k != "ms_per_call_curve"})
-        results["streaming"] = max(results["streaming_groups"].values(), key=lambda r: r.get("frames_per_s", 0))
-        results["streaming_batched"] = guarded(
-            "batched", lambda: streaming_batched(model, max(8, args.frames // 20), args.streams, CACHE_KWARG))
-        log("batched", results["streaming_batched"])
-    write_outputs(results, args.out)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
 
     if not args.skip_teacher:
         teacher = build_teacher()

@@ -333,6 +333,7 @@ class InfiniteVLCache(Cache):
         self.next_positions: torch.LongTensor | None = None
         self.device_step: torch.LongTensor | None = None  # set by `to_static`
         self.wants_static = False  # generate(cache_implementation="static"): go static after the prompt
+        self.graph_compile = "fused"  # how that decode graph is built: "fused" (compiled) or None (the module path)
         self.graph_decoder = None  # the CUDAGraphDecoder replaying decode steps, once captured
 
     def _fresh_layers(self) -> list:

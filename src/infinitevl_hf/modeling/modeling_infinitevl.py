@@ -471,7 +471,7 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
             cache.to_static()
             if input_ids.is_cuda:
                 if cache.graph_decoder is None:
-                    fused = fused_decode_available()
+                    fused = cache.graph_compile == "fused" and fused_decode_available()
                     cache.graph_decoder = CUDAGraphDecoder(
                         self, cache, compile="fused" if fused else None, concat_projections=fused)
                 result = CausalLMOutputWithPast(logits=cache.graph_decoder.step(input_ids).clone())
@@ -507,12 +507,14 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         """Let generate() set up as usual, then swap the attention-only cache it made for an `InfiniteVLCache`.
 
         `cache_implementation="static"` gives a cache that turns static after the prompt, so that on CUDA
-        every decode step replays one captured CUDA graph.
+        every decode step replays one captured CUDA graph: of the compiled `FusedDecodeStep` where Triton is
+        installed, or of the module path with `disable_compile=True` (same kernels as eager decoding).
         """
         given = model_kwargs.get(CACHE_KWARG)
         if generation_config.cache_implementation == "static" and given is None and generation_config.use_cache is not False:
             cache = InfiniteVLCache(self.config)
             cache.wants_static = True
+            cache.graph_compile = None if getattr(generation_config, "disable_compile", False) else "fused"
             model_kwargs[CACHE_KWARG] = cache
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
