@@ -141,7 +141,7 @@ def event_times(fn, steps: int) -> list[float]:
 
 
 def infinitevl_context(model, length: int, steps: int, cache_kwarg: str, compile: str | None = None,
-                       concat: bool = False) -> dict:
+                       concat: bool = False, matvec: bool = False) -> dict:
     from infinitevl_hf import InfiniteVLCache
     from infinitevl_hf.modeling.cuda_graph import CUDAGraphDecoder
 
@@ -157,7 +157,7 @@ def infinitevl_context(model, length: int, steps: int, cache_kwarg: str, compile
         seconds = timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache}))
         peak = torch.cuda.max_memory_allocated() / GiB
         start = time.perf_counter()
-        decoder = CUDAGraphDecoder(model, cache, compile=compile, concat_projections=concat)
+        decoder = CUDAGraphDecoder(model, cache, compile=compile, concat_projections=concat, triton_matvec=matvec)
         capture_s = time.perf_counter() - start
         token = torch.randint(0, 150000, (1, 1), device="cuda")
         for _ in range(8):
@@ -381,7 +381,8 @@ def main(argv=None):
     parser.add_argument("--resume", type=Path, default=None,
                         help="results.json of a first part of the run (same GPU) to complete, e.g. with --skip-infinitevl")
     parser.add_argument("--compile", choices=["fused", "modules", "layers"], default=None,
-                        help="decode graph of compiled fused layer steps, compiled norms/MLPs or compiled decoder layers")
+                        help="decode graph of compiled fused layer steps (with concatenated projections and the Triton "
+                        "matvec, as generate() builds it), compiled norms/MLPs or compiled decoder layers")
     parser.add_argument("--teacher-static", type=int, nargs="*", default=[],
                         help="contexts at which to also time the teacher's compiled static-cache generate()")
     args = parser.parse_args(argv)
@@ -402,7 +403,8 @@ def main(argv=None):
         weight_bytes = decoder_weight_bytes(model)
         for length in args.lengths:
             row = guarded(f"infinitevl {length}", lambda: infinitevl_context(
-                model, length, args.steps, CACHE_KWARG, args.compile, concat=args.compile == "fused"))
+                model, length, args.steps, CACHE_KWARG, args.compile, concat=args.compile == "fused",
+                matvec=args.compile == "fused"))
             results["infinitevl"][str(length)] = row
             log("infinitevl", length, row)
             write_outputs(results, args.out)

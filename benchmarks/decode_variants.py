@@ -1,5 +1,5 @@
 """Decode ms/token of InfiniteVL-4B under each CUDA-graph variant (eager kernels, fused compiled layer steps with
-or without concatenated projections, compiled modules, compiled layers).
+or without concatenated projections and the Triton matvec, compiled modules, compiled layers).
 
     python benchmarks/decode_variants.py --context 1024
 """
@@ -27,9 +27,9 @@ def main(argv=None):
     rows = {}
     for variant in args.variants:
         compile = None if variant == "none" else variant.split("_")[0]
-        concat = variant.endswith("_concat")
+        concat, matvec = "_concat" in variant, "_matvec" in variant
         rows[variant] = guarded(
-            variant, lambda: infinitevl_context(model, args.context, args.steps, CACHE_KWARG, compile, concat))
+            variant, lambda: infinitevl_context(model, args.context, args.steps, CACHE_KWARG, compile, concat, matvec))
         log(variant, rows[variant])
         for module in model.modules():  # undo module.compile() so the next variant starts from eager
             module._compiled_call_impl = None

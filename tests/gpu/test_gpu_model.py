@@ -93,8 +93,8 @@ def test_generate_with_a_static_cache_decodes_through_the_fused_graph(model):
     assert cache.seen_tokens == 315
 
 
-@pytest.mark.parametrize("concat", [False, True], ids=["separate", "concat"])
-def test_fused_compiled_graph_decode_is_as_accurate_as_eager_decode(model, concat):
+@pytest.mark.parametrize("concat,matvec", [(False, False), (True, False), (True, True)], ids=["separate", "concat", "matvec"])
+def test_fused_compiled_graph_decode_is_as_accurate_as_eager_decode(model, concat, matvec):
     """32 teacher-forced decode steps: the fused compiled graph vs the eager module path, both in bf16, against the
     same steps in fp32 as the yardstick (random weights make bf16 runs of this model differ by percents)."""
     from infinitevl_hf import InfiniteVLCache
@@ -113,7 +113,7 @@ def test_fused_compiled_graph_decode_is_as_accurate_as_eager_decode(model, conca
         cache = InfiniteVLCache(model.config)
         model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
         eager = eager_steps(cache.fork())
-        decoder = CUDAGraphDecoder(model, cache, compile="fused", concat_projections=concat)
+        decoder = CUDAGraphDecoder(model, cache, compile="fused", concat_projections=concat, triton_matvec=matvec)
         fused = [decoder.step(tokens[:, t : t + 1])[:, -1].float() for t in range(tokens.shape[1])]
         model.float()
         fp32_cache = InfiniteVLCache(model.config)
@@ -126,7 +126,7 @@ def test_fused_compiled_graph_decode_is_as_accurate_as_eager_decode(model, conca
 
     fused_err, eager_err = mean_rel(fused), mean_rel(eager)
     agree = sum(bool((f.argmax(-1) == e.argmax(-1)).all()) for f, e in zip(fused, eager)) / len(eager)
-    _report(test=f"fused_graph_decode_concat{int(concat)}", fused_vs_fp32=fused_err,
+    _report(test=f"fused_graph_decode_concat{int(concat)}_matvec{int(matvec)}", fused_vs_fp32=fused_err,
             eager_bf16_vs_fp32=eager_err, fused_eager_argmax_agreement=agree)
     assert all(torch.isfinite(f).all() for f in fused)
     assert fused_err < 1.1 * eager_err + 1e-3, (fused_err, eager_err)

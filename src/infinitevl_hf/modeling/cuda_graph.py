@@ -8,8 +8,8 @@ cache is static (`InfiniteVLCache.to_static`), so it can be captured once and re
 The same holds for feeding a fixed number of tokens, e.g. one video frame per call in a stream:
 `CUDAGraphPrefill` captures the decoder over `length` input embeddings (the vision tower stays eager).
 
-Decode steps are used by `generate(..., cache_implementation="static")` on CUDA (with `compile="fused"` and
-concatenated projections where Triton is installed: `FusedDecodeStep`), or directly:
+Decode steps are used by `generate(..., cache_implementation="static")` on CUDA (with `compile="fused"`,
+concatenated projections and the Triton matvec where Triton is installed: `FusedDecodeStep`), or directly:
 
 ```python
 >>> decoder = CUDAGraphDecoder(model, cache)     # cache: a prompt already went through it
@@ -39,11 +39,12 @@ def fused_decode_available() -> bool:
 class CUDAGraphDecoder:
     """Captures `model(input_ids[B, 1], cache)` once and replays it for every following token."""
 
-    def __init__(self, model, cache, warmup_steps: int = 2, compile: str | None = None, concat_projections: bool = False):
+    def __init__(self, model, cache, warmup_steps: int = 2, compile: str | None = None, concat_projections: bool = False,
+                 triton_matvec: bool = False):
         """compile: None (eager kernels in the graph), "fused" (`FusedDecodeStep`: each decoder layer one
         `torch.compile`d function of tensors), "modules" (`torch.compile` the norms and MLPs) or "layers"
         (whole decoder modules). Compiling fuses the many small elementwise kernels of a one-token step;
-        results then differ from eager by rounding. concat_projections (with "fused"): see `FusedDecodeStep`."""
+        results then differ from eager by rounding. concat_projections, triton_matvec (with "fused"): see `FusedDecodeStep`."""
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         if not torch.cuda.is_available() or cache.next_positions is None or not cache.next_positions.is_cuda:
@@ -52,7 +53,8 @@ class CUDAGraphDecoder:
         # Built outside the capture (concatenating weights inside it would record the copies into the graph).
         self.fused = None
         if compile == "fused":
-            self.fused = FusedDecodeStep(model, cache, compile=True, concat_projections=concat_projections)
+            self.fused = FusedDecodeStep(model, cache, compile=True, concat_projections=concat_projections,
+                                         triton_matvec=triton_matvec)
         if compile in ("modules", "layers"):
             for layer in model.model.language_model.layers:
                 modules = [layer] if compile == "layers" else [layer.input_layernorm, layer.post_attention_layernorm, layer.mlp]

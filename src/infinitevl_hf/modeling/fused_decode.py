@@ -31,17 +31,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
-def project(x: torch.Tensor, weights: tuple[torch.Tensor, ...], sizes: tuple[int, ...]) -> list[torch.Tensor]:
+_TRITON_MATVEC = None  # set by FusedDecodeStep(triton_matvec=True) where Triton is installed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fast: bool = False) -> torch.Tensor:
+    """`F.linear`; with fast=True a one-row product goes through the Triton matvec kernel (ops/matvec)."""
+    if fast and x.shape[0] == 1:
+        return _TRITON_MATVEC(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def project(x: torch.Tensor, weights: tuple[torch.Tensor, ...], sizes: tuple[int, ...], fast: bool = False) -> list[torch.Tensor]:
     """Outputs of several projections of x: one matrix-vector product when `weights` is their concatenation
     (one read of all the weights, one launch), else one product per weight."""
     if len(weights) == 1 and len(sizes) > 1:
-        return list(F.linear(x, weights[0]).split(sizes, dim=-1))
-    return [F.linear(x, w) for w in weights]
+        return list(linear(x, weights[0], fast=fast).split(sizes, dim=-1))
+    return [linear(x, w, fast=fast) for w in weights]
 
 
-def mlp(x: torch.Tensor, gate_up: tuple[torch.Tensor, ...], down: torch.Tensor) -> torch.Tensor:
-    gate, up = project(x, gate_up, (down.shape[1], down.shape[1]))
-    return F.linear(F.silu(gate) * up, down)
+def mlp(x: torch.Tensor, gate_up: tuple[torch.Tensor, ...], down: torch.Tensor, fast: bool = False) -> torch.Tensor:
+    gate, up = project(x, gate_up, (down.shape[1], down.shape[1]), fast)
+    return linear(F.silu(gate) * up, down, fast=fast)
 
 
 def conv_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
@@ -78,6 +88,7 @@ def gated_deltanet_layer_step(
     down_w: torch.Tensor,
     eps: float,
     o_norm_eps: float,
+    fast: bool = False,
 ) -> torch.Tensor:
     """A whole Gated DeltaNet decoder layer for one token: hidden [B, hidden] -> [B, hidden].
 
@@ -88,7 +99,7 @@ def gated_deltanet_layer_step(
     heads, d_k, d_v = recurrent.shape[1:]
     x = rms_norm(hidden, norm_w, eps)
     sizes = (heads * d_k, heads * d_k, heads * d_v, heads, heads, heads * d_v)
-    q, k, v, a, b, gate = project(x, in_ws, sizes)
+    q, k, v, a, b, gate = project(x, in_ws, sizes, fast)
     q = conv_step(q, conv_q, conv_q_b, state_q).float().view(batch, heads, d_k)
     k = conv_step(k, conv_k, conv_k_b, state_k).float().view(batch, heads, d_k)
     v = conv_step(v, conv_v, conv_v_b, state_v).float().view(batch, heads, d_v)
@@ -107,8 +118,8 @@ def gated_deltanet_layer_step(
     o32 = o.float()
     o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + o_norm_eps) * o_norm_w.float()
     o = (o32 * F.silu(gate.float())).to(hidden.dtype)
-    hidden = hidden + F.linear(o.reshape(batch, heads * d_v), o_w)
-    return hidden + mlp(rms_norm(hidden, post_norm_w, eps), gate_up, down_w)
+    hidden = hidden + linear(o.reshape(batch, heads * d_v), o_w, fast=fast)
+    return hidden + mlp(rms_norm(hidden, post_norm_w, eps), gate_up, down_w, fast)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +136,7 @@ def attention_layer_in(
     sin: torch.Tensor,
     kv_heads: int,
     eps: float,
+    fast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Norm, projections and RoPE of one token: q [B, H, 1, D], k and v [B, H_kv, 1, D].
 
@@ -134,9 +146,9 @@ def attention_layer_in(
     kv = kv_heads * head_dim
     sizes = (in_ws[0].shape[0] - 2 * kv, kv, kv) if len(in_ws) == 1 else tuple(w.shape[0] for w in in_ws)
     if len(in_ws) == 1:
-        q, k, v = F.linear(x, in_ws[0], in_bs[0]).split(sizes, dim=-1)
+        q, k, v = linear(x, in_ws[0], in_bs[0], fast).split(sizes, dim=-1)
     else:
-        q, k, v = (F.linear(x, w, b) for w, b in zip(in_ws, in_bs))
+        q, k, v = (linear(x, w, b, fast) for w, b in zip(in_ws, in_bs))
     q, k, v = (t.reshape(batch, -1, 1, head_dim) for t in (q, k, v))
     cos, sin = cos[:, None, None], sin[:, None, None]  # [B, 1, 1, D]
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
@@ -153,6 +165,7 @@ def attention_layer_out(
     gate_up: tuple[torch.Tensor, ...],
     down_w: torch.Tensor,
     eps: float,
+    fast: bool = False,
 ) -> torch.Tensor:
     """Attention of one query over its ring (`ring_decode_attention`'s math), o_proj, residual and the MLP."""
     batch, heads, _, dim = q.shape
@@ -161,12 +174,12 @@ def attention_layer_out(
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     out = torch.matmul(probs, values).reshape(batch, heads * dim)
-    hidden = hidden + F.linear(out, o_w)
-    return hidden + mlp(rms_norm(hidden, post_norm_w, eps), gate_up, down_w)
+    hidden = hidden + linear(out, o_w, fast=fast)
+    return hidden + mlp(rms_norm(hidden, post_norm_w, eps), gate_up, down_w, fast)
 
 
-def logits_head(hidden: torch.Tensor, norm_w: torch.Tensor, lm_head_w: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.linear(rms_norm(hidden, norm_w, eps), lm_head_w)
+def logits_head(hidden: torch.Tensor, norm_w: torch.Tensor, lm_head_w: torch.Tensor, eps: float, fast: bool = False) -> torch.Tensor:
+    return linear(rms_norm(hidden, norm_w, eps), lm_head_w, fast=fast)
 
 
 def _adjacent(params: tuple[torch.Tensor, ...]) -> bool:
@@ -212,15 +225,26 @@ class FusedDecodeStep:
     one matrix-vector product each (about 0.8 ms less per token for InfiniteVL-4B on an H200). The weights are
     re-laid, once, as views into one buffer per group, so this costs no memory and the module path keeps
     reading the same numbers; saving, loading and training are unaffected.
+
+    triton_matvec: one-row products through the Triton streaming kernel of `ops.matvec` instead of cuBLAS.
     """
 
-    def __init__(self, model, cache: InfiniteVLCache, compile: bool = False, concat_projections: bool = False):
+    def __init__(self, model, cache: InfiniteVLCache, compile: bool = False, concat_projections: bool = False,
+                 triton_matvec: bool = False):
         if not cache.is_static:
             raise ValueError("FusedDecodeStep needs a static cache (InfiniteVLCache.to_static()).")
         text = model.model.language_model
         self.model, self.text, self.cache = model, text, cache
         self.fns = _step_functions(compile)
         self.eps = text.config.rms_norm_eps
+        self.fast = False
+        if triton_matvec:
+            global _TRITON_MATVEC
+            from .ops.matvec import matvec, matvec_available
+
+            if not matvec_available():
+                raise ValueError("triton_matvec=True needs Triton (a CUDA install).")
+            _TRITON_MATVEC, self.fast = matvec, True
         self.layers = []
         for layer, layer_cache in zip(text.layers, cache.layers):
             mixer = layer.self_attn
@@ -266,7 +290,7 @@ class FusedDecodeStep:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        cache, fns, eps = self.cache, self.fns, self.eps
+        cache, fns, eps, fast = self.cache, self.fns, self.eps, self.fast
         hidden = self.text.embed_tokens(input_ids)[:, 0]  # [B, hidden]
         positions = cache.next_positions[None, :, None].expand(3, -1, 1)
         cos, sin = self.text.rotary_emb(hidden, positions)  # [B, 1, D]
@@ -279,19 +303,19 @@ class FusedDecodeStep:
                     hidden, norm_w, projections[0], mixer.A_log, mixer.dt_bias,
                     *(c.weight[:, 0] for c in convs), *(c.bias for c in convs),
                     conv_states[0], conv_states[1], conv_states[2], rec,
-                    mixer.o_norm.weight, mixer.o_proj.weight, post_w, gate_up, down_w, eps, mixer.o_norm.eps,
+                    mixer.o_norm.weight, mixer.o_proj.weight, post_w, gate_up, down_w, eps, mixer.o_norm.eps, fast,
                 )
             else:
-                q, k, v = fns["attn_in"](hidden, norm_w, *projections, cos, sin, mixer.num_key_value_heads, eps)
+                q, k, v = fns["attn_in"](hidden, norm_w, *projections, cos, sin, mixer.num_key_value_heads, eps, fast)
                 slot = layer_cache.step % layer_cache.window
                 layer_cache.keys.index_copy_(2, slot, k)
                 layer_cache.values.index_copy_(2, slot, v)
                 layer_cache.valid.index_fill_(1, slot, True)
                 hidden = fns["attn_out"](
                     hidden, q, layer_cache.keys, layer_cache.values, layer_cache.valid,
-                    mixer.o_proj.weight, post_w, gate_up, down_w, eps,
+                    mixer.o_proj.weight, post_w, gate_up, down_w, eps, fast,
                 )
-        logits = fns["head"](hidden, self.text.norm.weight, self.model.lm_head.weight, eps)
+        logits = fns["head"](hidden, self.text.norm.weight, self.model.lm_head.weight, eps, fast)
         cache.next_positions.add_(1)
         cache.device_step.add_(1)
         cache.seen_tokens += 1

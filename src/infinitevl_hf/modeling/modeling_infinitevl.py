@@ -472,8 +472,8 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
             if input_ids.is_cuda:
                 if cache.graph_decoder is None:
                     fused = cache.graph_compile == "fused" and fused_decode_available()
-                    cache.graph_decoder = CUDAGraphDecoder(
-                        self, cache, compile="fused" if fused else None, concat_projections=fused)
+                    cache.graph_decoder = CUDAGraphDecoder(self, cache, compile="fused" if fused else None,
+                                                           concat_projections=fused, triton_matvec=fused)
                 result = CausalLMOutputWithPast(logits=cache.graph_decoder.step(input_ids).clone())
                 result[CACHE_KWARG] = cache
                 return result

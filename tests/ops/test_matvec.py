@@ -1,0 +1,27 @@
+"""ops.matvec: F.linear on CPU; the Triton kernel on CUDA matches cuBLAS."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infinitevl_hf.modeling.ops.matvec import matvec, matvec_available
+
+
+def test_matvec_is_linear_off_cuda():
+    x, w, b = torch.randn(1, 40), torch.randn(7, 40), torch.randn(7)
+    torch.testing.assert_close(matvec(x, w, b), F.linear(x, w, b))
+    rows = torch.randn(3, 40)  # several rows always take F.linear
+    torch.testing.assert_close(matvec(rows, w), F.linear(rows, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,k", [(12320, 2048), (2048, 11008), (2560, 2048), (7, 40), (1000, 1000)])
+def test_triton_matvec_matches_cublas(n, k):
+    assert matvec_available()
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    expected = F.linear(x, w, b).float()
+    got = matvec(x, w, b).float()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-2
