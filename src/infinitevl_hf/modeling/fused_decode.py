@@ -19,6 +19,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from .attention import rotate_half
 from .cache import InfiniteVLCache, InfiniteVLLinearAttentionLayer, InfiniteVLRingAttentionLayer
 from .ops.gated_delta_rule.reference import L2NORM_EPS
 
@@ -120,11 +121,6 @@ def gated_deltanet_layer_step(
     o = (o32 * F.silu(gate.float())).to(hidden.dtype)
     hidden = hidden + linear(o.reshape(batch, heads * d_v), o_w, fast=fast)
     return hidden + mlp(rms_norm(hidden, post_norm_w, eps), gate_up, down_w, fast)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 def attention_layer_in(
