@@ -189,10 +189,47 @@ def _adjacent(params: tuple[torch.Tensor, ...]) -> bool:
     return all(b == a + p.numel() for a, b, p in zip(offsets, offsets[1:], params))
 
 
+def attention_layer_step(
+    hidden: torch.Tensor,
+    norm_w: torch.Tensor,
+    in_ws: tuple[torch.Tensor, ...],
+    in_bs: tuple[torch.Tensor, ...],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_heads: int,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    step: torch.Tensor,
+    o_w: torch.Tensor,
+    post_norm_w: torch.Tensor,
+    gate_up: tuple[torch.Tensor, ...],
+    down_w: torch.Tensor,
+    eps: float,
+    fast: bool = False,
+) -> torch.Tensor:
+    """A whole sliding-window attention layer for one token: the token's key/value are written into its ring
+    slot (`step % window`, in place) before the query attends over the ring."""
+    q, k, v = attention_layer_in(hidden, norm_w, in_ws, in_bs, cos, sin, kv_heads, eps, fast)
+    slot = step % keys.shape[2]
+    keys.index_copy_(2, slot, k)
+    values.index_copy_(2, slot, v)
+    valid.index_fill_(1, slot, True)
+    return attention_layer_out(hidden, q, keys, values, valid, o_w, post_norm_w, gate_up, down_w, eps, fast)
+
+
+def embed_and_rope(input_ids: torch.Tensor, embed_w: torch.Tensor, next_positions: torch.Tensor, rotary) -> tuple:
+    """Token embeddings [B, hidden] and the RoPE cos/sin [B, D] of text tokens at `next_positions` (all three
+    mRoPE axes advance together for text)."""
+    hidden = F.embedding(input_ids[:, 0], embed_w)
+    cos, sin = rotary(hidden, next_positions[None, :, None].expand(3, -1, 1))
+    return hidden, cos[:, 0], sin[:, 0]
+
+
 _STEP_FUNCTIONS = {
+    "embed": embed_and_rope,
     "gdn": gated_deltanet_layer_step,
-    "attn_in": attention_layer_in,
-    "attn_out": attention_layer_out,
+    "attn": attention_layer_step,
     "head": logits_head,
 }
 _COMPILED: dict[str, object] = {}
@@ -287,10 +324,7 @@ class FusedDecodeStep:
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor) -> torch.Tensor:
         cache, fns, eps, fast = self.cache, self.fns, self.eps, self.fast
-        hidden = self.text.embed_tokens(input_ids)[:, 0]  # [B, hidden]
-        positions = cache.next_positions[None, :, None].expand(3, -1, 1)
-        cos, sin = self.text.rotary_emb(hidden, positions)  # [B, 1, D]
-        cos, sin = cos[:, 0], sin[:, 0]
+        hidden, cos, sin = fns["embed"](input_ids, self.text.embed_tokens.weight, cache.next_positions, self.text.rotary_emb)
         for kind, (norm_w, post_w, gate_up, down_w), mixer, projections, layer_cache in self.layers:
             if kind == "gdn":
                 convs = (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d)
@@ -302,13 +336,9 @@ class FusedDecodeStep:
                     mixer.o_norm.weight, mixer.o_proj.weight, post_w, gate_up, down_w, eps, mixer.o_norm.eps, fast,
                 )
             else:
-                q, k, v = fns["attn_in"](hidden, norm_w, *projections, cos, sin, mixer.num_key_value_heads, eps, fast)
-                slot = layer_cache.step % layer_cache.window
-                layer_cache.keys.index_copy_(2, slot, k)
-                layer_cache.values.index_copy_(2, slot, v)
-                layer_cache.valid.index_fill_(1, slot, True)
-                hidden = fns["attn_out"](
-                    hidden, q, layer_cache.keys, layer_cache.values, layer_cache.valid,
+                hidden = fns["attn"](
+                    hidden, norm_w, *projections, cos, sin, mixer.num_key_value_heads,
+                    layer_cache.keys, layer_cache.values, layer_cache.valid, layer_cache.step,
                     mixer.o_proj.weight, post_w, gate_up, down_w, eps, fast,
                 )
         logits = fns["head"](hidden, self.text.norm.weight, self.model.lm_head.weight, eps, fast)
