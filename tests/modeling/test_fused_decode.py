@@ -114,3 +114,31 @@ def test_generate_static_cache_picks_the_graph_kind_from_disable_compile():
         assert cache.is_static  # on CPU the static cache decodes through the module path
         kinds.append(cache.graph_compile)
     assert kinds == ["fused", None]
+
+
+def test_fused_step_refuses_models_whose_modules_it_would_bypass():
+    from torch import nn
+
+    model = tiny_model()
+    assert FusedDecodeStep.unsupported(model) is None
+    cache = _prompted(model, input_ids=text_ids(1, 6))
+
+    class Wrapped(nn.Linear):  # stands for a LoRA/quantized layer whose forward differs from F.linear
+        pass
+
+    mlp = model.model.language_model.layers[1].mlp
+    plain = mlp.up_proj
+    mlp.up_proj = Wrapped(plain.in_features, plain.out_features, bias=False)
+    assert "Wrapped" in FusedDecodeStep.unsupported(model)
+    with pytest.raises(ValueError, match="not a plain nn.Linear"):
+        FusedDecodeStep(model, cache)
+    mlp.up_proj = plain
+    model.model.language_model.layers[0]._hf_hook = object()  # what accelerate's device_map dispatch attaches
+    assert "accelerate" in FusedDecodeStep.unsupported(model)
+
+
+def test_fused_step_refuses_lora_adapters():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj", "up_proj"])).base_model.model
+    assert "LoRA" in FusedDecodeStep.unsupported(model)

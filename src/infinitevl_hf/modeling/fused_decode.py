@@ -18,6 +18,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .attention import rotate_half
 from .cache import InfiniteVLCache, InfiniteVLLinearAttentionLayer, InfiniteVLRingAttentionLayer
@@ -266,6 +267,9 @@ class FusedDecodeStep:
                  triton_matvec: bool = False):
         if not cache.is_static:
             raise ValueError("FusedDecodeStep needs a static cache (InfiniteVLCache.to_static()).")
+        problem = self.unsupported(model)
+        if problem is not None:
+            raise ValueError(f"FusedDecodeStep cannot run this model: {problem}.")
         text = model.model.language_model
         self.model, self.text, self.cache = model, text, cache
         self.fns = _step_functions(compile)
@@ -296,6 +300,27 @@ class FusedDecodeStep:
                 self.layers.append(("attn", dense, mixer, (in_ws, in_bs), layer_cache))
             else:
                 raise ValueError(f"FusedDecodeStep cannot decode a {type(layer_cache).__name__} layer.")
+
+    @staticmethod
+    def unsupported(model) -> str | None:
+        """Why the fused step cannot stand in for this model's decoder, or None. It reads the weights directly,
+        so every module must be the plain one (no LoRA or quantized layers, whose forward it would skip) and
+        everything must sit on one device (no accelerate dispatch hooks moving tensors between devices)."""
+        text = model.model.language_model
+        modules = [text, *text.modules(), model.lm_head]
+        if any(hasattr(m, "_hf_hook") for m in modules):
+            return "its modules are dispatched by accelerate hooks (device_map / offloading)"
+        devices = {p.device for p in text.parameters()} | {model.lm_head.weight.device}
+        if len(devices) != 1:
+            return f"its decoder spans several devices {sorted(map(str, devices))}"
+        for name, module in text.named_modules():
+            if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+                return f"{name} is a {type(module).__name__}, not a plain nn.Linear"
+            if any(t.startswith("lora") for t in dict(module.named_children())):
+                return f"{name} carries LoRA adapters"
+        if any(not p.is_floating_point() for p in text.parameters()):
+            return "some decoder weights are not floating point (quantized)"
+        return None
 
     def with_cache(self, cache: InfiniteVLCache) -> FusedDecodeStep:
         """The same step (same weights, concatenated ones included) over another static cache of the same shape."""

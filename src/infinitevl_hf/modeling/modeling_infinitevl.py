@@ -24,6 +24,7 @@ from .attention import InfiniteVLAttention, InfiniteVLRotaryEmbedding
 from .cache import InfiniteVLCache
 from .compat import CACHE_KWARG, pop_cache_kwarg
 from .cuda_graph import CUDAGraphDecoder, fused_decode_available
+from .fused_decode import FusedDecodeStep
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
 from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
 from .loading import LEGACY_KEY_MAPPING, check_loading_info
@@ -471,7 +472,8 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
             cache.to_static()
             if input_ids.is_cuda:
                 if cache.graph_decoder is None:
-                    fused = cache.graph_compile == "fused" and fused_decode_available()
+                    fused = (cache.graph_compile == "fused" and fused_decode_available()
+                             and FusedDecodeStep.unsupported(self) is None)
                     cache.graph_decoder = CUDAGraphDecoder(self, cache, compile="fused" if fused else None,
                                                            concat_projections=fused, triton_matvec=fused)
                 result = CausalLMOutputWithPast(logits=cache.graph_decoder.step(input_ids).clone())
