@@ -6,6 +6,10 @@ the same dense masks but are not verified: the vision tower refuses flex_attenti
 flex kernel crashed on these masks). Only the window differs: a token sees itself and the
 `window - 1` tokens before it. The cache keeps just those tokens, so the mask of a call is built
 from what the cache holds, not from the whole history.
+
+With `sdpa` on CUDA, a long prefill chunk over a full window of cached keys goes through a compiled
+flex_attention with a sliding-window block mask instead of a dense mask (`window_flex_attention`): the
+blocks outside the window are skipped rather than computed and masked.
 """
 
 from __future__ import annotations
