@@ -167,6 +167,10 @@ def env(args):
         info["cuda devices"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     kernels, reason = load_fla_gated_delta_rule()
     info["fla kernels"] = "importable" if kernels is not None else f"unavailable ({reason})"
+    from .modeling.cuda_graph import fused_decode_available
+
+    info["fused decode"] = ("compiled step + Triton matvec (static-cache generate on CUDA)" if fused_decode_available()
+                            else "unavailable (no Triton): static-cache generate captures the module path")
     for optional in ("matplotlib", "av", "torchvision"):
         try:
             module = __import__(optional)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from infinitevl_hf import cli
+from infinitevl_hf.modeling.cuda_graph import fused_decode_available
 from infinitevl_hf.tiny import tiny_checkpoint
 
 
@@ -74,3 +75,4 @@ def test_export_and_env(capsys, tmp_path, tiny):
     assert "exists and is not empty" in _one_line_error(capsys, ["export", str(tiny), str(tmp_path / "out")])
     info = cli.run(["env"])
     assert "torch" in info and "fla kernels" in info
+    assert info["fused decode"].startswith("unavailable") != fused_decode_available()
