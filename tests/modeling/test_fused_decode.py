@@ -142,3 +142,17 @@ def test_fused_step_refuses_lora_adapters():
 
     model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj", "up_proj"])).base_model.model
     assert "LoRA" in FusedDecodeStep.unsupported(model)
+
+
+def test_fused_step_refuses_lora_on_the_lm_head():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["lm_head"])).base_model.model
+    assert "lm_head" in FusedDecodeStep.unsupported(model)
+
+
+@pytest.mark.parametrize("override", [{"use_short_conv": False}, {"use_gate": False}])
+def test_unsupported_names_gated_deltanet_variants_the_step_does_not_cover(override):
+    # generate(static) on CUDA asks unsupported() before building the step: it must fall back, not raise
+    model = tiny_model(**override)
+    assert "Gated DeltaNet" in FusedDecodeStep.unsupported(model)

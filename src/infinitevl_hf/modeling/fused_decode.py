@@ -22,6 +22,7 @@ from torch import nn
 
 from .attention import rotate_half
 from .cache import InfiniteVLCache, InfiniteVLLinearAttentionLayer, InfiniteVLRingAttentionLayer
+from .gated_deltanet import InfiniteVLGatedDeltaNet
 from .ops.gated_delta_rule.reference import L2NORM_EPS
 
 
@@ -313,12 +314,15 @@ class FusedDecodeStep:
         devices = {p.device for p in text.parameters()} | {model.lm_head.weight.device}
         if len(devices) != 1:
             return f"its decoder spans several devices {sorted(map(str, devices))}"
-        for name, module in text.named_modules():
+        # lm_head too: the step reads its weight directly, so adapters or quantization on it would be skipped
+        for name, module in (*text.named_modules(), *model.lm_head.named_modules(prefix="lm_head")):
             if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
                 return f"{name} is a {type(module).__name__}, not a plain nn.Linear"
             if any(t.startswith("lora") for t in dict(module.named_children())):
                 return f"{name} carries LoRA adapters"
-        if any(not p.is_floating_point() for p in text.parameters()):
+            if isinstance(module, InfiniteVLGatedDeltaNet) and not (module.use_short_conv and module.use_gate):
+                return f"{name} is a Gated DeltaNet without short convolutions or output gate (use_short_conv/use_gate)"
+        if any(not p.is_floating_point() for p in (*text.parameters(), *model.lm_head.parameters())):
             return "some decoder weights are not floating point (quantized)"
         return None
 
