@@ -156,3 +156,22 @@ def test_unsupported_names_gated_deltanet_variants_the_step_does_not_cover(overr
     # generate(static) on CUDA asks unsupported() before building the step: it must fall back, not raise
     model = tiny_model(**override)
     assert "Gated DeltaNet" in FusedDecodeStep.unsupported(model)
+
+
+def test_joined_weights_still_save_through_safetensors_and_accelerate(tmp_path):
+    from accelerate import Accelerator
+    from safetensors.torch import load_file, save_model
+
+    model = tiny_model(tie_word_embeddings=False)
+    FusedDecodeStep(model, _prompted(model, input_ids=text_ids(1, 6)), concat_projections=True)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    save_model(model, str(tmp_path / "direct.safetensors"))  # refuses tensors that share a buffer
+    Accelerator().save_model(model, str(tmp_path / "accelerate"))  # would drop all but one per buffer
+    for path in (tmp_path / "direct.safetensors", tmp_path / "accelerate" / "model.safetensors"):
+        saved = load_file(str(path))
+        assert saved.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(saved[key], value), key
+    # the live parameters are still views of the joined buffers
+    mlp = model.model.language_model.layers[1].mlp
+    assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr()

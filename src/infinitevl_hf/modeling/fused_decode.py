@@ -180,6 +180,16 @@ def logits_head(hidden: torch.Tensor, norm_w: torch.Tensor, lm_head_w: torch.Ten
     return linear(rms_norm(hidden, norm_w, eps), lm_head_w, fast=fast)
 
 
+def _save_own_storage(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook of a module whose parameters were joined: each is saved as a tensor of its own, since
+    safetensors refuses, and accelerate's `save_model` drops, tensors that are parts of one shared buffer.
+    (Live parameters, `keep_vars=True`, are left as they are.)"""
+    for key in (prefix + "weight", prefix + "bias"):
+        t = state_dict.get(key)
+        if t is not None and not isinstance(t, nn.Parameter) and t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            state_dict[key] = t.clone()
+
+
 def _adjacent(params: tuple[torch.Tensor, ...]) -> bool:
     """True when the tensors are contiguous rows of one storage, in order, with nothing between them."""
     first = params[0]
@@ -259,7 +269,8 @@ class FusedDecodeStep:
     concat_projections: run the input projections of a layer (q/k/v/a/b/g or q/k/v) and the MLP's gate/up as
     one matrix-vector product each (about 0.8 ms less per token for InfiniteVL-4B on an H200). The weights are
     re-laid, once, as views into one buffer per group, so this costs no memory and the module path keeps
-    reading the same numbers; saving, loading and training are unaffected.
+    reading the same numbers; training is unaffected, and a state-dict hook saves each parameter as a tensor
+    of its own (safetensors and accelerate's `save_model` refuse or drop parts of a shared buffer).
 
     triton_matvec: one-row products through the Triton streaming kernel of `ops.matvec` instead of cuBLAS.
     """
@@ -286,18 +297,18 @@ class FusedDecodeStep:
         self.layers = []
         for layer, layer_cache in zip(text.layers, cache.layers):
             mixer = layer.self_attn
-            gate_up = self._joined(layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, join=concat_projections)
+            gate_up = self._joined((layer.mlp.gate_proj, layer.mlp.up_proj), "weight", concat_projections)
             dense = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, gate_up, layer.mlp.down_proj.weight)
             if isinstance(layer_cache, InfiniteVLLinearAttentionLayer):
                 if not mixer.use_short_conv or not mixer.use_gate:
                     raise ValueError("FusedDecodeStep covers Gated DeltaNet with short convolutions and an output gate.")
                 projections = (mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.a_proj, mixer.b_proj, mixer.g_proj)
-                in_ws = self._joined(*(p.weight for p in projections), join=concat_projections)
+                in_ws = self._joined(projections, "weight", concat_projections)
                 self.layers.append(("gdn", dense, mixer, (in_ws,), layer_cache))
             elif isinstance(layer_cache, InfiniteVLRingAttentionLayer):
                 projections = (mixer.q_proj, mixer.k_proj, mixer.v_proj)
-                in_ws = self._joined(*(p.weight for p in projections), join=concat_projections)
-                in_bs = self._joined(*(p.bias for p in projections), join=concat_projections)
+                in_ws = self._joined(projections, "weight", concat_projections)
+                in_bs = self._joined(projections, "bias", concat_projections)
                 self.layers.append(("attn", dense, mixer, (in_ws, in_bs), layer_cache))
             else:
                 raise ValueError(f"FusedDecodeStep cannot decode a {type(layer_cache).__name__} layer.")
@@ -336,7 +347,10 @@ class FusedDecodeStep:
         return other
 
     @staticmethod
-    def _joined(*params: torch.Tensor, join: bool) -> tuple[torch.Tensor, ...]:
+    def _joined(modules: tuple[nn.Module, ...], name: str, join: bool) -> tuple[torch.Tensor, ...]:
+        """The `name` parameters of `modules`, or (join=True) one tensor of all of them stacked by rows, of which
+        the parameters become views."""
+        params = tuple(getattr(m, name) for m in modules)
         if not join:
             return params
         if _adjacent(params):  # laid out by an earlier step: a view over all of them, no copy
@@ -345,9 +359,12 @@ class FusedDecodeStep:
             return (first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset()),)
         joined = torch.cat([p.detach() for p in params])
         offset = 0
-        for p in params:  # the parameters become views of the joined buffer; their old storage is freed
+        for module, p in zip(modules, params):  # the parameters become views of the joined buffer; old storage is freed
             p.data = joined[offset : offset + p.shape[0]]
             offset += p.shape[0]
+            if not getattr(module, "_saves_own_storage", False):
+                module.register_state_dict_post_hook(_save_own_storage)
+                module._saves_own_storage = True
         return (joined,)
 
     @torch.no_grad()
