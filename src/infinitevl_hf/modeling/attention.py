@@ -180,8 +180,11 @@ def window_flex_attention(
 
 def flex_attention_usable(query: torch.Tensor) -> bool:
     """Compiled flex_attention needs CUDA and Triton; anything else keeps the dense-mask path."""
-    if not query.is_cuda:
-        return False
+    return query.is_cuda and _flex_importable()
+
+
+@functools.lru_cache(maxsize=1)
+def _flex_importable() -> bool:  # asked per layer and chunk: import once
     try:
         import triton  # noqa: F401
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401

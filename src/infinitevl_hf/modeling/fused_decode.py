@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import rotate_half
+from .attention import ring_decode_attention, rotate_half
 from .cache import InfiniteVLCache, InfiniteVLLinearAttentionLayer, InfiniteVLRingAttentionLayer
-from .gated_deltanet import InfiniteVLGatedDeltaNet
-from .ops.gated_delta_rule.reference import L2NORM_EPS
+from .gated_deltanet import InfiniteVLGatedDeltaNet, gated_rms_norm
+from .ops.gated_delta_rule.reference import l2norm
+from .ops.matvec import matvec, matvec_available
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -34,13 +35,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
-_TRITON_MATVEC = None  # set by FusedDecodeStep(triton_matvec=True) where Triton is installed
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fast: bool = False) -> torch.Tensor:
     """`F.linear`; with fast=True a one-row product goes through the Triton matvec kernel (ops/matvec)."""
     if fast and x.shape[0] == 1:
-        return _TRITON_MATVEC(x, weight, bias)
+        return matvec(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -108,8 +106,7 @@ def gated_deltanet_layer_step(
     v = conv_step(v, conv_v, conv_v_b, state_v).float().view(batch, heads, d_v)
     beta = b.sigmoid().float()  # [B, H]
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
-    q = q * torch.rsqrt(q.pow(2).sum(-1, keepdim=True) + L2NORM_EPS) * d_k**-0.5
-    k = k * torch.rsqrt(k.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)
+    q, k = l2norm(q) * d_k**-0.5, l2norm(k)
 
     S = recurrent * g.exp()[..., None, None]
     err = v - torch.einsum("bhkv,bhk->bhv", S, k)
@@ -117,10 +114,7 @@ def gated_deltanet_layer_step(
     recurrent.copy_(S)
     o = torch.einsum("bhkv,bhk->bhv", S, q).to(hidden.dtype)  # [B, H, d_v]
 
-    gate = gate.view(batch, heads, d_v)
-    o32 = o.float()
-    o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + o_norm_eps) * o_norm_w.float()
-    o = (o32 * F.silu(gate.float())).to(hidden.dtype)
+    o = gated_rms_norm(o, o_norm_w, gate.view(batch, heads, d_v), o_norm_eps)
     hidden = hidden + linear(o.reshape(batch, heads * d_v), o_w, fast=fast)
     return hidden + mlp(rms_norm(hidden, post_norm_w, eps), gate_up, down_w, fast)
 
@@ -165,13 +159,9 @@ def attention_layer_out(
     eps: float,
     fast: bool = False,
 ) -> torch.Tensor:
-    """Attention of one query over its ring (`ring_decode_attention`'s math), o_proj, residual and the MLP."""
+    """Attention of one query over its ring (`ring_decode_attention`), o_proj, residual and the MLP."""
     batch, heads, _, dim = q.shape
-    kv_heads = keys.shape[1]
-    scores = torch.matmul(q.reshape(batch, kv_heads, heads // kv_heads, dim), keys.transpose(-1, -2)).float() * dim**-0.5
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values).reshape(batch, heads * dim)
+    out = ring_decode_attention(q, keys, values, valid, dim**-0.5).reshape(batch, heads * dim)
     hidden = hidden + linear(out, o_w, fast=fast)
     return hidden + mlp(rms_norm(hidden, post_norm_w, eps), gate_up, down_w, fast)
 
@@ -286,22 +276,15 @@ class FusedDecodeStep:
         self.model, self.text, self.cache = model, text, cache
         self.fns = _step_functions(compile)
         self.eps = text.config.rms_norm_eps
-        self.fast = False
-        if triton_matvec:
-            global _TRITON_MATVEC
-            from .ops.matvec import matvec, matvec_available
-
-            if not matvec_available():
-                raise ValueError("triton_matvec=True needs Triton (a CUDA install).")
-            _TRITON_MATVEC, self.fast = matvec, True
+        if triton_matvec and not matvec_available():
+            raise ValueError("triton_matvec=True needs Triton (a CUDA install).")
+        self.fast = triton_matvec
         self.layers = []
         for layer, layer_cache in zip(text.layers, cache.layers):
             mixer = layer.self_attn
             gate_up = self._joined((layer.mlp.gate_proj, layer.mlp.up_proj), "weight", concat_projections)
             dense = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, gate_up, layer.mlp.down_proj.weight)
             if isinstance(layer_cache, InfiniteVLLinearAttentionLayer):
-                if not mixer.use_short_conv or not mixer.use_gate:
-                    raise ValueError("FusedDecodeStep covers Gated DeltaNet with short convolutions and an output gate.")
                 projections = (mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.a_proj, mixer.b_proj, mixer.g_proj)
                 in_ws = self._joined(projections, "weight", concat_projections)
                 self.layers.append(("gdn", dense, mixer, (in_ws,), layer_cache))

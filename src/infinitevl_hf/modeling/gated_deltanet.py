@@ -58,6 +58,16 @@ class InfiniteVLShortConvolution(nn.Conv1d):
         )
 
 
+def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`weight * x / rms(x) * silu(gate)` over the last dim, in float32, returned in x's dtype."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    if gate is not None:
+        x = x * F.silu(gate.float())
+    return x.to(dtype)
+
+
 class InfiniteVLGatedRMSNorm(nn.Module):
     """RMSNorm over the value head dim, then a SiLU gate: `weight * x / rms(x) * silu(gate)` (computed in fp32)."""
 
@@ -67,12 +77,7 @@ class InfiniteVLGatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        if gate is not None:
-            x = x * F.silu(gate.float())
-        return x.to(dtype)
+        return gated_rms_norm(x, self.weight, gate, self.eps)
 
 
 class InfiniteVLGatedDeltaNet(nn.Module):
