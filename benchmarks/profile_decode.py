@@ -19,6 +19,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--fused", action="store_true", help="profile the compiled FusedDecodeStep instead of the modules")
+    parser.add_argument("--trace", help="also write the Chrome trace (every kernel with its grid) to this path")
+    parser.add_argument("--kernels", action="store_true", help="with --fused: joined projections and the Triton kernels, as generate() runs it")
     args = parser.parse_args(argv)
 
     from infinitevl_hf import InfiniteVLCache
@@ -33,7 +35,7 @@ def main(argv=None):
         model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
         cache.to_static()
         if args.fused:
-            fused = FusedDecodeStep(model, cache, compile=True)
+            fused = FusedDecodeStep(model, cache, compile=True, concat_projections=args.kernels, triton_matvec=args.kernels)
             step = lambda: fused(token)  # noqa: E731
         else:
             step = lambda: model(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})  # noqa: E731
@@ -44,6 +46,8 @@ def main(argv=None):
             for _ in range(args.steps):
                 step()
             torch.cuda.synchronize()
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
     averages = prof.key_averages()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     busy = sum(e.time_range.elapsed_us() for e in kernels) / args.steps / 1e3

@@ -97,7 +97,7 @@ def test_concatenated_projections_are_views_that_keep_the_weights():
         assert torch.equal(p, before[name]), name
     # a second step over the same layout views the joined buffers instead of copying them again
     second = FusedDecodeStep(model, cache.fork(), concat_projections=True)
-    joined = second.layers[1][1][2][0]
+    joined = second.layers[1][1][2]
     assert joined.untyped_storage().data_ptr() == mlp.gate_proj.weight.untyped_storage().data_ptr()
     assert torch.equal(joined, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
 

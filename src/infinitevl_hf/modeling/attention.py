@@ -22,6 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
 from .cache import InfiniteVLRingAttentionLayer
+from .ops.decode_attention import ring_decode_attention
 from .configuration_infinitevl import InfiniteVLTextConfig
 
 
@@ -119,24 +120,6 @@ def packed_window_mask(
         visible &= pos[None, :] > pos[:, None] - window
     visible = visible[None, None]
     return mask_for(visible, implementation, dtype)
-
-
-def ring_decode_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """One query token per row over a ring of cached keys, as two batched matmuls.
-
-    query [B, H, 1, D]; key/value [B, H_kv, S, D]; valid [B, S]. Returns [B, 1, H, D]. The query heads of
-    one key/value head are stacked as rows, so GQA needs no repeated keys; softmax runs in fp32. For a
-    single query this beats the fused attention kernels, whose tiles assume many queries.
-    """
-    batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling  # [B, H_kv, G, S]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    return torch.matmul(probs, value).reshape(batch, 1, heads, dim)
 
 
 # Chunks at least this long, over a full window of cached keys, take the flex_attention path on CUDA. The

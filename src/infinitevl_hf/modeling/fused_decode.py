@@ -4,8 +4,10 @@ A decode step of the module path launches thousands of tiny kernels (norm, cast,
 recurrence pieces, each its own launch); inside a CUDA graph their launches are cheap, but each still
 costs a few microseconds of GPU time, several times the matrix-vector products that should set the
 speed. Here a whole decoder layer is one function of tensors (weights, states and activations), with
-no Python objects inside, so `torch.compile(fullgraph=True)` can fuse everything between the matrix
-products into a handful of kernels, and one compiled function serves every layer of its type.
+no Python objects inside, built from ops that pair a torch definition with a Triton kernel: each
+matrix-vector product carries the norm, gate, convolution or residual next to it (`ops.matvec`) and
+the delta rule is one kernel with its gates (`ops.gated_delta_rule`). `torch.compile(fullgraph=True)`
+fuses what is left, and one compiled function serves every layer of its type.
 
 The math is the module path's, op for op (`InfiniteVLGatedDeltaNet` with the torch recurrence,
 `InfiniteVLAttention` over a ring, Qwen2's RMSNorm and MLP); tests compare the two. Used by
@@ -20,72 +22,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import ring_decode_attention, rotate_half
+from .attention import rotate_half
 from .cache import InfiniteVLCache, InfiniteVLLinearAttentionLayer, InfiniteVLRingAttentionLayer
-from .gated_deltanet import InfiniteVLGatedDeltaNet, gated_rms_norm
-from .ops.gated_delta_rule.reference import l2norm
-from .ops.matvec import matvec, matvec_available
+from .gated_deltanet import InfiniteVLGatedDeltaNet
+from .ops.decode_attention import decode_attention
+from .ops.gated_delta_rule import gated_delta_rule_decode_step
+from .ops.matvec import ConvUpdate, matvec, matvec_available, rms_norm_matvec
+from .ops.matvec.reference import Weight
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen2's RMSNorm: normalise in float32, cast back, then scale."""
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fast: bool = False) -> torch.Tensor:
-    """`F.linear`; with fast=True a one-row product goes through the Triton matvec kernel (ops/matvec)."""
-    if fast and x.shape[0] == 1:
-        return matvec(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-def project(x: torch.Tensor, weights: tuple[torch.Tensor, ...], sizes: tuple[int, ...], fast: bool = False) -> list[torch.Tensor]:
-    """Outputs of several projections of x: one matrix-vector product when `weights` is their concatenation
-    (one read of all the weights, one launch), else one product per weight."""
-    if len(weights) == 1 and len(sizes) > 1:
-        return list(linear(x, weights[0], fast=fast).split(sizes, dim=-1))
-    return [linear(x, w, fast=fast) for w in weights]
-
-
-def mlp(x: torch.Tensor, gate_up: tuple[torch.Tensor, ...], down: torch.Tensor, fast: bool = False) -> torch.Tensor:
-    gate, up = project(x, gate_up, (down.shape[1], down.shape[1]), fast)
-    return linear(F.silu(gate) * up, down, fast=fast)
-
-
-def conv_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
-    """One token through a depthwise causal conv + SiLU. x [B, D]; weight [D, W]; state [B, D, W-1] (oldest
-    first) is shifted in place. Computes in float32 like the torch conv path; returns x's dtype."""
-    window = torch.cat([state.float(), x.float()[..., None]], dim=-1)  # [B, D, W]
-    y = (window * weight.float()).sum(-1)
-    if bias is not None:
-        y = y + bias.float()
-    state.copy_(window[..., 1:].to(state.dtype))
-    return F.silu(y).to(x.dtype)
+def mlp_block(hidden: torch.Tensor, norm_w: torch.Tensor, gate_up: Weight, down_w: torch.Tensor, eps: float,
+              fast: bool = False) -> torch.Tensor:
+    """`hidden + MLP(RMSNorm(hidden))`: two products, the norm and the SiLU gate fused into the first."""
+    act = rms_norm_matvec(hidden, norm_w, eps, gate_up, glu=True, fast=fast)
+    return matvec(act, down_w, residual=hidden, fast=fast)
 
 
 def gated_deltanet_layer_step(
     hidden: torch.Tensor,
     norm_w: torch.Tensor,
-    in_ws: tuple[torch.Tensor, ...],
+    in_w: Weight,
+    conv: ConvUpdate,
     A_log: torch.Tensor,
     dt_bias: torch.Tensor,
-    conv_q: torch.Tensor,
-    conv_k: torch.Tensor,
-    conv_v: torch.Tensor,
-    conv_q_b: torch.Tensor | None,
-    conv_k_b: torch.Tensor | None,
-    conv_v_b: torch.Tensor | None,
-    state_q: torch.Tensor,
-    state_k: torch.Tensor,
-    state_v: torch.Tensor,
     recurrent: torch.Tensor,
     o_norm_w: torch.Tensor,
     o_w: torch.Tensor,
     post_norm_w: torch.Tensor,
-    gate_up: tuple[torch.Tensor, ...],
+    gate_up: Weight,
     down_w: torch.Tensor,
     eps: float,
     o_norm_eps: float,
@@ -93,81 +57,59 @@ def gated_deltanet_layer_step(
 ) -> torch.Tensor:
     """A whole Gated DeltaNet decoder layer for one token: hidden [B, hidden] -> [B, hidden].
 
-    in_ws: the q, k, v, a, b, g projection weights, or their concatenation in that order; gate_up: the MLP's
-    gate and up weights or their concatenation. The conv states [B, D, W-1] and the float32 recurrent state
-    [B, H, d_k, d_v] are updated in place."""
-    batch = hidden.shape[0]
+    in_w: the q, k, v, a, b, g projection weights, joined in that order or as a tuple; conv: the q/k/v short
+    convolutions and their states [B, D, W-1]; gate_up: the MLP's gate and up weights, joined or a tuple. The
+    conv states and the float32 recurrent state [B, H, d_k, d_v] are updated in place. With fast=True one CUDA
+    row runs as five kernels: norm + projections + convs, the delta rule with its gates and output norm,
+    o_proj + residual, and the MLP's two products."""
     heads, d_k, d_v = recurrent.shape[1:]
-    x = rms_norm(hidden, norm_w, eps)
-    sizes = (heads * d_k, heads * d_k, heads * d_v, heads, heads, heads * d_v)
-    q, k, v, a, b, gate = project(x, in_ws, sizes, fast)
-    q = conv_step(q, conv_q, conv_q_b, state_q).float().view(batch, heads, d_k)
-    k = conv_step(k, conv_k, conv_k_b, state_k).float().view(batch, heads, d_k)
-    v = conv_step(v, conv_v, conv_v_b, state_v).float().view(batch, heads, d_v)
-    beta = b.sigmoid().float()  # [B, H]
-    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
-    q, k = l2norm(q) * d_k**-0.5, l2norm(k)
-
-    S = recurrent * g.exp()[..., None, None]
-    err = v - torch.einsum("bhkv,bhk->bhv", S, k)
-    S = S + k[..., None] * (beta[..., None] * err)[..., None, :]
-    recurrent.copy_(S)
-    o = torch.einsum("bhkv,bhk->bhv", S, q).to(hidden.dtype)  # [B, H, d_v]
-
-    o = gated_rms_norm(o, o_norm_w, gate.view(batch, heads, d_v), o_norm_eps)
-    hidden = hidden + linear(o.reshape(batch, heads * d_v), o_w, fast=fast)
-    return hidden + mlp(rms_norm(hidden, post_norm_w, eps), gate_up, down_w, fast)
+    proj = rms_norm_matvec(hidden, norm_w, eps, in_w, conv=conv, fast=fast)  # q, k, v convolved; a, b, g raw
+    q, k, v, a, b, gate = proj.split((heads * d_k, heads * d_k, heads * d_v, heads, heads, heads * d_v), dim=-1)
+    o = gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, recurrent, gate=gate, norm_weight=o_norm_w,
+                                     norm_eps=o_norm_eps, fast=fast)
+    hidden = matvec(o, o_w, residual=hidden, fast=fast)
+    return mlp_block(hidden, post_norm_w, gate_up, down_w, eps, fast)
 
 
-def attention_layer_in(
+def attention_layer_step(
     hidden: torch.Tensor,
     norm_w: torch.Tensor,
-    in_ws: tuple[torch.Tensor, ...],
-    in_bs: tuple[torch.Tensor, ...],
+    in_w: Weight,
+    in_b: Weight,
     cos: torch.Tensor,
     sin: torch.Tensor,
     kv_heads: int,
-    eps: float,
-    fast: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Norm, projections and RoPE of one token: q [B, H, 1, D], k and v [B, H_kv, 1, D].
-
-    in_ws/in_bs: the q, k, v weights and biases, or the concatenation of each."""
-    batch, head_dim = hidden.shape[0], cos.shape[-1]
-    x = rms_norm(hidden, norm_w, eps)
-    kv = kv_heads * head_dim
-    sizes = (in_ws[0].shape[0] - 2 * kv, kv, kv) if len(in_ws) == 1 else tuple(w.shape[0] for w in in_ws)
-    if len(in_ws) == 1:
-        q, k, v = linear(x, in_ws[0], in_bs[0], fast).split(sizes, dim=-1)
-    else:
-        q, k, v = (linear(x, w, b, fast) for w, b in zip(in_ws, in_bs))
-    q, k, v = (t.reshape(batch, -1, 1, head_dim) for t in (q, k, v))
-    cos, sin = cos[:, None, None], sin[:, None, None]  # [B, 1, 1, D]
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
-
-
-def attention_layer_out(
-    hidden: torch.Tensor,
-    q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     valid: torch.Tensor,
+    step: torch.Tensor,
     o_w: torch.Tensor,
     post_norm_w: torch.Tensor,
-    gate_up: tuple[torch.Tensor, ...],
+    gate_up: Weight,
     down_w: torch.Tensor,
     eps: float,
     fast: bool = False,
 ) -> torch.Tensor:
-    """Attention of one query over its ring (`ring_decode_attention`), o_proj, residual and the MLP."""
-    batch, heads, _, dim = q.shape
-    out = ring_decode_attention(q, keys, values, valid, dim**-0.5).reshape(batch, heads * dim)
-    hidden = hidden + linear(out, o_w, fast=fast)
-    return hidden + mlp(rms_norm(hidden, post_norm_w, eps), gate_up, down_w, fast)
+    """A whole sliding-window attention layer for one token. in_w/in_b: the q, k, v weights and biases, joined
+    or as tuples. The token's key/value are written into its ring slot (`step % window`, in place) before the
+    query attends over the ring (`ops.decode_attention`)."""
+    batch, head_dim = hidden.shape[0], cos.shape[-1]
+    kv = kv_heads * head_dim
+    qkv = rms_norm_matvec(hidden, norm_w, eps, in_w, in_b, fast=fast)
+    q, k, v = (t.reshape(batch, -1, 1, head_dim) for t in qkv.split((qkv.shape[-1] - 2 * kv, kv, kv), dim=-1))
+    cos, sin = cos[:, None, None], sin[:, None, None]  # [B, 1, 1, D]
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    slot = step % keys.shape[2]
+    keys.index_copy_(2, slot, k)
+    values.index_copy_(2, slot, v)
+    valid.index_fill_(1, slot, True)
+    out = decode_attention(q, keys, values, valid, head_dim**-0.5, fast=fast).reshape(batch, -1)
+    hidden = matvec(out, o_w, residual=hidden, fast=fast)
+    return mlp_block(hidden, post_norm_w, gate_up, down_w, eps, fast)
 
 
 def logits_head(hidden: torch.Tensor, norm_w: torch.Tensor, lm_head_w: torch.Tensor, eps: float, fast: bool = False) -> torch.Tensor:
-    return linear(rms_norm(hidden, norm_w, eps), lm_head_w, fast=fast)
+    return rms_norm_matvec(hidden, norm_w, eps, lm_head_w, fast=fast)
 
 
 def _save_own_storage(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -191,33 +133,9 @@ def _adjacent(params: tuple[torch.Tensor, ...]) -> bool:
     return all(b == a + p.numel() for a, b, p in zip(offsets, offsets[1:], params))
 
 
-def attention_layer_step(
-    hidden: torch.Tensor,
-    norm_w: torch.Tensor,
-    in_ws: tuple[torch.Tensor, ...],
-    in_bs: tuple[torch.Tensor, ...],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    kv_heads: int,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    valid: torch.Tensor,
-    step: torch.Tensor,
-    o_w: torch.Tensor,
-    post_norm_w: torch.Tensor,
-    gate_up: tuple[torch.Tensor, ...],
-    down_w: torch.Tensor,
-    eps: float,
-    fast: bool = False,
-) -> torch.Tensor:
-    """A whole sliding-window attention layer for one token: the token's key/value are written into its ring
-    slot (`step % window`, in place) before the query attends over the ring."""
-    q, k, v = attention_layer_in(hidden, norm_w, in_ws, in_bs, cos, sin, kv_heads, eps, fast)
-    slot = step % keys.shape[2]
-    keys.index_copy_(2, slot, k)
-    values.index_copy_(2, slot, v)
-    valid.index_fill_(1, slot, True)
-    return attention_layer_out(hidden, q, keys, values, valid, o_w, post_norm_w, gate_up, down_w, eps, fast)
+def _single(tensors: tuple[torch.Tensor, ...] | None) -> Weight | None:
+    """A joined group as its one tensor; separate weights stay a tuple (their outputs get concatenated)."""
+    return tensors[0] if tensors is not None and len(tensors) == 1 else tensors
 
 
 def embed_and_rope(input_ids: torch.Tensor, embed_w: torch.Tensor, next_positions: torch.Tensor, rotary) -> tuple:
@@ -262,7 +180,10 @@ class FusedDecodeStep:
     reading the same numbers; training is unaffected, and a state-dict hook saves each parameter as a tensor
     of its own (safetensors and accelerate's `save_model` refuse or drop parts of a shared buffer).
 
-    triton_matvec: one-row products through the Triton streaming kernel of `ops.matvec` instead of cuBLAS.
+    triton_matvec: run one row through the Triton kernels (CUDA): each product streams its weight once with
+    the norm, gate, convolution or residual beside it fused in (`ops.matvec`), and the delta rule with its
+    gates is one kernel (`ops.gated_delta_rule`). A Gated DeltaNet layer is then five kernels. Needs joined
+    projections to use them (separate weights keep the torch path).
     """
 
     def __init__(self, model, cache: InfiniteVLCache, compile: bool = False, concat_projections: bool = False,
@@ -283,16 +204,19 @@ class FusedDecodeStep:
         for layer, layer_cache in zip(text.layers, cache.layers):
             mixer = layer.self_attn
             gate_up = self._joined((layer.mlp.gate_proj, layer.mlp.up_proj), "weight", concat_projections)
-            dense = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, gate_up, layer.mlp.down_proj.weight)
+            dense = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, _single(gate_up), layer.mlp.down_proj.weight)
             if isinstance(layer_cache, InfiniteVLLinearAttentionLayer):
                 projections = (mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.a_proj, mixer.b_proj, mixer.g_proj)
-                in_ws = self._joined(projections, "weight", concat_projections)
-                self.layers.append(("gdn", dense, mixer, (in_ws,), layer_cache))
+                convs = (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d)
+                conv_ws = tuple(w[:, 0] for w in self._joined(convs, "weight", concat_projections))  # [D, 1, W] -> [D, W]
+                conv_bs = self._joined(convs, "bias", concat_projections)
+                conv = (_single(conv_ws), _single(conv_bs))
+                self.layers.append(("gdn", dense, mixer, (_single(self._joined(projections, "weight", concat_projections)), conv), layer_cache))
             elif isinstance(layer_cache, InfiniteVLRingAttentionLayer):
                 projections = (mixer.q_proj, mixer.k_proj, mixer.v_proj)
-                in_ws = self._joined(projections, "weight", concat_projections)
-                in_bs = self._joined(projections, "bias", concat_projections)
-                self.layers.append(("attn", dense, mixer, (in_ws, in_bs), layer_cache))
+                in_w = _single(self._joined(projections, "weight", concat_projections))
+                in_b = _single(self._joined(projections, "bias", concat_projections))
+                self.layers.append(("attn", dense, mixer, (in_w, in_b), layer_cache))
             else:
                 raise ValueError(f"FusedDecodeStep cannot decode a {type(layer_cache).__name__} layer.")
 
@@ -330,10 +254,12 @@ class FusedDecodeStep:
         return other
 
     @staticmethod
-    def _joined(modules: tuple[nn.Module, ...], name: str, join: bool) -> tuple[torch.Tensor, ...]:
+    def _joined(modules: tuple[nn.Module, ...], name: str, join: bool) -> tuple[torch.Tensor, ...] | None:
         """The `name` parameters of `modules`, or (join=True) one tensor of all of them stacked by rows, of which
-        the parameters become views."""
+        the parameters become views; None when the modules have no such parameter."""
         params = tuple(getattr(m, name) for m in modules)
+        if any(p is None for p in params):
+            return None
         if not join:
             return params
         if _adjacent(params):  # laid out by an earlier step: a view over all of them, no copy
@@ -356,12 +282,11 @@ class FusedDecodeStep:
         hidden, cos, sin = fns["embed"](input_ids, self.text.embed_tokens.weight, cache.next_positions, self.text.rotary_emb)
         for kind, (norm_w, post_w, gate_up, down_w), mixer, projections, layer_cache in self.layers:
             if kind == "gdn":
-                convs = (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d)
-                conv_states, rec = layer_cache.conv_states, layer_cache.recurrent_states[0]
+                in_w, (conv_w, conv_b) = projections
+                states = layer_cache.conv_states
+                conv = ConvUpdate(conv_w, conv_b, (states[0], states[1], states[2]))
                 hidden = fns["gdn"](
-                    hidden, norm_w, projections[0], mixer.A_log, mixer.dt_bias,
-                    *(c.weight[:, 0] for c in convs), *(c.bias for c in convs),
-                    conv_states[0], conv_states[1], conv_states[2], rec,
+                    hidden, norm_w, in_w, conv, mixer.A_log, mixer.dt_bias, layer_cache.recurrent_states[0],
                     mixer.o_norm.weight, mixer.o_proj.weight, post_w, gate_up, down_w, eps, mixer.o_norm.eps, fast,
                 )
             else:

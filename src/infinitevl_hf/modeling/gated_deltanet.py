@@ -26,6 +26,7 @@ from torch import nn
 
 from .configuration_infinitevl import InfiniteVLTextConfig
 from .ops import causal_conv1d, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from .ops.norms import gated_rms_norm
 
 # Prompts up to this many tokens use the recurrent kernel, as the official release does.
 RECURRENT_MAX_TOKENS = 64
@@ -56,16 +57,6 @@ class InfiniteVLShortConvolution(nn.Conv1d):
             output_final_state=output_final_state,
             cu_seqlens=cu_seqlens,
         )
-
-
-def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """`weight * x / rms(x) * silu(gate)` over the last dim, in float32, returned in x's dtype."""
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    if gate is not None:
-        x = x * F.silu(gate.float())
-    return x.to(dtype)
 
 
 class InfiniteVLGatedRMSNorm(nn.Module):

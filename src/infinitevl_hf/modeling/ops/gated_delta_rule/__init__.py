@@ -10,13 +10,20 @@ from __future__ import annotations
 import torch
 
 from ..backend import FLA, register_fla_op, select_backend
+from ..norms import gated_rms_norm
 from .cuda import fla_chunk_gated_delta_rule, fla_fused_recurrent_gated_delta_rule, load_fla_gated_delta_rule
 from .reference import (
     l2norm,
     torch_chunk_gated_delta_rule,
     torch_fused_recurrent_gated_delta_rule,
+    torch_gated_delta_rule_decode_step,
     torch_naive_gated_delta_rule,
 )
+
+try:
+    from .triton_decode import triton_gated_delta_rule_decode_step
+except ImportError:  # no Triton (CPU-only installs)
+    triton_gated_delta_rule_decode_step = None
 
 
 register_fla_op("chunk_gated_delta_rule", load_fla_gated_delta_rule)
@@ -80,11 +87,52 @@ def fused_recurrent_gated_delta_rule(
               cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
 
 
+def gated_delta_rule_decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state: torch.Tensor,
+    scale: float | None = None,
+    gate: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-5,
+    fast: bool = True,
+) -> torch.Tensor:
+    """One decode token from raw activations, optionally through the gated output norm (see
+    :func:`torch_gated_delta_rule_decode_step`): on CUDA the delta rule with its gates is one Triton kernel
+    (the norm stays torch, which `torch.compile` fuses into one kernel); the torch definition otherwise or
+    with fast=False."""
+    _, _, d_k, d_v = state.shape
+    inputs = (q, k, v, a, b)
+    if (
+        fast
+        and triton_gated_delta_rule_decode_step is not None
+        and state.is_cuda
+        and state.dtype == torch.float32
+        and state.is_contiguous()
+        and d_k & (d_k - 1) == 0
+        and d_v % 32 == 0
+        and all(t.stride(-1) == 1 and t.stride(0) == q.stride(0) for t in inputs)
+    ):
+        o = triton_gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, state, scale)
+        if gate is None:
+            return o
+        batch, heads = o.shape[0], state.shape[1]
+        return gated_rms_norm(o.view(batch, heads, d_v), norm_weight, gate.reshape(batch, heads, d_v), norm_eps).view(batch, -1)
+    return torch_gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, state, scale, gate, norm_weight, norm_eps)
+
+
 __all__ = [
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
+    "gated_delta_rule_decode_step",
     "l2norm",
     "torch_chunk_gated_delta_rule",
     "torch_fused_recurrent_gated_delta_rule",
+    "torch_gated_delta_rule_decode_step",
     "torch_naive_gated_delta_rule",
 ]

@@ -15,6 +15,9 @@ initial_state ``[N, H, K, V]``; they return ``(o [B, T, H, V] in v.dtype, final_
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from ..norms import gated_rms_norm
 
 
 L2NORM_EPS = 1e-6  # fla's l2norm: x / sqrt(sum(x^2) + eps)
@@ -259,3 +262,40 @@ def torch_chunk_gated_delta_rule(
 
     return _run(core, q, k, v, g, beta, scale, initial_state, output_final_state,
                 cu_seqlens, use_qk_l2norm_in_kernel)
+
+
+def torch_gated_delta_rule_decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state: torch.Tensor,
+    scale: float | None = None,
+    gate: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-5,
+) -> torch.Tensor:
+    """One decode token of a Gated DeltaNet layer from its activations, with the gates computed here.
+
+    q, k [B, H*K] and v [B, H*V] (after the short convs), a and b [B, H] (raw projections); the float32
+    state [B, H, K, V] is updated in place. beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias), q and
+    k are L2-normalised and q scaled by `scale` (default K^-0.5). Returns o [B, H*V] in v's dtype; given
+    `gate` [B, H*V] and `norm_weight` [V], the layer's output norm `gated_rms_norm(o, norm_weight, gate)` per head.
+    """
+    batch, heads, d_k, d_v = state.shape
+    scale = d_k**-0.5 if scale is None else scale
+    beta = b.sigmoid().float()
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    q = l2norm(q.float().view(batch, heads, d_k)) * scale
+    k = l2norm(k.float().view(batch, heads, d_k))
+    S = state * g.exp()[..., None, None]
+    err = v.float().view(batch, heads, d_v) - torch.einsum("bhkv,bhk->bhv", S, k)
+    S = S + k[..., None] * (beta[..., None] * err)[..., None, :]
+    state.copy_(S)
+    o = torch.einsum("bhkv,bhk->bhv", S, q).to(v.dtype)
+    if gate is not None:
+        o = gated_rms_norm(o, norm_weight, gate.reshape(batch, heads, d_v), norm_eps)
+    return o.reshape(batch, heads * d_v)

@@ -1,9 +1,21 @@
-"""A Triton matrix-vector product for one-token decode: y = W x for x of one row, streaming W once.
+"""A Triton matrix-vector product for one-token decode: y = W x for x of one row, streaming W once, with
+the small ops around it fused in.
 
 GEMM libraries run a one-row product through tiles built for many rows; at batch 1 a decode step is a
 chain of such products, and they reached about half the copy bandwidth on an H200. Here each program
 owns a few output rows and streams their weights along the contiguous input dim, accumulating in
-float32: a pure bandwidth kernel. Imported only where Triton is installed (CUDA).
+float32: a pure bandwidth kernel. The norms, gates and the short convolution between two products each
+cost a launch of their own but almost no bytes, so they ride along (`reference.py` defines each):
+
+- prologue, on x as it is read: Qwen2's RMSNorm (one extra pass over x for its mean square; x is a few
+  KB). Every program redoes it, so it must stay a few operations per element: the SiLU gates are
+  epilogues, computed once per output row;
+- epilogue, on each output row: bias; a depthwise causal conv + SiLU over the first channels (each
+  channel's taps belong to the one program that computes the channel, so its state updates in place
+  without races); the MLP's silu(gate) * up, with the program streaming a gate row and its up row side by
+  side; a residual add.
+
+Roundings to x's dtype follow the torch ops step by step. Imported only where Triton is installed.
 """
 
 from __future__ import annotations
@@ -16,35 +28,136 @@ try:  # (transformers' remote-code import check skips try blocks: Triton stays o
 except ImportError as error:
     raise ImportError("the Triton matvec kernel needs Triton") from error
 
+from .reference import ConvUpdate
 
-@triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-        for n, k, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8))
-    ],
-    key=["N", "K"],
-)
+
+
+
 @triton.jit
-def _matvec_kernel(W, X, B, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _silu(x):
+    return x * tl.sigmoid(x)
+
+
+@triton.jit
+def _conv_epilogue(y, rows, C0, C1, C_TOTAL, CW, CB, S0, S1, S2, HAS_CONV_BIAS: tl.constexpr, TAPS: tl.constexpr):
+    """Rows below C_TOTAL are conv channels: segment 0 [0, C0), 1 [C0, C1), 2 [C1, C_TOTAL), each with its
+    own state tensor [1, D_i, TAPS-1]; y holds the projection, already rounded to the output dtype."""
+    is_conv = rows < C_TOTAL
+    state = tl.where(rows < C0, S0 + rows * (TAPS - 1),
+                     tl.where(rows < C1, S1 + (rows - C0) * (TAPS - 1), S2 + (rows - C1) * (TAPS - 1)))
+    out = y * tl.load(CW + rows * TAPS + (TAPS - 1), mask=is_conv, other=0.0).to(tl.float32)
+    for j in tl.static_range(TAPS - 1):
+        tap = tl.load(state + j, mask=is_conv, other=0.0)
+        out += tap.to(tl.float32) * tl.load(CW + rows * TAPS + j, mask=is_conv, other=0.0).to(tl.float32)
+        if j > 0:
+            tl.store(state + (j - 1), tap, mask=is_conv)
+    tl.store(state + (TAPS - 2), y.to(S0.dtype.element_ty), mask=is_conv)
+    if HAS_CONV_BIAS:
+        out += tl.load(CB + rows, mask=is_conv, other=0.0).to(tl.float32)
+    return tl.where(is_conv, _silu(out), y)
+
+
+@triton.jit
+def _fused_matvec_kernel(
+    W, X, Y, N, K: tl.constexpr, stride_wn, B, R, NW, eps,
+    CW, CB, S0, S1, S2, C0, C1, C_TOTAL,
+    RMS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GLU: tl.constexpr,
+    CONV: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, TAPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    dtype = Y.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    if RMS_NORM:
+        squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
+            squares += x * x
+        inv_rms = tl.math.rsqrt(tl.sum(squares, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if GLU:  # W = [gate; up], N rows each: this program's up rows sit N rows below its gate rows
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        w = tl.load(W + rows[:, None] * stride_wn + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        x = tl.load(X + cols, mask=col_ok, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        x = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if RMS_NORM:
+            x = (x * inv_rms).to(dtype).to(tl.float32)
+            x = (x * tl.load(NW + cols, mask=col_ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+        tile = rows[:, None] * stride_wn + cols[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        acc += tl.load(W + tile, mask=mask, other=0.0).to(tl.float32) * x[None, :]
+        if GLU:
+            acc_up += tl.load(W + N * stride_wn + tile, mask=mask, other=0.0).to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(B + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=row_ok)
+    if CONV:
+        y = _conv_epilogue(y.to(dtype).to(tl.float32), rows, C0, C1, C_TOTAL, CW, CB, S0, S1, S2, HAS_CONV_BIAS, TAPS)
+    if GLU:
+        up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
+        y = (_silu(y.to(dtype).to(tl.float32)).to(dtype).to(tl.float32) * up)
+    if HAS_RESIDUAL:
+        y = y.to(dtype).to(tl.float32) + tl.load(R + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(Y + rows, y.to(dtype), mask=row_ok)
 
 
-def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for x [1, K] (one row) and a row-major weight [N, K]; returns [1, N]."""
+def block_config(n: int, k: int, normed: bool) -> dict:
+    """Tile of one program, chosen by timing every tile on an H200 with weights streamed from DRAM
+    (`benchmarks/matvec_bench.py --sweep`): many programs with a wide input block won at every decode
+    shape; with the RMSNorm prologue, which each program redoes, 4 rows per program share it. (Triton's
+    autotuner would time tiles on weights sitting in the 50 MB L2, and its repeated runs would shift the
+    conv states.)"""
+    if normed:
+        return dict(BLOCK_N=4, BLOCK_K=min(2048, triton.next_power_of_2(k)), num_warps=4, num_stages=1)
+    return dict(BLOCK_N=1, BLOCK_K=min(1024, triton.next_power_of_2(k)), num_warps=2 if k <= 4096 else 4, num_stages=1)
+
+
+def fused_matvec(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    conv: ConvUpdate | None = None,
+    glu: bool = False,
+    residual: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """One row x [1, K] through `weight` [N, K] (row-major); returns [1, N], or [1, N/2] with glu=True.
+
+    norm_weight: RMSNorm x first (eps); conv: a causal conv + SiLU over the first output channels; glu: the
+    rows are [gate; up] and the output is silu(gate) * up; residual: added last. `config` overrides
+    `block_config` (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     n, k = weight.shape
+    if glu:
+        if n % 2 or bias is not None or conv is not None:
+            raise ValueError(f"a GLU product needs [gate; up] rows without bias or conv, got {n} rows")
+        n //= 2
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _matvec_kernel[grid](weight, x, bias if bias is not None else weight, y, n, k, weight.stride(0), HAS_BIAS=bias is not None)
+    if conv is not None:
+        sizes = [s.shape[1] for s in conv.states]
+        if len(sizes) != 3:
+            raise ValueError(f"the conv epilogue takes three state segments, got {len(sizes)}")
+        cw, cb, states = conv.weight, conv.bias, conv.states
+        c0, c1, c_total, taps = sizes[0], sizes[0] + sizes[1], sum(sizes), cw.shape[-1]
+    else:
+        cw = cb = None
+        states = (None, None, None)
+        c0 = c1 = c_total = 0
+        taps = 2
+    anything = y  # a valid pointer for absent optional tensors (never read; small, as autotuning restores S0-S2)
+    args = (
+        weight, x, y, n, k, weight.stride(0),
+        bias if bias is not None else anything, residual if residual is not None else anything,
+        norm_weight if norm_weight is not None else anything, eps,
+        cw if cw is not None else anything, cb if cb is not None else anything,
+        *(s if s is not None else anything for s in states), c0, c1, c_total,
+    )
+    flags = dict(RMS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                 GLU=glu, CONV=conv is not None, HAS_CONV_BIAS=cb is not None, TAPS=taps)
+    config = config or block_config(n, k, norm_weight is not None)
+    _fused_matvec_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](*args, **flags, **config)
     return y

@@ -1,0 +1,82 @@
+"""Torch definitions of the decode matrix-vector products and what the Triton kernel fuses around them.
+
+Each function is the op-for-op math of the module path (Qwen2's RMSNorm, the MLP's SiLU gate, the Gated
+DeltaNet's short convolution); the kernel in `triton_matvec.py` is tested against
+them. A weight (and bias) may be a tuple of several, whose outputs are concatenated: the layout of a
+layer whose projections were not joined into one buffer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..norms import rms_norm
+
+Weight = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+class ConvUpdate(NamedTuple):
+    """A depthwise causal conv (+ SiLU) over the first channels of a projection's output, one token at a time.
+
+    weight: [C, W] or one [D_i, W] per segment; bias: the same layout, or None; states: one [B, D_i, W-1] per
+    segment (oldest tap first, shifted in place), with sum(D_i) = C."""
+
+    weight: Weight
+    bias: Weight | None
+    states: tuple[torch.Tensor, ...]
+
+
+def linear(x: torch.Tensor, weight: Weight, bias: Weight | None = None) -> torch.Tensor:
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    biases = bias if bias is not None else (None,) * len(weight)
+    return torch.cat([F.linear(x, w, b) for w, b in zip(weight, biases)], dim=-1)
+
+
+def conv_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
+    """One token through a depthwise causal conv + SiLU. x [B, D]; weight [D, W]; state [B, D, W-1] (oldest
+    first) is shifted in place. Computes in float32 like the torch conv path; returns x's dtype."""
+    window = torch.cat([state.float(), x.float()[..., None]], dim=-1)  # [B, D, W]
+    y = (window * weight.float()).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    state.copy_(window[..., 1:].to(state.dtype))
+    return F.silu(y).to(x.dtype)
+
+
+def apply_conv(y: torch.Tensor, conv: ConvUpdate) -> torch.Tensor:
+    """`y` with its first sum(D_i) channels replaced by their conv outputs (states updated in place)."""
+    sizes = [s.shape[1] for s in conv.states]
+    weights = conv.weight.split(sizes) if isinstance(conv.weight, torch.Tensor) else conv.weight
+    if conv.bias is None:
+        biases = (None,) * len(sizes)
+    else:
+        biases = conv.bias.split(sizes) if isinstance(conv.bias, torch.Tensor) else conv.bias
+    parts = y.split([*sizes, y.shape[-1] - sum(sizes)], dim=-1)
+    convolved = [conv_step(p, w, b, s) for p, w, b, s in zip(parts, weights, biases, conv.states)]
+    return torch.cat([*convolved, parts[-1]], dim=-1)
+
+
+def _add(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    return y if residual is None else residual + y
+
+
+def matvec_reference(x, weight: Weight, bias: Weight | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`residual + linear(x, weight, bias)`."""
+    return _add(linear(x, weight, bias), residual)
+
+
+def rms_norm_matvec_reference(x, norm_weight, eps: float, weight: Weight, bias: Weight | None = None,
+                              conv: ConvUpdate | None = None, glu: bool = False) -> torch.Tensor:
+    """`linear(rms_norm(x), weight, bias)`, then `conv` over its first channels; with glu=True the output
+    halves are [gate | up] and the result is silu(gate) * up (the MLP's input to its down projection)."""
+    y = linear(rms_norm(x, norm_weight, eps), weight, bias)
+    if conv is not None:
+        y = apply_conv(y, conv)
+    if glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y

@@ -1,0 +1,83 @@
+"""Run by test_decode_kernels.py in a subprocess with TRITON_INTERPRET=1 (set before Triton is imported):
+the decode kernels under Triton's CPU interpreter against their torch definitions. Exits non-zero on the
+first mismatch, printing every comparison."""
+
+import os
+import sys
+
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+from infinitevl_hf.modeling.ops.decode_attention.reference import ring_decode_attention  # noqa: E402
+from infinitevl_hf.modeling.ops.decode_attention.triton_decode_attention import triton_ring_decode_attention  # noqa: E402
+from infinitevl_hf.modeling.ops.gated_delta_rule.reference import torch_gated_delta_rule_decode_step  # noqa: E402
+from infinitevl_hf.modeling.ops.gated_delta_rule.triton_decode import triton_gated_delta_rule_decode_step  # noqa: E402
+from infinitevl_hf.modeling.ops.matvec import reference as R  # noqa: E402
+from infinitevl_hf.modeling.ops.matvec import triton_matvec as T  # noqa: E402
+
+# The interpreter rounds float32 -> bfloat16 differently from the GPU (not to nearest even), and a product
+# with its gate rounds four times on the way, so bfloat16 agrees to a few units in the last place; float32
+# must agree to accumulation order.
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 3e-2}
+CONFIG = dict(BLOCK_N=8, BLOCK_K=64, num_warps=4)  # K=96 makes the last input block partial
+failures = []
+
+
+def check(name, got, expected, dtype):
+    got, expected = got.float(), expected.float()
+    error = ((got - expected).norm() / expected.norm()).item()
+    ok = error <= TOLERANCE[dtype]
+    print(f"{'ok  ' if ok else 'FAIL'} {name:32s} {str(dtype):15s} relative error {error:.2e}")
+    if not ok:
+        failures.append(name)
+
+
+for dtype in (torch.float32, torch.bfloat16):
+    torch.manual_seed(0)
+    K, N = 96, 40  # N not a multiple of BLOCK_N: masked rows
+    x = torch.randn(1, K, dtype=dtype)
+    w = (torch.randn(N, K) * 0.1).to(dtype)
+    bias, residual, norm_w = torch.randn(N, dtype=dtype), torch.randn(1, N, dtype=dtype), torch.randn(K, dtype=dtype)
+    check("matvec + bias + residual", T.fused_matvec(x, w, bias, residual=residual, config=CONFIG),
+          R.matvec_reference(x, w, bias, residual), dtype)
+    check("rms norm + matvec + bias", T.fused_matvec(x, w, bias, norm_weight=norm_w, eps=1e-6, config=CONFIG),
+          R.rms_norm_matvec_reference(x, norm_w, 1e-6, w, bias), dtype)
+    w_gate_up = (torch.randn(2 * N, K) * 0.1).to(dtype)
+    check("rms norm + matvec + silu(gate)*up", T.fused_matvec(x, w_gate_up, norm_weight=norm_w, eps=1e-6, glu=True, config=CONFIG),
+          R.rms_norm_matvec_reference(x, norm_w, 1e-6, w_gate_up, glu=True), dtype)
+
+    sizes, taps, rows = (16, 16, 24), 4, 64  # conv over the first 56 rows, 8 rows left raw
+    w_in = (torch.randn(rows, K) * 0.1).to(dtype)
+    conv_w, conv_b = torch.randn(sum(sizes), taps, dtype=dtype), torch.randn(sum(sizes), dtype=dtype)
+    for b in (None, conv_b):
+        states = tuple(torch.randn(1, s, taps - 1, dtype=dtype) for s in sizes)
+        expected_states = tuple(s.clone() for s in states)
+        got = T.fused_matvec(x, w_in, norm_weight=norm_w, eps=1e-6,
+                             conv=R.ConvUpdate(conv_w, b, states), config=CONFIG)
+        expected = R.rms_norm_matvec_reference(x, norm_w, 1e-6, w_in, conv=R.ConvUpdate(conv_w, b, expected_states))
+        label = "with bias" if b is not None else "no bias"
+        check(f"norm + matvec + conv ({label})", got, expected, dtype)
+        check(f"conv states ({label})", torch.cat(states, 1), torch.cat(expected_states, 1), dtype)
+
+    batch, heads, d_k, d_v = 2, 3, 16, 64
+    proj = torch.randn(batch, 2 * heads * d_k + 2 * heads * d_v + 2 * heads + 5, dtype=dtype)  # + 5 unrelated columns
+    q, k, v, a, b, gate, _ = proj.split((heads * d_k, heads * d_k, heads * d_v, heads, heads, heads * d_v, 5), dim=-1)
+    A_log, dt_bias = torch.randn(heads), torch.randn(heads)
+    state = torch.randn(batch, heads, d_k, d_v)
+    expected_state = state.clone()
+    got = triton_gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, state)
+    expected = torch_gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, expected_state)
+    check("delta rule step: output", got, expected, dtype)
+    check("delta rule step: state", state, expected_state, dtype)
+
+    # a ring of 80 slots in blocks of 32 (the last one partial), half of one row not written yet
+    batch, heads, kv_heads, head_dim, slots = 2, 4, 2, 32, 80
+    query = torch.randn(batch, heads, 1, head_dim, dtype=dtype)
+    keys, values = torch.randn(batch, kv_heads, slots, head_dim, dtype=dtype), torch.randn(batch, kv_heads, slots, head_dim, dtype=dtype)
+    valid = torch.ones(batch, slots, dtype=torch.bool)
+    valid[1, 40:] = False
+    check("ring decode attention", triton_ring_decode_attention(query, keys, values, valid, head_dim**-0.5, split=32, block_s=16),
+          ring_decode_attention(query, keys, values, valid, head_dim**-0.5), dtype)
+
+sys.exit(1 if failures else 0)

@@ -1,0 +1,126 @@
+"""The fused decode kernels (ops.matvec's prologues/epilogues, ops.gated_delta_rule's decode step) against
+their torch definitions: under Triton's CPU interpreter everywhere, compiled on a GPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from infinitevl_hf.modeling.ops.gated_delta_rule import gated_delta_rule_decode_step, torch_gated_delta_rule_decode_step
+from infinitevl_hf.modeling.ops.matvec import ConvUpdate, matvec, rms_norm_matvec
+from infinitevl_hf.modeling.ops.norms import gated_rms_norm, rms_norm
+
+
+def test_kernels_match_their_torch_definitions_under_the_triton_interpreter():
+    script = Path(__file__).with_name("interpreted_decode_kernels.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok  ") == 20, result.stdout
+
+
+def test_ops_take_their_torch_definition_off_cuda():
+    x, w, r = torch.randn(1, 8), torch.randn(6, 8), torch.randn(1, 6)
+    torch.testing.assert_close(matvec(x, w, residual=r), r + x @ w.T)
+    rows, norm_w = torch.randn(2, 8), torch.rand(8)  # two rows
+    h = rms_norm(rows, norm_w, 1e-6) @ w.T
+    torch.testing.assert_close(rms_norm_matvec(rows, norm_w, 1e-6, w, glu=True), torch.nn.functional.silu(h[:, :3]) * h[:, 3:])
+    # separate weights (not joined) give the concatenation of their outputs
+    w2 = torch.randn(3, 8)
+    torch.testing.assert_close(rms_norm_matvec(x, norm_w, 1e-6, (w, w2)), rms_norm_matvec(x, norm_w, 1e-6, torch.cat([w, w2])))
+
+
+def test_decode_step_with_the_output_norm_is_the_step_then_the_norm():
+    batch, heads, d_k, d_v = 2, 3, 4, 8
+    q, k, gate = torch.randn(batch, heads * d_k), torch.randn(batch, heads * d_k), torch.randn(batch, heads * d_v)
+    v, a, b = torch.randn(batch, heads * d_v), torch.randn(batch, heads), torch.randn(batch, heads)
+    A_log, dt_bias, norm_w = torch.randn(heads), torch.randn(heads), torch.rand(d_v)
+    state = torch.randn(batch, heads, d_k, d_v)
+    plain_state, gated_state = state.clone(), state.clone()
+    o = gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, plain_state)
+    normed = gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, gated_state, gate=gate, norm_weight=norm_w, norm_eps=1e-5)
+    expected = gated_rms_norm(o.view(batch, heads, d_v), norm_w, gate.view(batch, heads, d_v), 1e-5).view(batch, -1)
+    torch.testing.assert_close(normed, expected)
+    torch.testing.assert_close(gated_state, plain_state)
+    assert not torch.equal(plain_state, state)
+
+
+def test_conv_over_the_first_channels_shifts_each_state():
+    x, w = torch.randn(1, 8), torch.randn(7, 8)
+    states = (torch.randn(1, 2, 3), torch.randn(1, 2, 3), torch.randn(1, 1, 3))
+    before = [s.clone() for s in states]
+    conv_w = torch.randn(5, 4)
+    y = rms_norm_matvec(x, torch.ones(8), 1e-6, w, conv=ConvUpdate(conv_w, None, states))
+    plain = rms_norm_matvec(x, torch.ones(8), 1e-6, w)
+    torch.testing.assert_close(y[:, 5:], plain[:, 5:])  # rows past the conv channels stay raw
+    window = torch.cat([torch.cat(before, 1), plain[:, :5, None]], -1)
+    torch.testing.assert_close(y[:, :5], torch.nn.functional.silu((window * conv_w).sum(-1)))
+    torch.testing.assert_close(torch.cat(states, 1), window[..., 1:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_kernels_match_their_torch_definitions_on_the_gpu():
+    from infinitevl_hf.modeling.ops.matvec import matvec_available
+
+    assert matvec_available()
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    hidden, heads, d_k, d_v = 2048, 16, 128, 256  # InfiniteVL-4B's shapes
+    sizes = (heads * d_k, heads * d_k, heads * d_v, heads, heads, heads * d_v)
+    x, norm_w = torch.randn(1, hidden, device=dev, dtype=dt), torch.rand(hidden, device=dev, dtype=dt) + 0.5
+    w_in = torch.randn(sum(sizes), hidden, device=dev, dtype=dt) * hidden**-0.5
+    conv_w = torch.randn(sum(sizes[:3]), 4, device=dev, dtype=dt) * 0.5
+    states = tuple(torch.randn(1, s, 3, device=dev, dtype=dt) for s in sizes[:3])
+    ref_states = tuple(s.clone() for s in states)
+    proj = rms_norm_matvec(x, norm_w, 1e-6, w_in, conv=ConvUpdate(conv_w, None, states))
+    ref = rms_norm_matvec(x, norm_w, 1e-6, w_in, conv=ConvUpdate(conv_w, None, ref_states), fast=False)
+    assert rel(proj, ref) < 1e-2 and rel(torch.cat(states, 1), torch.cat(ref_states, 1)) < 1e-2
+
+    q, k, v, a, b, gate = ref.split(sizes, dim=-1)
+    A_log, dt_bias = torch.rand(heads, device=dev), torch.randn(heads, device=dev)
+    o_norm_w = torch.rand(d_v, device=dev, dtype=dt) + 0.5
+    for extra in ({}, dict(gate=gate, norm_weight=o_norm_w, norm_eps=1e-5)):
+        state = torch.randn(1, heads, d_k, d_v, device=dev) * 0.1
+        ref_state = state.clone()
+        o = gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, state, **extra)
+        ref_o = torch_gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, ref_state, **extra)
+        errors = (rel(o, ref_o), rel(state, ref_state))
+        assert errors[0] < 1e-2 and errors[1] < 1e-5, (sorted(extra), errors)
+
+    w_o = torch.randn(hidden, heads * d_v, device=dev, dtype=dt) * 0.02
+    error = rel(matvec(ref_o, w_o, residual=x), matvec(ref_o, w_o, residual=x, fast=False))
+    assert error < 1e-2, error
+    w_gu, w_down = torch.randn(22016, hidden, device=dev, dtype=dt) * 0.02, torch.randn(hidden, 11008, device=dev, dtype=dt) * 0.01
+    act = rms_norm_matvec(x, norm_w, 1e-6, w_gu, glu=True)
+    error = rel(act, rms_norm_matvec(x, norm_w, 1e-6, w_gu, glu=True, fast=False))
+    assert error < 1e-2, error
+    error = rel(matvec(act, w_down, residual=x), matvec(act, w_down, residual=x, fast=False))
+    assert error < 1e-2, error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch,filled", [(1, 8192), (1, 3000), (3, 5000)])
+def test_split_key_decode_attention_matches_the_torch_path_on_the_gpu(batch, filled):
+    from infinitevl_hf.modeling.ops.decode_attention import decode_attention, ring_decode_attention
+
+    torch.manual_seed(batch)
+    heads, kv_heads, dim, slots = 16, 2, 128, 8192  # InfiniteVL-4B's ring
+    query = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(batch, kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn(batch, kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16)
+    valid = torch.zeros(batch, slots, dtype=torch.bool, device="cuda")
+    valid[:, torch.randperm(slots, device="cuda")[:filled]] = True
+    got = decode_attention(query, keys, values, valid, dim**-0.5).float()
+    expected = ring_decode_attention(query.double(), keys.double(), values.double(), valid, dim**-0.5).float()
+    bf16_path = ring_decode_attention(query, keys, values, valid, dim**-0.5).float()
+    error, bf16_error = ((got - expected).norm() / expected.norm()).item(), ((bf16_path - expected).norm() / expected.norm()).item()
+    assert error < 1e-2 and error <= 1.5 * bf16_error, (error, bf16_error)
