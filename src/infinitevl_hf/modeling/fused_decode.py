@@ -29,6 +29,7 @@ from .ops.decode_attention import decode_attention
 from .ops.gated_delta_rule import gated_delta_rule_decode_step
 from .ops.matvec import ConvUpdate, matvec, matvec_available, rms_norm_matvec
 from .ops.matvec.reference import Weight
+from .shared_storage import save_own_storage
 
 
 def mlp_block(hidden: torch.Tensor, norm_w: torch.Tensor, gate_up: Weight, down_w: torch.Tensor, eps: float,
@@ -110,16 +111,6 @@ def attention_layer_step(
 
 def logits_head(hidden: torch.Tensor, norm_w: torch.Tensor, lm_head_w: torch.Tensor, eps: float, fast: bool = False) -> torch.Tensor:
     return rms_norm_matvec(hidden, norm_w, eps, lm_head_w, fast=fast)
-
-
-def _save_own_storage(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    """State-dict hook of a module whose parameters were joined: each is saved as a tensor of its own, since
-    safetensors refuses, and accelerate's `save_model` drops, tensors that are parts of one shared buffer.
-    (Live parameters, `keep_vars=True`, are left as they are.)"""
-    for key in (prefix + "weight", prefix + "bias"):
-        t = state_dict.get(key)
-        if t is not None and not isinstance(t, nn.Parameter) and t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            state_dict[key] = t.clone()
 
 
 def _adjacent(params: tuple[torch.Tensor, ...]) -> bool:
@@ -272,7 +263,7 @@ class FusedDecodeStep:
             p.data = joined[offset : offset + p.shape[0]]
             offset += p.shape[0]
             if not getattr(module, "_saves_own_storage", False):
-                module.register_state_dict_post_hook(_save_own_storage)
+                module.register_state_dict_post_hook(save_own_storage)
                 module._saves_own_storage = True
         return (joined,)
 

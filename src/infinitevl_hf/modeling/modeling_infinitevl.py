@@ -31,6 +31,7 @@ from .loading import LEGACY_KEY_MAPPING, check_loading_info
 from .positions import mrope_position_ids, num_vision_tokens, packed_mrope_position_ids
 from .remote_code import set_auto_map, write_model_card, write_remote_code
 from .vision_attention import use_batched_vision_attention
+from .vision_mlp import use_padded_vision_mlp
 
 
 class InfiniteVLPreTrainedModel(PreTrainedModel):
@@ -275,6 +276,7 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         super().__init__(config)
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
         use_batched_vision_attention(self.visual)
+        use_padded_vision_mlp(self.visual)
         self.language_model = InfiniteVLTextModel._from_config(config.text_config)
         self.post_init()
 

@@ -1,0 +1,76 @@
+"""The zero-padded vision MLP computes what transformers' MLP computes, and keeps its parameters ordinary."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import tiny_config
+from safetensors.torch import load_file, save_file
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
+
+from infinitevl_hf.modeling.vision_mlp import PAD_MULTIPLE, InfiniteVLVisionMLP, use_padded_vision_mlp
+
+
+def mlp(seed: int = 0) -> InfiniteVLVisionMLP:
+    torch.manual_seed(seed)
+    config = copy.deepcopy(tiny_config().vision_config)
+    assert config.intermediate_size % PAD_MULTIPLE  # the tiny tower exercises the padded path
+    module = Qwen2_5_VLMLP(config, bias=True)
+    for p in module.parameters():
+        torch.nn.init.normal_(p)
+    module.__class__ = InfiniteVLVisionMLP
+    return module
+
+
+def test_padded_inference_equals_the_plain_mlp():
+    module = mlp()
+    x = torch.randn(7, module.hidden_size)
+    expected = Qwen2_5_VLMLP.forward(module, x).detach()
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    with torch.no_grad():
+        got = module(x)
+        again = module(x)  # the second call reuses the layout
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+    padded = module._padded_layout[0]
+    assert padded.shape[0] == 2 * PAD_MULTIPLE * -(-module.intermediate_size // PAD_MULTIPLE)
+    assert module.gate_proj.weight.untyped_storage().data_ptr() == padded.untyped_storage().data_ptr()  # a view, no copy
+    for name, p in module.named_parameters():
+        assert torch.equal(p, before[name]) and p.shape == before[name].shape, name
+
+
+def test_padded_parameters_save_train_and_move():
+    module = mlp()
+    x = torch.randn(5, module.hidden_size)
+    with torch.inference_mode():  # a first call under inference_mode must leave trainable parameters
+        module(x)
+    state = module.state_dict()
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in state.values())
+    save_file(state, "/tmp/_padded_mlp.safetensors")
+    loaded = load_file("/tmp/_padded_mlp.safetensors")
+    for name, p in module.named_parameters():
+        assert torch.equal(loaded[name], p), name
+
+    loss = module(x).square().sum()  # gradients on: the parent's forward over the parameters
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    module.to(torch.float64)  # new parameter tensors: the padded layout is laid out again
+    with torch.no_grad():
+        got = module(x.double())
+    torch.testing.assert_close(got, Qwen2_5_VLMLP.forward(module, x.double()).detach())
+    assert module._padded_layout[0].dtype == torch.float64
+
+
+def test_use_padded_vision_mlp_swaps_every_block_and_refuses_others():
+    from helpers import tiny_model
+
+    model = tiny_model()
+    assert all(type(block.mlp) is InfiniteVLVisionMLP for block in model.model.visual.blocks)
+    other = torch.nn.Module()
+    other.blocks = torch.nn.ModuleList([torch.nn.Module()])
+    other.blocks[0].mlp = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="Qwen2_5_VLMLP"):
+        use_padded_vision_mlp(other)
