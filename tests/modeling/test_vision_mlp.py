@@ -13,7 +13,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
 from infinitevl_hf.modeling.vision_mlp import PAD_MULTIPLE, InfiniteVLVisionMLP, use_padded_vision_mlp
 
 
-def mlp(seed: int = 0) -> InfiniteVLVisionMLP:
+def mlp(seed: int = 0, act: str | None = None) -> InfiniteVLVisionMLP:
     torch.manual_seed(seed)
     config = copy.deepcopy(tiny_config().vision_config)
     assert config.intermediate_size % PAD_MULTIPLE  # the tiny tower exercises the padded path
@@ -21,11 +21,13 @@ def mlp(seed: int = 0) -> InfiniteVLVisionMLP:
     for p in module.parameters():
         torch.nn.init.normal_(p)
     module.__class__ = InfiniteVLVisionMLP
+    module.config_act = act
     return module
 
 
-def test_padded_inference_equals_the_plain_mlp():
-    module = mlp()
+@pytest.mark.parametrize("act", [None, "silu"], ids=["act_fn", "silu_glu"])
+def test_padded_inference_equals_the_plain_mlp(act):
+    module = mlp(act=act)
     x = torch.randn(7, module.hidden_size)
     expected = Qwen2_5_VLMLP.forward(module, x).detach()
     before = {name: p.detach().clone() for name, p in module.named_parameters()}
@@ -74,3 +76,17 @@ def test_use_padded_vision_mlp_swaps_every_block_and_refuses_others():
     other.blocks[0].mlp = torch.nn.Linear(2, 2)
     with pytest.raises(TypeError, match="Qwen2_5_VLMLP"):
         use_padded_vision_mlp(other)
+
+
+def test_vision_norms_are_swapped_and_equal_qwen2_rmsnorm():
+    from helpers import tiny_model
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+
+    from infinitevl_hf.modeling.vision_norm import InfiniteVLVisionRMSNorm
+
+    norm = tiny_model().model.visual.blocks[0].norm1
+    assert type(norm) is InfiniteVLVisionRMSNorm
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(5, norm.weight.shape[0], dtype=torch.bfloat16)
+    torch.testing.assert_close(norm.to(torch.bfloat16)(x), Qwen2_5_VLRMSNorm.forward(norm, x), rtol=0, atol=0)

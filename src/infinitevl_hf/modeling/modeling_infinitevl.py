@@ -32,6 +32,7 @@ from .positions import mrope_position_ids, num_vision_tokens, packed_mrope_posit
 from .remote_code import set_auto_map, write_model_card, write_remote_code
 from .vision_attention import use_batched_vision_attention
 from .vision_mlp import use_padded_vision_mlp
+from .vision_norm import use_compiled_vision_norms
 
 
 class InfiniteVLPreTrainedModel(PreTrainedModel):
@@ -277,6 +278,7 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
         use_batched_vision_attention(self.visual)
         use_padded_vision_mlp(self.visual)
+        use_compiled_vision_norms(self.visual)
         self.language_model = InfiniteVLTextModel._from_config(config.text_config)
         self.post_init()
 

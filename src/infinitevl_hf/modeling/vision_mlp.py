@@ -19,20 +19,34 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
 
+from .compiled import compiled_for_inference
 from .shared_storage import save_own_storage
 
 PAD_MULTIPLE = 128
 
 
+def silu_glu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+_silu_glu = compiled_for_inference(silu_glu)
+
+
 class InfiniteVLVisionMLP(Qwen2_5_VLMLP):
     """`Qwen2_5_VLMLP` (with biases) whose inference runs on zero-padded views of its weights."""
+
+    config_act: str | None = None  # the config's hidden_act, set by `use_padded_vision_mlp`
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         size = self.gate_proj.out_features
         if torch.is_grad_enabled() or size % PAD_MULTIPLE == 0 or self.gate_proj.bias is None:
             return super().forward(hidden_state)
         gate_up, gate_up_bias, down = self._padded()
-        gate, up = F.linear(hidden_state, gate_up, gate_up_bias).chunk(2, dim=-1)
+        both = F.linear(hidden_state, gate_up, gate_up_bias)
+        if self.config_act == "silu":
+            return F.linear(_silu_glu(both), down, self.down_proj.bias)  # one fused kernel on CUDA
+        gate, up = both.chunk(2, dim=-1)
         return F.linear(self.act_fn(gate) * up, down, self.down_proj.bias)
 
     def _padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,7 +82,9 @@ class InfiniteVLVisionMLP(Qwen2_5_VLMLP):
 
 def use_padded_vision_mlp(visual: nn.Module) -> None:
     """Make every block of a Qwen2.5-VL vision tower use `InfiniteVLVisionMLP` (only the class changes)."""
+    act = getattr(getattr(visual, "config", None), "hidden_act", None)
     for block in visual.blocks:
         if type(block.mlp) not in (Qwen2_5_VLMLP, InfiniteVLVisionMLP):
             raise TypeError(f"expected Qwen2_5_VLMLP in the vision blocks, got {type(block.mlp).__name__}")
         block.mlp.__class__ = InfiniteVLVisionMLP
+        block.mlp.config_act = act

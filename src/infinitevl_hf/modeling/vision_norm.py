@@ -1,0 +1,28 @@
+"""Vision-tower RMSNorm whose inference on a GPU is one compiled kernel (same math as Qwen2's RMSNorm)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+
+from .compiled import compiled_for_inference
+from .ops.norms import rms_norm
+
+_rms_norm = compiled_for_inference(rms_norm)
+
+
+class InfiniteVLVisionRMSNorm(Qwen2_5_VLRMSNorm):
+    """`Qwen2_5_VLRMSNorm` through `ops.norms.rms_norm`, compiled for CUDA inference."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def use_compiled_vision_norms(visual: nn.Module) -> None:
+    """Make the two norms of every vision block `InfiniteVLVisionRMSNorm` (only the class changes)."""
+    for block in visual.blocks:
+        for norm in (block.norm1, block.norm2):
+            if type(norm) not in (Qwen2_5_VLRMSNorm, InfiniteVLVisionRMSNorm):
+                raise TypeError(f"expected Qwen2_5_VLRMSNorm in the vision blocks, got {type(norm).__name__}")
+            norm.__class__ = InfiniteVLVisionRMSNorm
