@@ -228,7 +228,7 @@ def frame_inputs(model, group: int = 1):
 
 def streaming(model, frames: int, cache_kwarg: str, group: int = 1, graph: bool = False) -> dict:
     """Feed `frames` frames, `group` per call, through one cache; frames/s over the last 90% of calls.
-    graph: after the first call, the decoder replays a captured CUDA graph (the vision tower stays eager)."""
+    graph: after the first call, the decoder replays a captured CUDA graph (the vision tower is not captured)."""
     from infinitevl_hf import InfiniteVLCache
     from infinitevl_hf.modeling.cuda_graph import CUDAGraphPrefill
 
