@@ -32,8 +32,10 @@ def test_padded_inference_equals_the_plain_mlp(act):
     expected = Qwen2_5_VLMLP.forward(module, x).detach()
     before = {name: p.detach().clone() for name, p in module.named_parameters()}
     with torch.no_grad():
-        got = module(x)
-        again = module(x)  # the second call reuses the layout
+        assert torch.equal(module(x), expected)  # on a CPU, the plain forward
+        assert getattr(module, "_padded_layout", None) is None
+        got = module.padded_forward(x)  # what CUDA inference runs
+        again = module.padded_forward(x)  # the second call reuses the layout
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, got, rtol=0, atol=0)
     padded = module._padded_layout[0]
@@ -47,7 +49,7 @@ def test_padded_parameters_save_train_and_move():
     module = mlp()
     x = torch.randn(5, module.hidden_size)
     with torch.inference_mode():  # a first call under inference_mode must leave trainable parameters
-        module(x)
+        module.padded_forward(x)
     state = module.state_dict()
     assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in state.values())
     save_file(state, "/tmp/_padded_mlp.safetensors")
@@ -61,7 +63,7 @@ def test_padded_parameters_save_train_and_move():
 
     module.to(torch.float64)  # new parameter tensors: the padded layout is laid out again
     with torch.no_grad():
-        got = module(x.double())
+        got = module.padded_forward(x.double())
     torch.testing.assert_close(got, Qwen2_5_VLMLP.forward(module, x.double()).detach())
     assert module._padded_layout[0].dtype == torch.float64
 

@@ -6,10 +6,10 @@ products (about half of a streamed frame's vision time on an H200). Padded to 3,
 up, their biases) and zero columns (down), the products take the sm90 kernels and compute the same thing:
 the extra gate/up outputs are 0, so `act(gate) * up` is 0 there and adds nothing through `down`.
 
-No weight is copied: the first inference call re-lays the parameters as views into the padded buffers
+No weight is copied: the first CUDA inference call re-lays the parameters as views into the padded buffers
 (gate and up stacked, so they also run as one product), the way `FusedDecodeStep` joins projections.
 Names, shapes and values of the parameters are unchanged; a state-dict hook saves each as a tensor of its
-own. With gradients enabled (training) the module runs the parent's forward on its parameters.
+own. With gradients enabled (training), or off CUDA, the module runs the parent's forward on its parameters.
 """
 
 from __future__ import annotations
@@ -40,8 +40,12 @@ class InfiniteVLVisionMLP(Qwen2_5_VLMLP):
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         size = self.gate_proj.out_features
-        if torch.is_grad_enabled() or size % PAD_MULTIPLE == 0 or self.gate_proj.bias is None:
-            return super().forward(hidden_state)
+        if torch.is_grad_enabled() or not hidden_state.is_cuda or size % PAD_MULTIPLE == 0 or self.gate_proj.bias is None:
+            return super().forward(hidden_state)  # (on a CPU the padding would only add work)
+        return self.padded_forward(hidden_state)
+
+    def padded_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        """The MLP over the zero-padded weights (what `forward` runs for CUDA inference)."""
         gate_up, gate_up_bias, down = self._padded()
         both = F.linear(hidden_state, gate_up, gate_up_bias)
         if self.config_act == "silu":
