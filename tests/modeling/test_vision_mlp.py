@@ -45,15 +45,15 @@ def test_padded_inference_equals_the_plain_mlp(act):
         assert torch.equal(p, before[name]) and p.shape == before[name].shape, name
 
 
-def test_padded_parameters_save_train_and_move():
+def test_padded_parameters_save_train_and_move(tmp_path):
     module = mlp()
     x = torch.randn(5, module.hidden_size)
     with torch.inference_mode():  # a first call under inference_mode must leave trainable parameters
         module.padded_forward(x)
     state = module.state_dict()
     assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in state.values())
-    save_file(state, "/tmp/_padded_mlp.safetensors")
-    loaded = load_file("/tmp/_padded_mlp.safetensors")
+    save_file(state, tmp_path / "mlp.safetensors")
+    loaded = load_file(tmp_path / "mlp.safetensors")
     for name, p in module.named_parameters():
         assert torch.equal(loaded[name], p), name
 
