@@ -36,6 +36,25 @@ def fused_decode_available() -> bool:
     return True
 
 
+def _capture(cache, forward, warmup_steps: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Warm `forward(cache)` up on a fork of the cache (kernels pick their configs and allocate outside the
+    capture, the real state untouched), then capture one call over the real cache: (graph, its output)."""
+    scratch = cache.fork()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup_steps):
+            forward(scratch)
+    torch.cuda.current_stream().wait_stream(stream)
+    del scratch
+    graph = torch.cuda.CUDAGraph()
+    seen = cache.seen_tokens
+    with torch.cuda.graph(graph):
+        output = forward(cache)
+    cache.seen_tokens = seen  # capture recorded the call without running it
+    return graph, output
+
+
 class CUDAGraphDecoder:
     """Captures `model(input_ids[B, 1], cache)` once and replays it for every following token."""
 
@@ -64,20 +83,7 @@ class CUDAGraphDecoder:
             warmup_steps = max(warmup_steps, 3)
         self.model, self.cache = model, cache
         self.input_ids = torch.zeros(cache.batch_rows, 1, dtype=torch.long, device=cache.next_positions.device)
-        # Warm up on a copy: kernels pick their configs and allocate outside the capture, the real state untouched.
-        scratch = cache.fork()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup_steps):
-                self._forward(scratch)
-        torch.cuda.current_stream().wait_stream(stream)
-        del scratch
-        self.graph = torch.cuda.CUDAGraph()
-        seen = cache.seen_tokens
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward(cache)
-        cache.seen_tokens = seen  # capture recorded the step without running it
+        self.graph, self.logits = _capture(cache, self._forward, warmup_steps)
 
     def _forward(self, cache) -> torch.Tensor:
         if self.fused is not None:
@@ -115,19 +121,7 @@ class CUDAGraphPrefill:
         embed = self.decoder.get_input_embeddings().weight
         self.inputs_embeds = torch.zeros(cache.batch_rows, length, embed.shape[1], dtype=embed.dtype, device=embed.device)
         self.position_ids = torch.zeros(3, cache.batch_rows, length, dtype=torch.long, device=embed.device)
-        scratch = cache.fork()  # kernels tune and allocate on a copy, outside the capture
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup_steps):
-                self._forward(scratch)
-        torch.cuda.current_stream().wait_stream(stream)
-        del scratch
-        self.graph = torch.cuda.CUDAGraph()
-        seen = cache.seen_tokens
-        with torch.cuda.graph(self.graph):
-            self.hidden = self._forward(cache)
-        cache.seen_tokens = seen  # capture recorded the call without running it
+        self.graph, self.hidden = _capture(cache, self._forward, warmup_steps)
 
     def _forward(self, cache) -> torch.Tensor:
         with torch.no_grad():

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..backend import FLA, register_fla_op, select_backend
-from ..norms import gated_rms_norm
 from .cuda import fla_chunk_gated_delta_rule, fla_fused_recurrent_gated_delta_rule, load_fla_gated_delta_rule
 from .reference import (
+    gated_output_norm,
     l2norm,
     torch_chunk_gated_delta_rule,
     torch_fused_recurrent_gated_delta_rule,
@@ -118,12 +118,11 @@ def gated_delta_rule_decode_step(
         and d_v % 32 == 0
         and all(t.stride(-1) == 1 and t.stride(0) == q.stride(0) for t in inputs)
     ):
-        o = triton_gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, state, scale)
-        if gate is None:
-            return o
-        batch, heads = o.shape[0], state.shape[1]
-        return gated_rms_norm(o.view(batch, heads, d_v), norm_weight, gate.reshape(batch, heads, d_v), norm_eps).view(batch, -1)
-    return torch_gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, state, scale, gate, norm_weight, norm_eps)
+        step = triton_gated_delta_rule_decode_step
+    else:
+        step = torch_gated_delta_rule_decode_step
+    o = step(q, k, v, a, b, A_log, dt_bias, state, scale)
+    return o if gate is None else gated_output_norm(o, gate, norm_weight, norm_eps)
 
 
 __all__ = [

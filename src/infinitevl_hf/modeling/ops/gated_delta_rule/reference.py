@@ -295,7 +295,11 @@ def torch_gated_delta_rule_decode_step(
     err = v.float().view(batch, heads, d_v) - torch.einsum("bhkv,bhk->bhv", S, k)
     S = S + k[..., None] * (beta[..., None] * err)[..., None, :]
     state.copy_(S)
-    o = torch.einsum("bhkv,bhk->bhv", S, q).to(v.dtype)
-    if gate is not None:
-        o = gated_rms_norm(o, norm_weight, gate.reshape(batch, heads, d_v), norm_eps)
-    return o.reshape(batch, heads * d_v)
+    o = torch.einsum("bhkv,bhk->bhv", S, q).to(v.dtype).reshape(batch, heads * d_v)
+    return o if gate is None else gated_output_norm(o, gate, norm_weight, norm_eps)
+
+
+def gated_output_norm(o: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The layer's output norm `gated_rms_norm` per head: o and gate [B, H*V], norm_weight [V]."""
+    batch, head_dim = o.shape[0], norm_weight.shape[0]
+    return gated_rms_norm(o.view(batch, -1, head_dim), norm_weight, gate.reshape(batch, -1, head_dim), eps).view(batch, -1)
