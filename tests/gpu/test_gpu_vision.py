@@ -20,7 +20,7 @@ def test_fast_vision_inference_matches_the_plain_modules():
     from infinitevl_hf import InfiniteVLConfig
     from infinitevl_hf.modeling.vision_attention import use_batched_vision_attention
     from infinitevl_hf.modeling.vision_mlp import use_padded_vision_mlp
-    from infinitevl_hf.modeling.vision_norm import use_compiled_vision_norms
+    from infinitevl_hf.modeling.rms_norm import use_compiled_vision_norms
 
     config = InfiniteVLConfig(**json.loads(OFFICIAL.read_text())).vision_config
     config._attn_implementation = "sdpa"

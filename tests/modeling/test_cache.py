@@ -189,6 +189,9 @@ def test_static_ring_takes_chunks_like_the_dynamic_cache(implementation):
             b = model(input_ids=chunk, attention_mask=mask, use_cache=True, **{CACHE_KWARG: static}).logits
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
             seen += size
+            if size > 1:  # the rings of one call share one chunk mask, built by the first of them
+                rings = [layer for layer in static.layers if isinstance(layer, InfiniteVLRingAttentionLayer)]
+                assert len(rings) > 1 and all(r.chunk_mask is rings[0].chunk_mask for r in rings)
     assert static.is_static and static.get_seq_length() == seen
 
 

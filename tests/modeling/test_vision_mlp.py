@@ -84,10 +84,10 @@ def test_vision_norms_are_swapped_and_equal_qwen2_rmsnorm():
     from helpers import tiny_model
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
-    from infinitevl_hf.modeling.vision_norm import InfiniteVLVisionRMSNorm
+    from infinitevl_hf.modeling.rms_norm import InfiniteVLRMSNorm
 
     norm = tiny_model().model.visual.blocks[0].norm1
-    assert type(norm) is InfiniteVLVisionRMSNorm
+    assert type(norm) is InfiniteVLRMSNorm
     with torch.no_grad():
         norm.weight.normal_()
     x = torch.randn(5, norm.weight.shape[0], dtype=torch.bfloat16)

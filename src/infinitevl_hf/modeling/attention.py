@@ -22,6 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
 from .cache import InfiniteVLRingAttentionLayer
+from .compiled import compiled_for_inference
 from .ops.decode_attention import ring_decode_attention
 from .configuration_infinitevl import InfiniteVLTextConfig
 
@@ -59,6 +60,9 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     """q, k [B, H, T, D]; cos, sin [B, T, D]."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+_apply_rotary = compiled_for_inference(apply_rotary)  # one kernel for q and k on CUDA
 
 
 def mask_for(visible: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
@@ -213,7 +217,7 @@ class InfiniteVLAttention(nn.Module):
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        query, key = apply_rotary(query, key, *position_embeddings)
+        query, key = _apply_rotary(query, key, *position_embeddings)
 
         implementation = self.config._attn_implementation or "sdpa"
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None

@@ -118,16 +118,21 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
 
     is_sliding = True
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, step: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, step: torch.Tensor,
+                 chunk_masks: dict | None = None):
         super().__init__()
         self.keys, self.values, self.valid = keys, values, valid
         self.window = keys.shape[-2]
         self.step = step  # shared [1] long on device: absolute index of the next token
+        # Shared by the rings of one cache and emptied by its `advance`: every ring of a window holds the same
+        # slots and flags, so the first layer of a call builds the chunk mask and the others reuse it.
+        self.chunk_masks = {} if chunk_masks is None else chunk_masks
         self.is_initialized = True
         self.device = keys.device
 
     @classmethod
-    def from_window(cls, layer: InfiniteVLAttentionLayer, batch: int, step: torch.Tensor, like: torch.Tensor):
+    def from_window(cls, layer: InfiniteVLAttentionLayer, batch: int, step: torch.Tensor, like: torch.Tensor,
+                    chunk_masks: dict | None = None):
         """Lay the last tokens of a dynamic window layer into a ring (token n -> slot n % window)."""
         window, seen = layer.window, layer.cumulative_length
         shape = (batch, like.shape[1], window, like.shape[-1])
@@ -140,7 +145,7 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
             keys[:, :, slots] = layer.keys
             values[:, :, slots] = layer.values
             valid[:, slots] = True if layer.valid is None else layer.valid
-        return cls(keys, values, valid, step)
+        return cls(keys, values, valid, step, chunk_masks)
 
     def update(self, key_states, value_states, *args, valid: torch.Tensor | None = None, **kwargs):
         """One token: write it, then attend over the ring. A chunk of T <= window tokens: return the ring
@@ -163,13 +168,16 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
         keys = torch.cat([self.keys, key_states], dim=2)  # copies: the writes below do not touch them
         values = torch.cat([self.values, value_states], dim=2)
         offsets = torch.arange(length, device=device)
-        slots = torch.arange(self.window, device=device)
-        newest = self.step - 1 - torch.remainder(self.step - 1 - slots, self.window)  # token held by each slot
-        in_window = (self.step + offsets)[:, None] - newest[None, :] < self.window  # [T, window]
-        ring_visible = self.valid[:, None, :] & in_window[None]
-        causal = offsets[None, :] <= offsets[:, None]
-        chunk_visible = (causal[None] & new_valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
-        self.chunk_mask = torch.cat([ring_visible, chunk_visible], dim=-1)[:, None]
+        mask_key = (self.window, length, None if valid is None else id(valid))
+        self.chunk_mask = self.chunk_masks.get(mask_key)
+        if self.chunk_mask is None:
+            slots = torch.arange(self.window, device=device)
+            newest = self.step - 1 - torch.remainder(self.step - 1 - slots, self.window)  # token held by each slot
+            in_window = (self.step + offsets)[:, None] - newest[None, :] < self.window  # [T, window]
+            ring_visible = self.valid[:, None, :] & in_window[None]
+            causal = offsets[None, :] <= offsets[:, None]
+            chunk_visible = (causal[None] & new_valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
+            self.chunk_mask = self.chunk_masks[mask_key] = torch.cat([ring_visible, chunk_visible], dim=-1)[:, None]
         write = torch.remainder(self.step + offsets, self.window)
         self.keys.index_copy_(2, write, key_states)
         self.values.index_copy_(2, write, value_states)
@@ -332,6 +340,7 @@ class InfiniteVLCache(Cache):
         self.seen_tokens = 0
         self.next_positions: torch.LongTensor | None = None
         self.device_step: torch.LongTensor | None = None  # set by `to_static`
+        self.chunk_masks: dict = {}  # the rings' mask of the current call (see InfiniteVLRingAttentionLayer)
         self.wants_static = False  # generate(cache_implementation="static"): go static after the prompt
         self.graph_compile = "fused"  # how that decode graph is built: "fused" (compiled) or None (the module path)
         self.graph_decoder = None  # the CUDAGraphDecoder replaying decode steps, once captured
@@ -422,7 +431,8 @@ class InfiniteVLCache(Cache):
             if isinstance(layer, InfiniteVLAttentionLayer):
                 if layer.window is None:
                     raise ValueError(f"Layer {i} is full attention: its cache grows with the input and cannot be static.")
-                self.layers[i] = InfiniteVLRingAttentionLayer.from_window(layer, self.batch_rows, self.device_step, like)
+                self.layers[i] = InfiniteVLRingAttentionLayer.from_window(layer, self.batch_rows, self.device_step, like,
+                                                                          self.chunk_masks)
         return self
 
     def to_dynamic(self) -> InfiniteVLCache:
@@ -449,6 +459,7 @@ class InfiniteVLCache(Cache):
         """After a forward: count its tokens and move each row's running position one past its largest
         valid position. Updates happen in place, so a captured CUDA graph advances the same tensors."""
         self.seen_tokens += length
+        self.chunk_masks.clear()  # the next call's rings hold other tokens
         if self.device_step is not None:
             self.device_step.add_(length)
         latest = position_ids.amax(dim=0)  # [B, T]

@@ -16,8 +16,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
-    Qwen2_5_VLRMSNorm,
-    Qwen2MLP,
 )
 
 from .attention import InfiniteVLAttention, InfiniteVLRotaryEmbedding
@@ -27,12 +25,14 @@ from .cuda_graph import CUDAGraphDecoder, fused_decode_available
 from .fused_decode import FusedDecodeStep
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
 from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
+from .mlp import InfiniteVLMLP
 from .loading import LEGACY_KEY_MAPPING, check_loading_info
 from .positions import mrope_position_ids, num_vision_tokens, packed_mrope_position_ids
 from .remote_code import set_auto_map, write_model_card, write_remote_code
 from .vision_attention import use_batched_vision_attention
 from .vision_mlp import use_padded_vision_mlp
-from .vision_norm import use_compiled_vision_norms
+from .vision_patch_embed import use_linear_patch_embed
+from .rms_norm import InfiniteVLRMSNorm, use_compiled_vision_norms
 
 
 class InfiniteVLPreTrainedModel(PreTrainedModel):
@@ -87,9 +87,9 @@ class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
             self.self_attn = InfiniteVLGatedDeltaNet(config, layer_idx)
         else:
             self.self_attn = InfiniteVLAttention(config, layer_idx)
-        self.mlp = Qwen2MLP(config)
-        self.input_layernorm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = InfiniteVLMLP(config)
+        self.input_layernorm = InfiniteVLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = InfiniteVLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -122,7 +122,7 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(InfiniteVLDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = Qwen2_5_VLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = InfiniteVLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = InfiniteVLRotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -214,6 +214,8 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         return output
 
     def _run_layers(self, hidden_states, position_ids, token_valid, cache, output_hidden_states, **kwargs):
+        if cache is not None:
+            cache.chunk_masks.clear()  # masks shared by the layers of one call only (even after a failed call)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         per_layer = []
         for layer in self.layers:
@@ -279,6 +281,7 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         use_batched_vision_attention(self.visual)
         use_padded_vision_mlp(self.visual)
         use_compiled_vision_norms(self.visual)
+        use_linear_patch_embed(self.visual)
         self.language_model = InfiniteVLTextModel._from_config(config.text_config)
         self.post_init()
 
@@ -288,9 +291,10 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> torch.Tensor:
-        """Merged vision features [sum of tokens per image, hidden] for flattened patches `pixel_values`."""
-        output = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw)
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **tower_kwargs) -> torch.Tensor:
+        """Merged vision features [sum of tokens per image, hidden] for flattened patches `pixel_values`.
+        tower_kwargs: the tower's grid-dependent inputs when precomputed (`frame_graph.vision_layout`)."""
+        output = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw, **tower_kwargs)
         return output.pooler_output if hasattr(output, "pooler_output") else output
 
     get_video_features = get_image_features

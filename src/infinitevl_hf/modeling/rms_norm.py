@@ -1,4 +1,5 @@
-"""Vision-tower RMSNorm whose inference on a GPU is one compiled kernel (same math as Qwen2's RMSNorm)."""
+"""RMSNorm module of the decoder and the vision blocks whose inference on a GPU is one compiled kernel (the same
+math as Qwen2's RMSNorm, `ops.norms.rms_norm`: five float32 passes over the activations when run eagerly)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,17 @@ from .ops.norms import rms_norm
 _rms_norm = compiled_for_inference(rms_norm)
 
 
-class InfiniteVLVisionRMSNorm(Qwen2_5_VLRMSNorm):
-    """`Qwen2_5_VLRMSNorm` through `ops.norms.rms_norm`, compiled for CUDA inference."""
+class InfiniteVLRMSNorm(Qwen2_5_VLRMSNorm):
+    """`Qwen2_5_VLRMSNorm` (same parameter) through `ops.norms.rms_norm`, compiled for CUDA inference."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return _rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def use_compiled_vision_norms(visual: nn.Module) -> None:
-    """Make the two norms of every vision block `InfiniteVLVisionRMSNorm` (only the class changes)."""
+    """Make the two norms of every vision block `InfiniteVLRMSNorm` (only the class changes)."""
     for block in visual.blocks:
         for norm in (block.norm1, block.norm2):
-            if type(norm) not in (Qwen2_5_VLRMSNorm, InfiniteVLVisionRMSNorm):
+            if type(norm) not in (Qwen2_5_VLRMSNorm, InfiniteVLRMSNorm):
                 raise TypeError(f"expected Qwen2_5_VLRMSNorm in the vision blocks, got {type(norm).__name__}")
-            norm.__class__ = InfiniteVLVisionRMSNorm
+            norm.__class__ = InfiniteVLRMSNorm
