@@ -228,9 +228,9 @@ def frame_inputs(model, group: int = 1):
 
 def streaming(model, frames: int, cache_kwarg: str, group: int = 1, graph: bool = False) -> dict:
     """Feed `frames` frames, `group` per call, through one cache; frames/s over the last 90% of calls.
-    graph: after the first call, the decoder replays a captured CUDA graph (the vision tower is not captured)."""
+    graph: after the first call, each call replays one captured CUDA graph (vision tower, embeddings, decoder)."""
     from infinitevl_hf import InfiniteVLCache
-    from infinitevl_hf.modeling.cuda_graph import CUDAGraphPrefill
+    from infinitevl_hf.modeling.frame_graph import CUDAGraphFrames
 
     ids, grid, pixels = frame_inputs(model, group)
     cache = InfiniteVLCache(model.config)
@@ -242,11 +242,9 @@ def streaming(model, frames: int, cache_kwarg: str, group: int = 1, graph: bool 
             start = time.perf_counter()
             if graph and i > 0:
                 if i == 1:
-                    step = CUDAGraphPrefill(model, cache, ids.shape[1])
+                    step = CUDAGraphFrames(model, cache, ids, image_grid_thw=grid)
                     start = time.perf_counter()  # capture time is not a frame's time
-                embeds, positions = model.model.decoder_inputs(
-                    ids, pixel_values=pixels[i % len(pixels)], image_grid_thw=grid, cache=cache)
-                step(embeds, positions)
+                step(pixels[i % len(pixels)])
             else:
                 model(input_ids=ids, pixel_values=pixels[i % len(pixels)], image_grid_thw=grid, use_cache=True,
                       logits_to_keep=1, **{cache_kwarg: cache})
@@ -262,21 +260,32 @@ def streaming(model, frames: int, cache_kwarg: str, group: int = 1, graph: bool 
             "ms_per_call_curve": [round(1e3 * t, 2) for t in times[:: max(1, calls // 200)]]}
 
 
-def streaming_batched(model, frames: int, streams: int, cache_kwarg: str) -> dict:
+def streaming_batched(model, frames: int, streams: int, cache_kwarg: str, group: int = 1, graph: bool = False) -> dict:
+    """`streams` streams as the rows of one batch, `group` frames per row and call; with graph, every call after the
+    first replays one captured CUDA graph."""
     from infinitevl_hf import InfiniteVLCache
+    from infinitevl_hf.modeling.frame_graph import CUDAGraphFrames
 
-    ids, grid, pixels = frame_inputs(model, 1)
-    ids = ids.expand(streams, -1)
-    grid = grid.expand(streams, -1)
+    ids, grid, pixels = frame_inputs(model, group)
+    ids = ids.expand(streams, -1).contiguous()
+    grid = grid.repeat(streams, 1)
     pixel_batch = torch.cat([pixels[i % len(pixels)] for i in range(streams)])
     cache = InfiniteVLCache(model.config)
+    calls = max(1, frames // group)
     with torch.no_grad():
-        for _ in range(3):
-            model(input_ids=ids, pixel_values=pixel_batch, image_grid_thw=grid, use_cache=True, logits_to_keep=1,
-                  **{cache_kwarg: cache})
-        seconds = timed(lambda: [model(input_ids=ids, pixel_values=pixel_batch, image_grid_thw=grid, use_cache=True,
-                                       logits_to_keep=1, **{cache_kwarg: cache}) for _ in range(frames)])
-    return {"streams": streams, "frames_per_stream": frames, "aggregate_frames_per_s": streams * frames / seconds}
+        model(input_ids=ids, pixel_values=pixel_batch, image_grid_thw=grid, use_cache=True, logits_to_keep=1,
+              **{cache_kwarg: cache})
+        if graph:
+            step = CUDAGraphFrames(model, cache, ids, image_grid_thw=grid)
+            call = lambda: step(pixel_batch)  # noqa: E731
+        else:
+            call = lambda: model(input_ids=ids, pixel_values=pixel_batch, image_grid_thw=grid, use_cache=True,  # noqa: E731
+                                 logits_to_keep=1, **{cache_kwarg: cache})
+        for _ in range(2):
+            call()
+        seconds = timed(lambda: [call() for _ in range(calls)])
+    return {"streams": streams, "frames_per_stream": calls * group, "frames_per_call": group, "cuda_graph": graph,
+            "aggregate_frames_per_s": streams * calls * group / seconds}
 
 
 def guarded(label: str, fn):
@@ -375,7 +384,8 @@ def main(argv=None):
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--frames-per-call", type=int, nargs="+", default=[1, 8],
                         help="frame group sizes for the single-stream measurement")
-    parser.add_argument("--graph", action="store_true", help="replay the decoder of each frame call from a CUDA graph")
+    parser.add_argument("--batched-frames-per-call", type=int, default=1, help="frames per stream and call, batched streams")
+    parser.add_argument("--graph", action="store_true", help="replay each streamed call (after the first) from one CUDA graph")
     parser.add_argument("--skip-teacher", action="store_true")
     parser.add_argument("--skip-infinitevl", action="store_true")
     parser.add_argument("--resume", type=Path, default=None,
@@ -421,7 +431,8 @@ def main(argv=None):
                 log("streaming", group, {k: v for k, v in row.items() if k != "ms_per_call_curve"})
             results["streaming"] = max(results["streaming_groups"].values(), key=lambda r: r.get("frames_per_s", 0))
             results["streaming_batched"] = guarded(
-                "batched", lambda: streaming_batched(model, max(8, args.frames // 20), args.streams, CACHE_KWARG))
+                "batched", lambda: streaming_batched(model, max(8, args.frames // 10), args.streams, CACHE_KWARG,
+                                                     args.batched_frames_per_call, args.graph))
             log("batched", results["streaming_batched"])
         write_outputs(results, args.out)
         del model

@@ -51,6 +51,7 @@ import torch
 from .modeling.cache import InfiniteVLAttentionLayer, InfiniteVLCache, InfiniteVLLinearAttentionLayer
 from .modeling.compat import CACHE_KWARG
 from .modeling.cuda_graph import CUDAGraphPrefill
+from .modeling.frame_graph import CUDAGraphFrames
 from .modeling.modeling_infinitevl import text_position_ids
 
 STATE_FORMAT = "infinitevl-stream-state"
@@ -133,12 +134,13 @@ class StreamingSession:
             "end": config.vision_end_token_id,
         }
         self.cache = InfiniteVLCache(config)
-        # On CUDA, chunks of a length seen before replay a captured decoder graph (the vision tower stays eager).
+        # On CUDA, a chunk of frames of a layout seen before replays one captured graph of the whole call (vision
+        # tower, embeddings, decoder); text replays a captured decoder graph for its length.
         self.cuda_graphs = cuda_graphs and all(
             kind == "linear_attention" or config.text_config.window_for_layer(i) is not None
             for i, kind in enumerate(config.text_config.layer_types)
         )
-        self._graphs: dict[int, CUDAGraphPrefill] = {}
+        self._graphs: dict[tuple, CUDAGraphFrames | CUDAGraphPrefill] = {}
         self._pending: list[tuple[np.ndarray, float]] = []
         self._frames = 0
         self._chunks = 0
@@ -414,7 +416,17 @@ class StreamingSession:
         return length <= (self.cache.max_tokens_per_call or self.model.config.text_config.sliding_window)
 
     def _graph_forward(self, input_ids: torch.LongTensor, **inputs) -> None:
-        """Feed a chunk through the captured decoder graph for its length (captured on first use)."""
+        """Feed a chunk through its captured graph (captured on first use): frames by their token layout and grid,
+        text by its length."""
+        if "pixel_values_videos" in inputs:
+            grid = inputs["video_grid_thw"]
+            key = ("frames", tuple(input_ids.flatten().tolist()), tuple(grid.flatten().tolist()))
+            step = self._graphs.get(key)
+            if step is None:
+                step = self._graphs[key] = CUDAGraphFrames(
+                    self.model, self.cache, input_ids, video_grid_thw=grid, second_per_grid_ts=inputs.get("second_per_grid_ts"))
+            step(inputs["pixel_values_videos"], inputs.get("second_per_grid_ts"))
+            return
         base = self.model.model
         with torch.no_grad():
             embeds, positions = base.decoder_inputs(input_ids, cache=self.cache, **inputs)
@@ -422,9 +434,9 @@ class StreamingSession:
                 embeds = base.get_input_embeddings()(input_ids)
             if positions is None:
                 positions = text_position_ids(None, self.cache, input_ids.shape[0], input_ids.shape[1], input_ids.device)
-            step = self._graphs.get(input_ids.shape[1])
+            step = self._graphs.get(("text", input_ids.shape[1]))
             if step is None:
-                step = self._graphs[input_ids.shape[1]] = CUDAGraphPrefill(self.model, self.cache, input_ids.shape[1])
+                step = self._graphs[("text", input_ids.shape[1])] = CUDAGraphPrefill(self.model, self.cache, input_ids.shape[1])
             step(embeds, positions)
 
     def _forward(self, cache: InfiniteVLCache, input_ids: torch.LongTensor, **inputs) -> torch.Tensor:

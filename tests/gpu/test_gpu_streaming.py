@@ -22,8 +22,35 @@ def test_frame_steps_from_a_cuda_graph_equal_eager_steps(tmp_path):
         session.add_text("<|im_start|>user\n")
         session.add_frames(frames)
     graphed, eager = sessions
-    assert graphed._graphs and graphed.cache.is_static and not eager._graphs
+    assert graphed.cache.is_static and not eager._graphs
+    assert any(key[0] == "frames" for key in graphed._graphs)  # whole frame calls replayed from one graph
     a, b = (s.question_logits("What happens?") for s in sessions)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert graphed.ask("What happens?", max_new_tokens=8) == eager.ask("What happens?", max_new_tokens=8)
     assert graphed.stats.cache_bytes == graphed.cache.nbytes
+
+
+def test_whole_frame_calls_from_one_cuda_graph_equal_the_model():
+    from helpers import IMAGE_TOKEN, VISION_END, VISION_START, text_ids, tiny_model
+
+    from infinitevl_hf import InfiniteVLCache
+    from infinitevl_hf.modeling.compat import CACHE_KWARG
+    from infinitevl_hf.modeling.frame_graph import CUDAGraphFrames
+
+    model = tiny_model(sliding_window=64).to("cuda")
+    grids = [(1, 4, 8), (1, 6, 4)]  # windows of two lengths, two images per call
+    ids = torch.tensor([sum(([VISION_START] + [IMAGE_TOKEN] * (t * h * w // 4) + [VISION_END] for t, h, w in grids), [])],
+                       device="cuda")
+    grid = torch.tensor(grids, device="cuda")
+    caches = [InfiniteVLCache(model.config), InfiniteVLCache(model.config)]
+    with torch.no_grad():
+        for cache in caches:
+            model(input_ids=text_ids(1, 5).to("cuda"), use_cache=True, **{CACHE_KWARG: cache})
+        step = CUDAGraphFrames(model, caches[1], ids, image_grid_thw=grid)
+        for call in range(4):
+            pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 2 * 2, device="cuda")
+            expected = model.model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, use_cache=True,
+                                   **{CACHE_KWARG: caches[0]}).last_hidden_state[:, -1:]
+            torch.testing.assert_close(step(pixels), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(caches[1].next_positions, caches[0].next_positions, rtol=0, atol=0)
+        assert caches[1].seen_tokens == caches[0].seen_tokens

@@ -1,0 +1,40 @@
+"""Kernels of one streamed call replayed from its CUDA graph (vision tower, embeddings and decoder captured together).
+
+    python benchmarks/profile_frame_graph.py --group 16
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench import build_infinitevl, frame_inputs
+from profile_frame import seconds, table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--group", type=int, default=16, help="frames per call")
+    parser.add_argument("--rows", type=int, default=40)
+    args = parser.parse_args(argv)
+
+    from infinitevl_hf import InfiniteVLCache
+    from infinitevl_hf.modeling.compat import CACHE_KWARG
+    from infinitevl_hf.modeling.frame_graph import CUDAGraphFrames
+
+    model = build_infinitevl()
+    ids, grid, pixels = frame_inputs(model, args.group)
+    cache = InfiniteVLCache(model.config)
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=pixels[0], image_grid_thw=grid, use_cache=True, logits_to_keep=1,
+              **{CACHE_KWARG: cache})
+        step = CUDAGraphFrames(model, cache, ids, image_grid_thw=grid)
+        replay = seconds(lambda: step(pixels[1]))
+        print(f"{args.group} frames per call, whole call graph: {1e3 * replay:.2f} ms per call, "
+              f"{1e3 * replay / args.group:.2f} ms per frame")
+        table(lambda: step(pixels[1]), args.rows, "whole call graph")
+
+
+if __name__ == "__main__":
+    main()
