@@ -54,3 +54,38 @@ def test_whole_frame_calls_from_one_cuda_graph_equal_the_model():
             torch.testing.assert_close(step(pixels), expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(caches[1].next_positions, caches[0].next_positions, rtol=0, atol=0)
         assert caches[1].seen_tokens == caches[0].seen_tokens
+
+
+def test_long_chunks_through_the_static_rings_take_flex_attention_and_equal_the_dynamic_cache():
+    from helpers import text_ids, tiny_model
+
+    from infinitevl_hf import InfiniteVLCache
+    from infinitevl_hf.modeling import attention
+    from infinitevl_hf.modeling.compat import CACHE_KWARG
+
+    window = 2048
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    model = tiny_model(sliding_window=window, hidden_size=64, rope_parameters=rope).to("cuda")  # head dim 16 for flex
+    dynamic, static = InfiniteVLCache(model.config), InfiniteVLCache(model.config)
+    calls = []
+    original = attention.window_flex_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("key_valid") is not None)
+        return original(*args, **kwargs)
+
+    attention.window_flex_attention = counting
+    try:
+        with torch.no_grad():
+            prompt = text_ids(1, 7).to("cuda")
+            for cache in (dynamic, static):
+                model(input_ids=prompt, use_cache=True, **{CACHE_KWARG: cache})
+            static.to_static()
+            for t, size in enumerate([1500, 1100, 2048, 1024]):  # the ring empty, filling, full, wrapped
+                chunk = text_ids(1, size, seed=300 + t).to("cuda")
+                a = model(input_ids=chunk, use_cache=True, **{CACHE_KWARG: dynamic}).logits
+                b = model(input_ids=chunk, use_cache=True, **{CACHE_KWARG: static}).logits
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    finally:
+        attention.window_flex_attention = original
+    assert sum(calls) >= 4 * 2  # every chunk, in both attention layers, went through the ring's flex path

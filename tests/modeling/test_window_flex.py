@@ -20,3 +20,33 @@ def test_window_flex_attention_equals_the_dense_window_mask(past, length, window
     mask = window_attention_mask(None, None, 2, length, past, window, "sdpa", q.dtype, q.device)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("step,length", [(5, 6), (21, 8), (40, 3), (13, 2)])
+def test_ring_in_token_order_with_flex_equals_the_ring_under_its_dense_mask(step, length):
+    """A static ring (some slots empty or padding) taking a chunk: its keys in token order through the window's
+    block mask and a validity score_mod give what the ring + chunk under the dense chunk mask give, and both
+    leave the ring in the same state."""
+    from infinitevl_hf.modeling.cache import InfiniteVLRingAttentionLayer
+
+    window = 8
+    torch.manual_seed(step)
+    keys, values = torch.randn(2, 2, window, 16), torch.randn(2, 2, window, 16)
+    valid = torch.rand(2, window) > 0.3
+    if step < window:
+        valid[:, step:] = False  # never written yet
+    rings = [InfiniteVLRingAttentionLayer(keys.clone(), values.clone(), valid.clone(), torch.tensor([step]))
+             for _ in range(2)]
+    q, k, v = torch.randn(2, 4, length, 16), torch.randn(2, 2, length, 16), torch.randn(2, 2, length, 16)
+    new_valid = torch.ones(2, length, dtype=torch.bool)
+    new_valid[1, 0] = False  # a padded token in the chunk
+    dense_k, dense_v = rings[0].update(k, v, valid=new_valid)
+    expected = F.scaled_dot_product_attention(q, dense_k, dense_v, attn_mask=rings[0].chunk_mask, scale=0.25,
+                                              enable_gqa=True).transpose(1, 2)
+    ordered_k, ordered_v, flags = rings[1].update_in_order(k, v, valid=new_valid)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = window_flex_attention(q, ordered_k, ordered_v, window - 1, window, 0.25, key_valid=flags)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    for name in ("keys", "values", "valid"):
+        torch.testing.assert_close(getattr(rings[1], name), getattr(rings[0], name), rtol=0, atol=0)

@@ -152,16 +152,33 @@ def _window_block_mask(past_length: int, length: int, window: int, device: str):
 
 
 def window_flex_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_length: int, window: int, scaling: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_length: int,
+    window: int,
+    scaling: float,
+    key_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A chunk of `T` queries over `past_length` cached keys followed by its own keys, through a sliding window,
     with flex_attention: its block mask skips the blocks outside the window that a dense-mask kernel computes
-    and throws away (for a chunk of one window that is half the work). No padding.
+    and throws away (for a chunk of one window that is half the work).
 
-    query [B, H, T, D]; key/value [B, H_kv, past_length + T, D]. Returns [B, T, H, D].
+    query [B, H, T, D]; key/value [B, H_kv, past_length + T, D], oldest first; key_valid [B, past_length + T]
+    bool (False: padding or an empty slot, which no query sees but its own) or None (all valid).
+    Returns [B, T, H, D].
     """
     mask = _window_block_mask(past_length, query.shape[2], window, str(query.device))
-    out = _flex_attention(query.is_cuda)(query, key, value, block_mask=mask, scale=scaling, enable_gqa=True)
+    score_mod = None
+    if key_valid is not None:
+        # a score_mod rather than the block mask: the mask stays static (built once per shape), the flags are data
+
+        def score_mod(score, batch, head, q_idx, kv_idx):
+            keep = key_valid[batch, kv_idx] | (kv_idx == q_idx + past_length)
+            return torch.where(keep, score, -float("inf"))
+
+    out = _flex_attention(query.is_cuda)(query, key, value, score_mod=score_mod, block_mask=mask, scale=scaling,
+                                         enable_gqa=True)
     return out.transpose(1, 2)
 
 
@@ -229,6 +246,14 @@ class InfiniteVLAttention(nn.Module):
             mask = packed_window_mask(cu_seqlens, length, self.window, implementation, query.dtype, query.device)
         elif isinstance(layer_cache, InfiniteVLRingAttentionLayer):
             # Static decode: the ring holds exactly the window (this token included); no host syncs.
+            if (length >= FLEX_MIN_TOKENS and implementation == "sdpa" and not self.training
+                    and flex_attention_usable(query)):
+                # A long chunk (frames of a stream): the window's block mask over the ring in token order skips the
+                # keys a dense mask over ring + chunk computes and throws away (a third of them for 4K tokens).
+                key, value, key_valid = layer_cache.update_in_order(key, value, valid=token_valid)
+                output = window_flex_attention(query, key, value, layer_cache.window - 1, self.window, self.scaling,
+                                               key_valid=key_valid)
+                return self.o_proj(output.reshape(batch, length, -1).contiguous())
             key, value = layer_cache.update(key, value, valid=token_valid)
             if length == 1 and not self.training:
                 output = ring_decode_attention(query, key, value, layer_cache.valid, self.scaling)

@@ -184,6 +184,29 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
         self.valid.index_copy_(1, write, new_valid)
         return keys, values
 
+    def update_in_order(self, key_states, value_states, valid: torch.Tensor | None = None):
+        """A chunk of T <= window tokens: return the `window - 1` tokens before it, oldest first, followed by the
+        chunk ([B, H_kv, window - 1 + T, D] keys and values, and [B, window - 1 + T] flags: False on padding and
+        on slots never written), then write the chunk into its slots. In token order the chunk's mask is the
+        plain sliding window, so it can be a static block mask. No host syncs."""
+        length = key_states.shape[-2]
+        if length > self.window:
+            raise ValueError(
+                f"A static (ring) InfiniteVLCache takes at most window={self.window} tokens per call, got {length}."
+            )
+        device = key_states.device
+        new_valid = torch.ones(key_states.shape[0], length, dtype=torch.bool, device=device) if valid is None else valid
+        # tokens step - window + 1 ... step - 1 live in slots (step + 1 + i) % window
+        order = torch.remainder(self.step + 1 + torch.arange(self.window - 1, device=device), self.window)
+        keys = torch.cat([self.keys.index_select(2, order), key_states], dim=2)
+        values = torch.cat([self.values.index_select(2, order), value_states], dim=2)
+        flags = torch.cat([self.valid.index_select(1, order), new_valid], dim=1)
+        write = torch.remainder(self.step + torch.arange(length, device=device), self.window)
+        self.keys.index_copy_(2, write, key_states)
+        self.values.index_copy_(2, write, value_states)
+        self.valid.index_copy_(1, write, new_valid)
+        return keys, values, flags
+
     def to_window_layer(self, seen: int) -> InfiniteVLAttentionLayer:
         """The same keys as a dynamic window layer (oldest first, the last `window - 1` tokens)."""
         layer = InfiniteVLAttentionLayer(self.window)
