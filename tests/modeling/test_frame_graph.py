@@ -72,3 +72,17 @@ def test_vision_layout_is_what_the_tower_computes_itself():
         expected = visual(pixels, grid_thw=grid).pooler_output
         got = visual(pixels, grid_thw=grid, **layout).pooler_output
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_frame_step_starts_a_fresh_cache_like_the_model():
+    model = tiny_model()
+    ids = chunk_ids([(1, 4, 4)], IMAGE_TOKEN)
+    grid = torch.tensor([[1, 4, 4]])
+    pixels = torch.randn(16, 3 * 2 * 2 * 2)
+    caches = [InfiniteVLCache(model.config), InfiniteVLCache(model.config)]
+    with torch.no_grad():
+        expected = model.model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, use_cache=True,
+                               **{CACHE_KWARG: caches[0]}).last_hidden_state[:, -1:]
+        got = FrameStep(model, ids, image_grid_thw=grid)(pixels, caches[1])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1].next_positions, caches[0].next_positions, rtol=0, atol=0)

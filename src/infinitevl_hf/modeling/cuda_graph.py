@@ -6,7 +6,8 @@ layer, fixed Gated DeltaNet states), a whole decode step has static shapes and a
 cache is static (`InfiniteVLCache.to_static`), so it can be captured once and replayed per token.
 
 The same holds for feeding a fixed number of tokens, e.g. one video frame per call in a stream:
-`CUDAGraphPrefill` captures the decoder over `length` input embeddings (the vision tower stays eager).
+`CUDAGraphPrefill` captures the decoder over `length` input embeddings (the vision tower stays eager;
+`frame_graph.CUDAGraphFrames` captures whole calls of frames, tower included).
 
 Decode steps are used by `generate(..., cache_implementation="static")` on CUDA (with `compile="fused"`,
 concatenated projections and the Triton matvec where Triton is installed: `FusedDecodeStep`), or directly:
@@ -36,7 +37,7 @@ def fused_decode_available() -> bool:
     return True
 
 
-def _capture(cache, forward, warmup_steps: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def capture_over_cache(cache, forward, warmup_steps: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Warm `forward(cache)` up on a fork of the cache (kernels pick their configs and allocate outside the
     capture, the real state untouched), then capture one call over the real cache: (graph, its output)."""
     scratch = cache.fork()
@@ -83,7 +84,7 @@ class CUDAGraphDecoder:
             warmup_steps = max(warmup_steps, 3)
         self.model, self.cache = model, cache
         self.input_ids = torch.zeros(cache.batch_rows, 1, dtype=torch.long, device=cache.next_positions.device)
-        self.graph, self.logits = _capture(cache, self._forward, warmup_steps)
+        self.graph, self.logits = capture_over_cache(cache, self._forward, warmup_steps)
 
     def _forward(self, cache) -> torch.Tensor:
         if self.fused is not None:
@@ -121,7 +122,7 @@ class CUDAGraphPrefill:
         embed = self.decoder.get_input_embeddings().weight
         self.inputs_embeds = torch.zeros(cache.batch_rows, length, embed.shape[1], dtype=embed.dtype, device=embed.device)
         self.position_ids = torch.zeros(3, cache.batch_rows, length, dtype=torch.long, device=embed.device)
-        self.graph, self.hidden = _capture(cache, self._forward, warmup_steps)
+        self.graph, self.hidden = capture_over_cache(cache, self._forward, warmup_steps)
 
     def _forward(self, cache) -> torch.Tensor:
         with torch.no_grad():
