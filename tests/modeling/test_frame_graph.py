@@ -86,3 +86,23 @@ def test_frame_step_starts_a_fresh_cache_like_the_model():
         got = FrameStep(model, ids, image_grid_thw=grid)(pixels, caches[1])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(caches[1].next_positions, caches[0].next_positions, rtol=0, atol=0)
+
+
+def test_frame_step_feeds_batched_streams_like_the_model():
+    """Rows of one call are separate streams (batched): each row's frames, positions and cache rows stay its own."""
+    model = tiny_model()
+    ids = chunk_ids([(1, 4, 8)], IMAGE_TOKEN).expand(2, -1).contiguous()
+    grid = torch.tensor([[1, 4, 8], [1, 4, 8]])  # one grid per row, in row order
+    prompt = torch.cat([text_ids(1, 5), text_ids(1, 5, seed=9)])
+    caches = [InfiniteVLCache(model.config), InfiniteVLCache(model.config)]
+    with torch.no_grad():
+        for cache in caches:
+            model(input_ids=prompt, use_cache=True, **{CACHE_KWARG: cache})
+        step = FrameStep(model, ids, image_grid_thw=grid)
+        for call in range(2):
+            pixels = torch.randn(64, 3 * 2 * 2 * 2)
+            expected = model.model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, use_cache=True,
+                                   **{CACHE_KWARG: caches[0]}).last_hidden_state[:, -1:]
+            torch.testing.assert_close(step(pixels, caches[1]), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected[0], expected[1])  # the rows really are different streams
+    torch.testing.assert_close(caches[1].next_positions, caches[0].next_positions, rtol=0, atol=0)
