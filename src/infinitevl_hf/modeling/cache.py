@@ -124,7 +124,7 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
         self.keys, self.values, self.valid = keys, values, valid
         self.window = keys.shape[-2]
         self.step = step  # shared [1] long on device: absolute index of the next token
-        # Shared by the rings of one cache and emptied by its `advance`: every ring of a window holds the same
+        # Shared by the rings of one cache and emptied after each decoder call: every ring of a window holds the same
         # slots and flags, so the first layer of a call builds the chunk mask and the others reuse it.
         self.chunk_masks = {} if chunk_masks is None else chunk_masks
         self.is_initialized = True
@@ -158,14 +158,9 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
             self.values.index_copy_(2, slot, value_states)
             self.valid.index_fill_(1, slot, True) if valid is None else self.valid.index_copy_(1, slot, valid)
             return self.keys, self.values
-        if length > self.window:
-            raise ValueError(
-                f"A static (ring) InfiniteVLCache takes at most window={self.window} tokens per call, got {length}."
-            )
         device = key_states.device
-        batch = key_states.shape[0]
-        new_valid = torch.ones(batch, length, dtype=torch.bool, device=device) if valid is None else valid
-        keys = torch.cat([self.keys, key_states], dim=2)  # copies: the writes below do not touch them
+        new_valid = self._chunk_flags(key_states, valid)
+        keys = torch.cat([self.keys, key_states], dim=2)  # copies: the write below does not touch them
         values = torch.cat([self.values, value_states], dim=2)
         offsets = torch.arange(length, device=device)
         mask_key = (self.window, length, None if valid is None else id(valid))
@@ -178,10 +173,7 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
             causal = offsets[None, :] <= offsets[:, None]
             chunk_visible = (causal[None] & new_valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
             self.chunk_mask = self.chunk_masks[mask_key] = torch.cat([ring_visible, chunk_visible], dim=-1)[:, None]
-        write = torch.remainder(self.step + offsets, self.window)
-        self.keys.index_copy_(2, write, key_states)
-        self.values.index_copy_(2, write, value_states)
-        self.valid.index_copy_(1, write, new_valid)
+        self._write_chunk(key_states, value_states, new_valid)
         return keys, values
 
     def update_in_order(self, key_states, value_states, valid: torch.Tensor | None = None):
@@ -189,23 +181,31 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
         chunk ([B, H_kv, window - 1 + T, D] keys and values, and [B, window - 1 + T] flags: False on padding and
         on slots never written), then write the chunk into its slots. In token order the chunk's mask is the
         plain sliding window, so it can be a static block mask. No host syncs."""
-        length = key_states.shape[-2]
-        if length > self.window:
-            raise ValueError(
-                f"A static (ring) InfiniteVLCache takes at most window={self.window} tokens per call, got {length}."
-            )
         device = key_states.device
-        new_valid = torch.ones(key_states.shape[0], length, dtype=torch.bool, device=device) if valid is None else valid
+        new_valid = self._chunk_flags(key_states, valid)
         # tokens step - window + 1 ... step - 1 live in slots (step + 1 + i) % window
         order = torch.remainder(self.step + 1 + torch.arange(self.window - 1, device=device), self.window)
         keys = torch.cat([self.keys.index_select(2, order), key_states], dim=2)
         values = torch.cat([self.values.index_select(2, order), value_states], dim=2)
         flags = torch.cat([self.valid.index_select(1, order), new_valid], dim=1)
-        write = torch.remainder(self.step + torch.arange(length, device=device), self.window)
+        self._write_chunk(key_states, value_states, new_valid)
+        return keys, values, flags
+
+    def _chunk_flags(self, key_states: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """[B, T] validity of a chunk of T <= window new tokens (all True without padding)."""
+        batch, _, length, _ = key_states.shape
+        if length > self.window:
+            raise ValueError(
+                f"A static (ring) InfiniteVLCache takes at most window={self.window} tokens per call, got {length}."
+            )
+        return torch.ones(batch, length, dtype=torch.bool, device=key_states.device) if valid is None else valid
+
+    def _write_chunk(self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor) -> None:
+        """Write a chunk's keys, values and flags into its slots: token n goes to slot n % window."""
+        write = torch.remainder(self.step + torch.arange(key_states.shape[-2], device=key_states.device), self.window)
         self.keys.index_copy_(2, write, key_states)
         self.values.index_copy_(2, write, value_states)
-        self.valid.index_copy_(1, write, new_valid)
-        return keys, values, flags
+        self.valid.index_copy_(1, write, valid)
 
     def to_window_layer(self, seen: int) -> InfiniteVLAttentionLayer:
         """The same keys as a dynamic window layer (oldest first, the last `window - 1` tokens)."""
@@ -482,7 +482,6 @@ class InfiniteVLCache(Cache):
         """After a forward: count its tokens and move each row's running position one past its largest
         valid position. Updates happen in place, so a captured CUDA graph advances the same tensors."""
         self.seen_tokens += length
-        self.chunk_masks.clear()  # the next call's rings hold other tokens
         if self.device_step is not None:
             self.device_step.add_(length)
         latest = position_ids.amax(dim=0)  # [B, T]

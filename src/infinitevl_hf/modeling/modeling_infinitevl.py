@@ -214,14 +214,16 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         return output
 
     def _run_layers(self, hidden_states, position_ids, token_valid, cache, output_hidden_states, **kwargs):
-        if cache is not None:
-            cache.chunk_masks.clear()  # masks shared by the layers of one call only (even after a failed call)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         per_layer = []
-        for layer in self.layers:
-            if output_hidden_states:
-                per_layer.append(hidden_states)
-            hidden_states = layer(hidden_states, position_embeddings, token_valid=token_valid, cache=cache, **kwargs)
+        try:
+            for layer in self.layers:
+                if output_hidden_states:
+                    per_layer.append(hidden_states)
+                hidden_states = layer(hidden_states, position_embeddings, token_valid=token_valid, cache=cache, **kwargs)
+        finally:
+            if cache is not None:
+                cache.chunk_masks.clear()  # the rings' mask is shared by the layers of this call only
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             per_layer.append(hidden_states)
