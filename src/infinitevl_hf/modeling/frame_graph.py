@@ -65,8 +65,9 @@ class FrameStep:
                              f"{self.grid.tolist()} give {expected} features.")
         self.feature_slots = slots
         self.vision_kwargs = vision_layout(base.visual, self.grid)
-        self.kind, self.second_per_grid_ts = kind, None
-        self.relative_positions = self.positions_for(second_per_grid_ts)
+        self.kind = kind
+        self.second_per_grid_ts = None if second_per_grid_ts is None else second_per_grid_ts.detach().to("cpu").clone()
+        self.relative_positions = self.positions_for(self.second_per_grid_ts)
 
     def positions_for(self, second_per_grid_ts: torch.Tensor | None) -> torch.LongTensor:
         """mRoPE positions [3, B, T] of the call from a start of 0 (videos step their time axis by
@@ -82,17 +83,17 @@ class FrameStep:
             video_grid_thw=self.grid if self.kind == "video" else None,
             second_per_grid_ts=second_per_grid_ts,
         )
-        self.second_per_grid_ts = None if second_per_grid_ts is None else second_per_grid_ts.detach().to("cpu").clone()
         return positions
 
     def set_seconds_per_grid(self, second_per_grid_ts: torch.Tensor | None) -> None:
         """Videos: the time between temporal grid steps of this call, when it differs from the last call's (the
         positions are rewritten in place, so a captured graph reads the new ones)."""
-        seconds = None if second_per_grid_ts is None else second_per_grid_ts.detach().to("cpu")
+        seconds = None if second_per_grid_ts is None else second_per_grid_ts.detach().to("cpu").clone()
         same = (seconds is None and self.second_per_grid_ts is None) or (
             seconds is not None and self.second_per_grid_ts is not None and torch.equal(seconds, self.second_per_grid_ts))
         if self.kind == "video" and not same:
-            self.relative_positions.copy_(self.positions_for(second_per_grid_ts))
+            self.relative_positions.copy_(self.positions_for(seconds))
+            self.second_per_grid_ts = seconds
 
     def __call__(self, pixel_values: torch.Tensor, cache) -> torch.Tensor:
         base = self.base

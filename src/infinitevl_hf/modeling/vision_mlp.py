@@ -20,14 +20,15 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
 
 from .compiled import compiled_for_inference
+from .mlp import silu_mul
 from .shared_storage import save_own_storage
 
 PAD_MULTIPLE = 128
 
 
 def silu_glu(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    """`silu(gate) * up` of the joined [..., gate | up] product."""
+    return silu_mul(*gate_up.chunk(2, dim=-1))
 
 
 _silu_glu = compiled_for_inference(silu_glu)
