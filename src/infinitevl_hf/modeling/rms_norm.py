@@ -9,6 +9,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 from .compiled import compiled_for_inference
 from .ops.norms import rms_norm
+from .retype import retype
 
 _rms_norm = compiled_for_inference(rms_norm)
 
@@ -24,6 +25,4 @@ def use_compiled_vision_norms(visual: nn.Module) -> None:
     """Make the two norms of every vision block `InfiniteVLRMSNorm` (only the class changes)."""
     for block in visual.blocks:
         for norm in (block.norm1, block.norm2):
-            if type(norm) not in (Qwen2_5_VLRMSNorm, InfiniteVLRMSNorm):
-                raise TypeError(f"expected Qwen2_5_VLRMSNorm in the vision blocks, got {type(norm).__name__}")
-            norm.__class__ = InfiniteVLRMSNorm
+            retype(norm, Qwen2_5_VLRMSNorm, InfiniteVLRMSNorm, "in the vision blocks")

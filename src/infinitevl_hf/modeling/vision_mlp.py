@@ -21,6 +21,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
 
 from .compiled import compiled_for_inference
 from .mlp import silu_mul
+from .retype import retype
 from .shared_storage import save_own_storage
 
 PAD_MULTIPLE = 128
@@ -89,7 +90,5 @@ def use_padded_vision_mlp(visual: nn.Module) -> None:
     """Make every block of a Qwen2.5-VL vision tower use `InfiniteVLVisionMLP` (only the class changes)."""
     act = getattr(getattr(visual, "config", None), "hidden_act", None)
     for block in visual.blocks:
-        if type(block.mlp) not in (Qwen2_5_VLMLP, InfiniteVLVisionMLP):
-            raise TypeError(f"expected Qwen2_5_VLMLP in the vision blocks, got {type(block.mlp).__name__}")
-        block.mlp.__class__ = InfiniteVLVisionMLP
+        retype(block.mlp, Qwen2_5_VLMLP, InfiniteVLVisionMLP, "in the vision blocks")
         block.mlp.config_act = act

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
 
+from .retype import retype
+
 
 class InfiniteVLVisionPatchEmbed(Qwen2_5_VisionPatchEmbed):
     """`Qwen2_5_VisionPatchEmbed` computed as `patches @ weight.flatten(1).T` (same parameter)."""
@@ -30,10 +32,7 @@ class InfiniteVLVisionPatchEmbed(Qwen2_5_VisionPatchEmbed):
 
 def use_linear_patch_embed(visual: nn.Module) -> None:
     """Make a Qwen2.5-VL vision tower's patch embedding `InfiniteVLVisionPatchEmbed` (only the class changes)."""
-    embed = visual.patch_embed
-    if type(embed) not in (Qwen2_5_VisionPatchEmbed, InfiniteVLVisionPatchEmbed):
-        raise TypeError(f"expected Qwen2_5_VisionPatchEmbed, got {type(embed).__name__}")
-    conv = embed.proj
-    if tuple(conv.stride) != tuple(conv.kernel_size) or any(p != 0 for p in conv.padding):
+    conv = getattr(visual.patch_embed, "proj", None)
+    if isinstance(conv, nn.Conv3d) and (tuple(conv.stride) != tuple(conv.kernel_size) or any(p != 0 for p in conv.padding)):
         raise ValueError("the patch embedding is a matrix product only when the conv's stride equals its kernel")
-    embed.__class__ = InfiniteVLVisionPatchEmbed
+    retype(visual.patch_embed, Qwen2_5_VisionPatchEmbed, InfiniteVLVisionPatchEmbed, "as the patch embedding")
