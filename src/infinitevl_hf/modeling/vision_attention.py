@@ -6,7 +6,8 @@ transformers' `Qwen2_5_VLVisionAttention` calls the attention function once per 
 are stacked into one batch, so a layer makes one call when all windows are equal and one per distinct length
 otherwise (edge windows of images whose size is not a multiple of the window, images of different sizes).
 No mask is needed, so sdpa keeps its flash/efficient kernels, and each query still sees exactly the keys of
-its own segment. Flash-attention backends keep the parent's varlen path. The weights (`qkv`, `proj`) and
+its own segment. For inference on a GPU the rotary embedding is one Triton kernel that reads the query and key
+out of the qkv product (`ops.rotary`). Flash-attention backends keep the parent's varlen path. The weights (`qkv`, `proj`) and
 their checkpoint keys are the parent's.
 """
 
@@ -15,16 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VLVisionAttention,
-    apply_rotary_pos_emb_vision,
-    eager_attention_forward,
-)
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention, eager_attention_forward
 from transformers.utils.generic import is_flash_attention_requested
 
-from .compiled import compiled_for_inference
-
-_rotary = compiled_for_inference(apply_rotary_pos_emb_vision)  # one kernel instead of ~10 float32 passes
+from .ops.rotary import split_qkv, vision_rotary_qk
 
 
 def _segments_by_length(cu_seqlens: torch.Tensor, seq_length: int) -> dict[int, torch.Tensor]:
@@ -62,8 +57,9 @@ class InfiniteVLVisionAttention(Qwen2_5_VLVisionAttention):
         if is_flash_attention_requested(self.config):
             return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen=max_seqlen, **kwargs)
         seq_length = hidden_states.shape[0]
-        query, key, value = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).unbind(1)
-        query, key = _rotary(query, key, *position_embeddings)
+        qkv = self.qkv(hidden_states)
+        query, key = vision_rotary_qk(qkv, self.num_heads, *position_embeddings)
+        value = split_qkv(qkv, self.num_heads)[2]
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
