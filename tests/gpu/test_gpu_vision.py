@@ -1,4 +1,5 @@
-"""On CUDA, the vision tower's inference path (zero-padded MLP, compiled norms, rotary and SiLU gate) gives
+"""On CUDA, the vision tower's inference path (zero-padded MLP, compiled norms joined with the residual add,
+the Triton rotary kernel, compiled SiLU gate) gives
 what the plain transformers modules give, on the released 4B vision config."""
 
 import copy
@@ -20,7 +21,7 @@ def test_fast_vision_inference_matches_the_plain_modules():
     from infinitevl_hf import InfiniteVLConfig
     from infinitevl_hf.modeling.vision_attention import use_batched_vision_attention
     from infinitevl_hf.modeling.vision_mlp import use_padded_vision_mlp
-    from infinitevl_hf.modeling.rms_norm import use_compiled_vision_norms
+    from infinitevl_hf.modeling.vision_block import use_fused_vision_blocks
 
     config = InfiniteVLConfig(**json.loads(OFFICIAL.read_text())).vision_config
     config._attn_implementation = "sdpa"
@@ -38,7 +39,7 @@ def test_fast_vision_inference_matches_the_plain_modules():
     with torch.enable_grad():  # autograd on: every swapped module takes the plain path
         plain = tower(pixels, grid_thw=grid).pooler_output.float()
     use_padded_vision_mlp(tower)
-    use_compiled_vision_norms(tower)
+    use_fused_vision_blocks(tower)
     with torch.no_grad():
         fast = tower(pixels, grid_thw=grid).pooler_output.float()
         fast_again = tower(pixels, grid_thw=grid).pooler_output.float()

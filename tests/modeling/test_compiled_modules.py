@@ -87,3 +87,39 @@ def test_silu_mul_matches_the_activation():
 
     g, u = torch.randn(4, 6), torch.randn(4, 6)
     torch.testing.assert_close(silu_mul(g, u), F.silu(g) * u)
+
+
+def test_norm_joined_with_the_add_before_it_equals_the_add_then_the_norm():
+    torch.manual_seed(1)
+    norm = InfiniteVLRMSNorm(16, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    residual, delta = torch.randn(3, 5, 16, dtype=torch.bfloat16), torch.randn(3, 5, 16, dtype=torch.bfloat16)
+    hidden, normed = norm.add_then_norm(residual, delta)
+    torch.testing.assert_close(hidden, residual + delta, rtol=0, atol=0)
+    torch.testing.assert_close(normed, Qwen2_5_VLRMSNorm.forward(norm, residual + delta), rtol=0, atol=0)
+
+
+def test_vision_block_with_the_joined_norm_equals_the_transformers_block():
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
+
+    from helpers import tiny_model
+    from infinitevl_hf.modeling.vision_block import InfiniteVLVisionBlock, use_fused_vision_blocks
+
+    model = tiny_model()
+    visual = model.model.visual
+    assert all(type(block) is InfiniteVLVisionBlock for block in visual.blocks)
+    grid = torch.tensor([[1, 8, 8]])
+    cfg = visual.config
+    pixels = torch.randn(64, cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2)
+    with torch.no_grad():
+        fused = visual(pixels, grid_thw=grid).pooler_output
+        for block in visual.blocks:
+            block.__class__ = Qwen2_5_VLVisionBlock
+        plain = visual(pixels, grid_thw=grid).pooler_output
+        use_fused_vision_blocks(visual)  # swapping back works too
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0)
+    assert all(type(block) is InfiniteVLVisionBlock for block in visual.blocks)
+    visual.blocks[0].norm2 = torch.nn.LayerNorm(4)
+    with pytest.raises(TypeError, match="expected Qwen2_5_VLRMSNorm in the vision blocks, got LayerNorm"):
+        use_fused_vision_blocks(visual)

@@ -32,7 +32,8 @@ from .remote_code import set_auto_map, write_model_card, write_remote_code
 from .vision_attention import use_batched_vision_attention
 from .vision_mlp import use_padded_vision_mlp
 from .vision_patch_embed import use_linear_patch_embed
-from .rms_norm import InfiniteVLRMSNorm, use_compiled_vision_norms
+from .rms_norm import InfiniteVLRMSNorm
+from .vision_block import use_fused_vision_blocks
 
 
 class InfiniteVLPreTrainedModel(PreTrainedModel):
@@ -105,10 +106,8 @@ class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
             hidden_states = self.self_attn(hidden_states, token_valid=token_valid, cache=cache, cu_seqlens=kwargs.get("cu_seqlens"))
         else:
             hidden_states = self.self_attn(hidden_states, position_embeddings, token_valid=token_valid, cache=cache, **kwargs)
-        hidden_states = residual + hidden_states
-        residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-        return residual + hidden_states
+        residual, hidden_states = self.post_attention_layernorm.add_then_norm(residual, hidden_states)
+        return residual + self.mlp(hidden_states)
 
 
 class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
@@ -282,7 +281,7 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
         use_batched_vision_attention(self.visual)
         use_padded_vision_mlp(self.visual)
-        use_compiled_vision_norms(self.visual)
+        use_fused_vision_blocks(self.visual)
         use_linear_patch_embed(self.visual)
         self.language_model = InfiniteVLTextModel._from_config(config.text_config)
         self.post_init()

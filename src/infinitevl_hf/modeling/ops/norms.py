@@ -14,6 +14,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """A pre-norm block's residual add and the next norm: (residual + delta, rms_norm(residual + delta))."""
+    hidden = residual + delta
+    return hidden, rms_norm(hidden, weight, eps)
+
+
 def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, eps: float) -> torch.Tensor:
     """`weight * x / rms(x) * silu(gate)` over the last dim, in float32, returned in x's dtype."""
     dtype = x.dtype
