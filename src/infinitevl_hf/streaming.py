@@ -302,6 +302,7 @@ class StreamingSession:
             "fingerprint": config_fingerprint(self.model.config),
             "config": _config_summary(self.model.config),
             "seen_tokens": self.cache.seen_tokens,
+            "padded_through": self.cache.padded_through,
             "layers": layers,
             "session": {
                 "frames": self._frames,
@@ -599,6 +600,7 @@ def _cache_from_tensors(config, tensors: dict, meta: dict, device, dtype: torch.
                     layer.update_recurrent_state(recurrent.to(device), state_idx=j)
                 layer.has_previous_state[j] = bool(info["has_previous_state"][j])
     cache.seen_tokens = int(meta["seen_tokens"])
+    cache.padded_through = int(meta.get("padded_through", cache.seen_tokens))  # (unknown: as if just padded)
     positions = tensors.get("next_positions")
     cache.next_positions = None if positions is None else positions.to(device)
     return cache

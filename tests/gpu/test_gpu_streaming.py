@@ -47,16 +47,23 @@ def test_whole_frame_calls_from_one_cuda_graph_equal_the_model():
         for cache in caches:
             model(input_ids=text_ids(1, 5).to("cuda"), use_cache=True, **{CACHE_KWARG: cache})
         step = CUDAGraphFrames(model, caches[1], ids, image_grid_thw=grid)
-        for call in range(4):
+        graphs = []
+        for call in range(6):  # the 64-token window fills after the 4th call: the graph is captured again
             pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 2 * 2, device="cuda")
             expected = model.model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, use_cache=True,
                                    **{CACHE_KWARG: caches[0]}).last_hidden_state[:, -1:]
             torch.testing.assert_close(step(pixels), expected, rtol=1e-4, atol=1e-4)
+            graphs.append(step.graph)
         torch.testing.assert_close(caches[1].next_positions, caches[0].next_positions, rtol=0, atol=0)
         assert caches[1].seen_tokens == caches[0].seen_tokens
+    assert graphs[3] is graphs[0] and graphs[4] is not graphs[3] and graphs[5] is graphs[4]
+    assert step.full_windows == (True,)
 
 
-def test_long_chunks_through_the_static_rings_take_flex_attention_and_equal_the_dynamic_cache():
+@pytest.mark.parametrize("dtype,path", [(torch.float32, "window_flex_attention"), (torch.bfloat16, "window_attention")])
+def test_long_chunks_skip_the_keys_outside_the_window_and_the_static_rings_equal_the_dynamic_cache(dtype, path):
+    """float32 takes flex_attention's block mask; bf16 takes cuDNN's attention in pieces (ops.window_attention).
+    Both caches take the same path once the dynamic window is full, the rings from their first long chunk."""
     from helpers import text_ids, tiny_model
 
     from infinitevl_hf import InfiniteVLCache
@@ -65,16 +72,16 @@ def test_long_chunks_through_the_static_rings_take_flex_attention_and_equal_the_
 
     window = 2048
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-    model = tiny_model(sliding_window=window, hidden_size=64, rope_parameters=rope).to("cuda")  # head dim 16 for flex
+    model = tiny_model(sliding_window=window, hidden_size=64, rope_parameters=rope).to("cuda", dtype)  # head dim 16
     dynamic, static = InfiniteVLCache(model.config), InfiniteVLCache(model.config)
     calls = []
-    original = attention.window_flex_attention
+    original = getattr(attention, path)
 
     def counting(*args, **kwargs):
-        calls.append(kwargs.get("key_valid") is not None)
+        calls.append(1)
         return original(*args, **kwargs)
 
-    attention.window_flex_attention = counting
+    setattr(attention, path, counting)
     try:
         with torch.no_grad():
             prompt = text_ids(1, 7).to("cuda")
@@ -83,9 +90,14 @@ def test_long_chunks_through_the_static_rings_take_flex_attention_and_equal_the_
             static.to_static()
             for t, size in enumerate([1500, 1100, 2048, 1024]):  # the ring empty, filling, full, wrapped
                 chunk = text_ids(1, size, seed=300 + t).to("cuda")
-                a = model(input_ids=chunk, use_cache=True, **{CACHE_KWARG: dynamic}).logits
-                b = model(input_ids=chunk, use_cache=True, **{CACHE_KWARG: static}).logits
-                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+                a = model(input_ids=chunk, use_cache=True, **{CACHE_KWARG: dynamic}).logits.float()
+                b = model(input_ids=chunk, use_cache=True, **{CACHE_KWARG: static}).logits.float()
+                if dtype == torch.float32:
+                    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+                else:  # different kernels round differently in bf16
+                    error = ((b - a).norm() / a.norm()).item()
+                    assert error < 2e-2, (t, error)
     finally:
-        attention.window_flex_attention = original
-    assert sum(calls) >= 4 * 2  # every chunk, in both attention layers, went through the ring's flex path
+        setattr(attention, path, original)
+    # the rings' 4 chunks and the dynamic cache's full-window chunks, in both attention layers
+    assert len(calls) >= 2 * (4 + 2), len(calls)

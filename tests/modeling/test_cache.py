@@ -233,3 +233,23 @@ def test_generate_with_static_cache_equals_dynamic():
     cache = out[CACHE_KWARG] if CACHE_KWARG in out else out.past_key_values
     assert cache.is_static  # the decode steps ran on the rings
     assert torch.equal(dynamic, out.sequences)
+
+
+def test_the_window_counts_as_full_after_window_minus_one_tokens_since_the_last_padding():
+    model = tiny_model(sliding_window=16)
+    cache = InfiniteVLCache(model.config)
+    assert cache.full_windows == (False,)
+    with torch.no_grad():
+        model(input_ids=text_ids(2, 10), use_cache=True, **{CACHE_KWARG: cache})
+        assert not cache.window_is_full(16) and cache.window_is_full(11)
+        model(input_ids=text_ids(2, 5, seed=1), use_cache=True, **{CACHE_KWARG: cache})
+        assert cache.window_is_full(16) and cache.full_windows == (True,)
+        padded = torch.ones(2, 15 + 3, dtype=torch.long)
+        padded[1, -1] = 0  # a padded token: its slot holds no token until it leaves the window
+        model(input_ids=text_ids(2, 3, seed=2), attention_mask=padded, use_cache=True, **{CACHE_KWARG: cache})
+        assert cache.padded_through == 18 and not cache.window_is_full(16)
+        all_valid = torch.ones(2, 18 + 15, dtype=torch.long)  # a mask without padding counts as none
+        model(input_ids=text_ids(2, 15, seed=3), attention_mask=all_valid, use_cache=True, **{CACHE_KWARG: cache})
+        assert cache.padded_through == 18 and cache.window_is_full(16)
+    cache.reset()
+    assert cache.padded_through == 0 and not cache.window_is_full(16)

@@ -7,9 +7,10 @@ flex kernel crashed on these masks). Only the window differs: a token sees itsel
 `window - 1` tokens before it. The cache keeps just those tokens, so the mask of a call is built
 from what the cache holds, not from the whole history.
 
-With `sdpa` on CUDA, a long prefill chunk over a full window of cached keys goes through a compiled
-flex_attention with a sliding-window block mask instead of a dense mask (`window_flex_attention`): the
-blocks outside the window are skipped rather than computed and masked.
+With `sdpa` on CUDA, a long prefill chunk over a full window of cached keys skips the keys outside its window
+instead of computing and masking them: cuDNN's fused attention on three pieces of the band, merged by their
+log-sum-exp (`ops.window_attention`), or a compiled flex_attention with a sliding-window block mask
+(`window_flex_attention`) where cuDNN's cannot run or the chunk has padding.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_f
 from .cache import InfiniteVLRingAttentionLayer
 from .compiled import compiled_for_inference
 from .ops.decode_attention import ring_decode_attention
+from .ops.window_attention import cudnn_window_attention_usable, window_attention
 from .configuration_infinitevl import InfiniteVLTextConfig
 
 
@@ -220,6 +222,18 @@ class InfiniteVLAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
+    def _long_chunk_path(self, query: torch.Tensor, implementation: str, token_valid: torch.Tensor | None) -> str | None:
+        """How a chunk of queries over a full window of cached keys skips the keys outside its window on CUDA:
+        "pieces" (cuDNN's fused attention on the band's three pieces: it runs at twice flex_attention's rate on
+        Hopper), "flex" (a block mask; also takes padding in the chunk), or None (the dense mask: short chunks,
+        training, other backends, CPU)."""
+        length = query.shape[2]
+        if length < FLEX_MIN_TOKENS or implementation != "sdpa" or self.training:
+            return None
+        if token_valid is None and length <= self.window and cudnn_window_attention_usable(query):
+            return "pieces"
+        return "flex" if flex_attention_usable(query) else None
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -246,13 +260,19 @@ class InfiniteVLAttention(nn.Module):
             mask = packed_window_mask(cu_seqlens, length, self.window, implementation, query.dtype, query.device)
         elif isinstance(layer_cache, InfiniteVLRingAttentionLayer):
             # Static decode: the ring holds exactly the window (this token included); no host syncs.
-            if (length >= FLEX_MIN_TOKENS and implementation == "sdpa" and not self.training
-                    and flex_attention_usable(query)):
-                # A long chunk (frames of a stream): the window's block mask over the ring in token order skips the
-                # keys a dense mask over ring + chunk computes and throws away (a third of them for 4K tokens).
+            path = self._long_chunk_path(query, implementation, token_valid)
+            if path is not None:
+                # A long chunk (frames of a stream): over the ring in token order the chunk's mask is the plain
+                # window, which skips the keys a dense mask over ring + chunk computes and throws away (a third of
+                # them for 4K tokens). Empty or padded slots are masked by their flags.
                 key, value, key_valid = layer_cache.update_in_order(key, value, valid=token_valid)
-                output = window_flex_attention(query, key, value, layer_cache.window - 1, self.window, self.scaling,
-                                               key_valid=key_valid)
+                if path == "pieces":
+                    # once the ring holds only tokens (known on the host), no mask: cuDNN then runs 40% faster
+                    past_valid = None if cache.window_is_full(self.window) else key_valid[:, : self.window - 1]
+                    output = window_attention(query, key, value, self.window, self.scaling, past_valid=past_valid)
+                else:
+                    output = window_flex_attention(query, key, value, self.window - 1, self.window, self.scaling,
+                                                   key_valid=key_valid)
                 return self.o_proj(output.reshape(batch, length, -1).contiguous())
             key, value = layer_cache.update(key, value, valid=token_valid)
             if length == 1 and not self.training:
@@ -264,11 +284,15 @@ class InfiniteVLAttention(nn.Module):
             if layer_cache is not None:
                 past_valid, past_length = layer_cache.valid, layer_cache.past_length()
                 key, value = layer_cache.update(key, value, valid=token_valid)
-            if (self.window is not None and past_length == self.window - 1 and length >= FLEX_MIN_TOKENS
-                    and token_valid is None and past_valid is None and implementation == "sdpa" and not self.training
-                    and flex_attention_usable(query)):
-                # A long prefill chunk after the first: on CUDA the window's block mask halves the attention work.
-                output = window_flex_attention(query, key, value, past_length, self.window, self.scaling)
+            path = None
+            if self.window is not None and past_length == self.window - 1 and past_valid is None and token_valid is None:
+                path = self._long_chunk_path(query, implementation, None)
+            if path is not None:
+                # A long prefill chunk after the first: skipping the keys outside the window halves the work.
+                if path == "pieces":
+                    output = window_attention(query, key, value, self.window, self.scaling)
+                else:
+                    output = window_flex_attention(query, key, value, past_length, self.window, self.scaling)
                 return self.o_proj(output.reshape(batch, length, -1).contiguous())
             mask = window_attention_mask(
                 past_valid, token_valid, batch, length, past_length, self.window, implementation,

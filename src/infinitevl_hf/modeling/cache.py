@@ -341,6 +341,7 @@ class InfiniteVLCache(Cache):
     Attributes:
         next_positions (`torch.LongTensor` [B] or None): mRoPE position where each row continues.
         seen_tokens (`int`): tokens (padding included) fed through the cache so far.
+        padded_through (`int`): `seen_tokens` at the end of the last call that had padding (0 if none had).
 
     Example:
 
@@ -361,6 +362,7 @@ class InfiniteVLCache(Cache):
         super().__init__(layers=self._fresh_layers())
         self.layer_types = list(text_config.layer_types)
         self.seen_tokens = 0
+        self.padded_through = 0
         self.next_positions: torch.LongTensor | None = None
         self.device_step: torch.LongTensor | None = None  # set by `to_static`
         self.chunk_masks: dict = {}  # the rings' mask of the current call (see InfiniteVLRingAttentionLayer)
@@ -401,6 +403,7 @@ class InfiniteVLCache(Cache):
         """Forget everything; a static cache becomes dynamic again (its next input is a prompt)."""
         self.layers = self._fresh_layers()
         self.seen_tokens = 0
+        self.padded_through = 0
         self.next_positions = None
         self.device_step = None
         self.graph_decoder = None
@@ -468,6 +471,17 @@ class InfiniteVLCache(Cache):
         self.device_step, self.graph_decoder = None, None
         return self
 
+    def window_is_full(self, window: int) -> bool:
+        """Whether the `window - 1` tokens before the next one are all real: that many were fed since the last
+        call with padding. Then every slot of a ring of that window holds a token, and a long chunk's attention
+        needs no mask for them. Host-side counts: no sync."""
+        return self.seen_tokens - self.padded_through >= window - 1
+
+    @property
+    def full_windows(self) -> tuple[bool, ...]:
+        """`window_is_full` for each distinct window of the attention layers (what a captured call depends on)."""
+        return tuple(self.window_is_full(w) for w in sorted({w for w in self._windows if w is not None}))
+
     @property
     def max_tokens_per_call(self) -> int | None:
         """Most tokens one forward may feed a static cache (its smallest ring); None for a dynamic cache."""
@@ -482,6 +496,8 @@ class InfiniteVLCache(Cache):
         """After a forward: count its tokens and move each row's running position one past its largest
         valid position. Updates happen in place, so a captured CUDA graph advances the same tensors."""
         self.seen_tokens += length
+        if token_valid is not None:
+            self.padded_through = self.seen_tokens
         if self.device_step is not None:
             self.device_step.add_(length)
         latest = position_ids.amax(dim=0)  # [B, T]

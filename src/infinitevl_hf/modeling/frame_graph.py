@@ -128,7 +128,16 @@ class CUDAGraphFrames:
         patches = int(self.step.grid.prod(-1).sum())
         self.pixel_values = torch.zeros(patches, visual.patch_embed.proj.weight[0].numel(), dtype=visual.dtype,
                                         device=self.step.input_ids.device)
-        self.graph, self.hidden = capture_over_cache(cache, lambda c: self.step(self.pixel_values, c), warmup_steps)
+        self.warmup_steps = warmup_steps
+        self._capture()
+
+    def _capture(self) -> None:
+        # A long chunk's attention masks the rings' empty slots until they fill (`InfiniteVLCache.window_is_full`):
+        # a graph captured before then is right but slower, so it is captured again once they are full.
+        self.graph = self.hidden = None  # (free the old graph's memory first)
+        self.full_windows = self.cache.full_windows
+        self.graph, self.hidden = capture_over_cache(self.cache, lambda c: self.step(self.pixel_values, c),
+                                                     self.warmup_steps)
 
     def __call__(self, pixel_values: torch.Tensor, second_per_grid_ts: torch.Tensor | None = None) -> torch.Tensor:
         """Feed this call's pixels (and, for videos whose frame timing changed, its seconds per grid step)."""
@@ -137,6 +146,8 @@ class CUDAGraphFrames:
         if pixel_values.shape != self.pixel_values.shape:
             raise ValueError(f"this graph was captured for pixel values of shape {tuple(self.pixel_values.shape)}, "
                              f"got {tuple(pixel_values.shape)}")
+        if self.cache.full_windows != self.full_windows:
+            self._capture()
         self.pixel_values.copy_(pixel_values)
         self.graph.replay()
         self.cache.seen_tokens += self.length
