@@ -14,7 +14,7 @@ import triton.testing
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
 from infinitevl_hf.modeling.compiled import compiled_for_inference
-from infinitevl_hf.modeling.ops.norms import rms_norm
+from infinitevl_hf.modeling.ops.norms import add_rms_norm, rms_norm
 
 
 def ms(fn) -> float:
@@ -63,11 +63,6 @@ def rotary_variants(tokens=16384, heads=16, dim=80):
         rows.append(("copy of the qkv product (bandwidth)", ms(lambda: copy.copy_(qkv)), 0.0, 2 * qkv.numel() * 2))
     print(f"vision rotary, {tokens} patches, {heads} heads of {dim}")
     report(rows, moved)
-
-
-def add_rms_norm(residual, delta, weight, eps: float):
-    hidden = residual + delta
-    return hidden, rms_norm(hidden, weight, eps)
 
 
 def add_bias_rms_norm(partial, bias, weight, eps: float):

@@ -87,3 +87,21 @@ def image_inputs(grid=(1, 4, 4), prefix: int = 5, suffix: int = 6, seed: int = 2
     patch_dim = 3 * 2 * patch * patch  # channels * temporal_patch * patch * patch
     pixel_values = torch.randn(t * h * w, patch_dim, generator=generator)
     return ids, pixel_values, torch.tensor([list(grid)])
+
+
+def run_under_triton_interpreter(script) -> str:
+    """Run a test script in a subprocess with TRITON_INTERPRET=1 (it must be set before Triton is imported),
+    with this package importable whether installed or not; its stdout once it exits 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import infinitevl_hf
+
+    package_root = str(Path(infinitevl_hf.__file__).parents[1])
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout

@@ -1,29 +1,20 @@
 """The fused decode kernels (ops.matvec's prologues/epilogues, ops.gated_delta_rule's decode step) against
 their torch definitions: under Triton's CPU interpreter everywhere, compiled on a GPU."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import infinitevl_hf
+from helpers import run_under_triton_interpreter
 from infinitevl_hf.modeling.ops.gated_delta_rule import gated_delta_rule_decode_step, torch_gated_delta_rule_decode_step
 from infinitevl_hf.modeling.ops.matvec import ConvUpdate, matvec, rms_norm_matvec
 from infinitevl_hf.modeling.ops.norms import gated_rms_norm, rms_norm
 
 
 def test_kernels_match_their_torch_definitions_under_the_triton_interpreter():
-    script = Path(__file__).with_name("interpreted_decode_kernels.py")
-    # the package where this test runs from, installed or not
-    package_root = str(Path(infinitevl_hf.__file__).parents[1])
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok  ") == 20, result.stdout
+    output = run_under_triton_interpreter(Path(__file__).with_name("interpreted_decode_kernels.py"))
+    assert output.count("ok  ") == 20, output
 
 
 def test_ops_take_their_torch_definition_off_cuda():

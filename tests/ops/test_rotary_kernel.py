@@ -1,27 +1,19 @@
 """The vision tower's rotary kernel (`ops.rotary`) against transformers' `apply_rotary_pos_emb_vision`: under
 Triton's CPU interpreter everywhere, compiled on a GPU; and the dispatcher's torch path off CUDA."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
-import infinitevl_hf
+from helpers import run_under_triton_interpreter
 from infinitevl_hf.modeling.ops.rotary import split_qkv, vision_rotary_qk
 
 
 def test_kernel_matches_transformers_under_the_triton_interpreter():
-    script = Path(__file__).with_name("interpreted_rotary_kernel.py")
-    package_root = str(Path(infinitevl_hf.__file__).parents[1])
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok  ") == 6, result.stdout
+    output = run_under_triton_interpreter(Path(__file__).with_name("interpreted_rotary_kernel.py"))
+    assert output.count("ok  ") == 6, output
 
 
 def test_off_cuda_the_dispatcher_is_transformers_function():

@@ -128,9 +128,10 @@ def packed_window_mask(
     return mask_for(visible, implementation, dtype)
 
 
-# Chunks at least this long, over a full window of cached keys, take the flex_attention path on CUDA. The
-# shape is then the same for every chunk of a long prompt but the last, so the compiled kernel is reused.
-FLEX_MIN_TOKENS = 1024
+# Chunks at least this long, over a full window of cached keys, skip the keys outside their window on CUDA
+# (`InfiniteVLAttention._long_chunk_path`). Shorter ones keep the dense mask: little to skip, and flex_attention
+# would compile a kernel for each new length.
+LONG_CHUNK_TOKENS = 1024
 
 
 @functools.lru_cache(maxsize=2)
@@ -228,7 +229,7 @@ class InfiniteVLAttention(nn.Module):
         Hopper), "flex" (a block mask; also takes padding in the chunk), or None (the dense mask: short chunks,
         training, other backends, CPU)."""
         length = query.shape[2]
-        if length < FLEX_MIN_TOKENS or implementation != "sdpa" or self.training:
+        if length < LONG_CHUNK_TOKENS or implementation != "sdpa" or self.training:
             return None
         if token_valid is None and length <= self.window and cudnn_window_attention_usable(query):
             return "pieces"
