@@ -5,7 +5,7 @@ masked (output 0 and lse -inf, or NaN?), a strided query; timings at 4,128 queri
 
     python benchmarks/cudnn_attention_probe.py
 """
-import torch, traceback
+import torch
 import triton.testing
 op = torch.ops.aten._scaled_dot_product_cudnn_attention
 dev, dt = "cuda", torch.bfloat16

@@ -50,3 +50,44 @@ def test_ring_in_token_order_with_flex_equals_the_ring_under_its_dense_mask(step
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     for name in ("keys", "values", "valid"):
         torch.testing.assert_close(getattr(rings[1], name), getattr(rings[0], name), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["pieces", "flex"])
+def test_long_chunk_paths_in_the_model_equal_the_dense_mask(monkeypatch, path):
+    """The attention layer's branches that skip the keys outside the window (taken on CUDA for long chunks),
+    forced on CPU for every chunk over a full window: the dynamic cache and the static rings (empty slots
+    first, then full) give what the dense-mask path gives."""
+    from helpers import text_ids, tiny_model
+
+    from infinitevl_hf import InfiniteVLCache
+    from infinitevl_hf.modeling.attention import InfiniteVLAttention
+    from infinitevl_hf.modeling.compat import CACHE_KWARG
+
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    model = tiny_model(sliding_window=8, hidden_size=64, rope_parameters=rope)  # head dim 16
+    prompt, chunks = text_ids(1, 3), [text_ids(1, n, seed=10 + n) for n in (3, 6, 8, 5, 8)]  # full from the 3rd
+
+    def run(static: bool) -> list[torch.Tensor]:
+        cache = InfiniteVLCache(model.config)
+        logits = []
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # uncompiled flex warns that it is a slow reference
+            model(input_ids=prompt, use_cache=True, **{CACHE_KWARG: cache})
+            if static:
+                cache.to_static()
+            for chunk in chunks:
+                logits.append(model(input_ids=chunk, use_cache=True, **{CACHE_KWARG: cache}).logits)
+        return logits
+
+    expected = {static: run(static) for static in (False, True)}
+    taken = []
+
+    def forced(self, query, implementation, token_valid):
+        taken.append(path)
+        return path
+
+    monkeypatch.setattr(InfiniteVLAttention, "_long_chunk_path", forced)
+    for static in (False, True):
+        for got, want in zip(run(static), expected[static]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert taken  # the forced branches ran
