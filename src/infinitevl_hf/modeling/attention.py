@@ -235,6 +235,18 @@ class InfiniteVLAttention(nn.Module):
             return "pieces"
         return "flex" if flex_attention_usable(query) else None
 
+    def _attend_past_window(self, path: str, query, key, value, key_valid, past_valid) -> torch.Tensor:
+        """The output projection of a chunk's attention over the `window - 1` cached keys before it and its own
+        (key/value in token order), by `_long_chunk_path`'s `path`. key_valid [B, window - 1 + T] / past_valid
+        [B, window - 1]: the flags flex / the pieces mask with (None: all valid)."""
+        if path == "pieces":
+            output = window_attention(query, key, value, self.window, self.scaling, past_valid=past_valid)
+        else:
+            output = window_flex_attention(query, key, value, self.window - 1, self.window, self.scaling,
+                                           key_valid=key_valid)
+        batch, _, length, _ = query.shape
+        return self.o_proj(output.reshape(batch, length, -1).contiguous())
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -267,14 +279,9 @@ class InfiniteVLAttention(nn.Module):
                 # window, which skips the keys a dense mask over ring + chunk computes and throws away (a third of
                 # them for 4K tokens). Empty or padded slots are masked by their flags.
                 key, value, key_valid = layer_cache.update_in_order(key, value, valid=token_valid)
-                if path == "pieces":
-                    # once the ring holds only tokens (known on the host), no mask: cuDNN then runs 40% faster
-                    past_valid = None if cache.window_is_full(self.window) else key_valid[:, : self.window - 1]
-                    output = window_attention(query, key, value, self.window, self.scaling, past_valid=past_valid)
-                else:
-                    output = window_flex_attention(query, key, value, self.window - 1, self.window, self.scaling,
-                                                   key_valid=key_valid)
-                return self.o_proj(output.reshape(batch, length, -1).contiguous())
+                # once the ring holds only tokens (known on the host), the pieces need no mask: 40% faster
+                past_valid = None if cache.window_is_full(self.window) else key_valid[:, : self.window - 1]
+                return self._attend_past_window(path, query, key, value, key_valid, past_valid)
             key, value = layer_cache.update(key, value, valid=token_valid)
             if length == 1 and not self.training:
                 output = ring_decode_attention(query, key, value, layer_cache.valid, self.scaling)
@@ -290,11 +297,7 @@ class InfiniteVLAttention(nn.Module):
                 path = self._long_chunk_path(query, implementation, None)
             if path is not None:
                 # A long prefill chunk after the first: skipping the keys outside the window halves the work.
-                if path == "pieces":
-                    output = window_attention(query, key, value, self.window, self.scaling)
-                else:
-                    output = window_flex_attention(query, key, value, past_length, self.window, self.scaling)
-                return self.o_proj(output.reshape(batch, length, -1).contiguous())
+                return self._attend_past_window(path, query, key, value, None, None)
             mask = window_attention_mask(
                 past_valid, token_valid, batch, length, past_length, self.window, implementation,
                 query.dtype, query.device,
