@@ -36,6 +36,19 @@ def table(fn, rows: int, title: str) -> None:
         print(averages.table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70))
     except (AttributeError, KeyError):
         print(averages.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+    return averages
+
+
+def kernel_counts(averages, rows: int) -> None:
+    """GPU kernels (not the operators that launch them) by launches, with their total time: what a call's
+    launch gaps are made of."""
+    kernels = [e for e in averages if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type)
+               and e.cpu_time_total == 0]
+    total = sum(e.count for e in kernels)
+    print(f"--- {total} kernel launches in 3 calls ({total / 3:.0f} per call); by launches:")
+    for e in sorted(kernels, key=lambda e: -e.count)[:rows]:
+        device_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        print(f"{e.count / 3:7.0f} per call {device_us / 3e3:8.3f} ms per call  {e.key[:110]}")
 
 
 def main(argv=None):

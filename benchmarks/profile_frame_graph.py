@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from bench import build_infinitevl, frame_inputs
-from profile_frame import seconds, table
+from profile_frame import kernel_counts, seconds, table
 
 
 def main(argv=None):
@@ -33,7 +33,7 @@ def main(argv=None):
         replay = seconds(lambda: step(pixels[1]))
         print(f"{args.group} frames per call, whole call graph: {1e3 * replay:.2f} ms per call, "
               f"{1e3 * replay / args.group:.2f} ms per frame")
-        table(lambda: step(pixels[1]), args.rows, "whole call graph")
+        kernel_counts(table(lambda: step(pixels[1]), args.rows, "whole call graph"), args.rows)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ...compiled import compiled_for_inference
 
@@ -40,7 +41,18 @@ def merge_pieces(*pieces: torch.Tensor) -> torch.Tensor:
     return (merged / total).to(outputs[0].dtype).transpose(1, 2)
 
 
+def merge_pieces_reversed_first(output: torch.Tensor, lse: torch.Tensor, *pieces: torch.Tensor) -> torch.Tensor:
+    """`merge_pieces` with the first piece as the anti-causal piece comes out of its kernel: in reversed query
+    order and covering only the first n <= T queries. Compiled, the flip and the padding become indexing in the
+    merge's loads instead of four copies of the piece."""
+    rows = pieces[0].shape[2] - output.shape[2]
+    output = F.pad(output.flip(2), (0, 0, 0, rows))
+    lse = F.pad(lse.flip(2), (0, 0, 0, rows), value=float("-inf"))  # queries that see none of these keys
+    return merge_pieces(output, lse, *pieces)
+
+
 _merge_pieces = compiled_for_inference(merge_pieces)
+_merge_pieces_reversed_first = compiled_for_inference(merge_pieces_reversed_first)
 
 
 def window_attention_by_pieces(
@@ -64,20 +76,16 @@ def window_attention_by_pieces(
     if past_valid is not None:
         bias = torch.zeros(past_valid.shape, dtype=torch.float32, device=query.device)
         bias = bias.masked_fill(~past_valid, float("-inf"))[:, None, None, :]
-    pieces = []
+    pieces, reversed_piece = [], ()
     oldest = min(length, past)
-    if oldest:
+    if oldest:  # queries from `past` on see none of these keys: the merge pads them
         flip = lambda x: x[:, :, :oldest].flip(2)  # noqa: E731
-        output, lse = piece(flip(query), flip(key), flip(value),
-                            None if bias is None else bias[..., :oldest].flip(-1), True, scale)
-        output, lse = output.flip(2), lse.flip(2)
-        if oldest < length:  # queries from `past` on see none of these keys
-            rows = length - oldest
-            output = torch.cat([output, output.new_zeros(*output.shape[:2], rows, output.shape[3])], dim=2)
-            lse = torch.cat([lse, lse.new_full((*lse.shape[:2], rows, 1), float("-inf"))], dim=2)
-        pieces += [output, lse]
+        reversed_piece = piece(flip(query), flip(key), flip(value),
+                               None if bias is None else bias[..., :oldest].flip(-1), True, scale)
     if oldest < past:
         pieces += piece(query, key[:, :, oldest:past], value[:, :, oldest:past],
                         None if bias is None else bias[..., oldest:], False, scale)
     pieces += piece(query, key[:, :, past:], value[:, :, past:], None, True, scale)
+    if reversed_piece:
+        return _merge_pieces_reversed_first(*reversed_piece, *pieces)
     return _merge_pieces(*pieces)
