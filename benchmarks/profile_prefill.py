@@ -79,6 +79,15 @@ def main(argv=None):
         prompt(2 * chunk, InfiniteVLCache(model.config))  # warm-up, as bench.py does
         one = [timed(lambda: prompt(chunk, InfiniteVLCache(model.config))) for _ in range(5)]
         print(f"one-chunk prompt ({chunk} tokens), 5 runs: " + ", ".join(f"{1e3 * s:.1f}" for s in one) + " ms")
+        enqueue = []  # host time to issue the prompt's work, without waiting for it: near the total = host-bound
+        for _ in range(5):
+            cache = InfiniteVLCache(model.config)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            prompt(chunk, cache)
+            enqueue.append(time.perf_counter() - start)
+            torch.cuda.synchronize()
+        print("  host time to issue it (no wait): " + ", ".join(f"{1e3 * s:.1f}" for s in enqueue) + " ms")
 
         with ClockSampler() as clocks:
             whole = timed(lambda: prompt(chunk * args.chunks, InfiniteVLCache(model.config)))
