@@ -63,6 +63,8 @@ def test_too_many_queries_or_wrong_key_count_are_refused():
         window_attention(q, torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8), 8, 0.5)
     with pytest.raises(ValueError, match="keys"):
         window_attention(q[:, :, :4], torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8), 8, 0.5)
+    with pytest.raises(ValueError, match="at least 2 tokens"):  # no cached keys: nothing to cut
+        window_attention(q[:, :, :1], torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8), 1, 0.5)
 
 
 @pytest.mark.gpu

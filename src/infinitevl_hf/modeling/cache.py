@@ -162,10 +162,10 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
         new_valid = self._chunk_flags(key_states, valid)
         keys = torch.cat([self.keys, key_states], dim=2)  # copies: the write below does not touch them
         values = torch.cat([self.values, value_states], dim=2)
-        offsets = torch.arange(length, device=device)
         mask_key = (self.window, length, None if valid is None else id(valid))
         self.chunk_mask = self.chunk_masks.get(mask_key)
         if self.chunk_mask is None:
+            offsets = torch.arange(length, device=device)
             slots = torch.arange(self.window, device=device)
             newest = self.step - 1 - torch.remainder(self.step - 1 - slots, self.window)  # token held by each slot
             in_window = (self.step + offsets)[:, None] - newest[None, :] < self.window  # [T, window]

@@ -51,7 +51,6 @@ def merge_pieces_reversed_first(output: torch.Tensor, lse: torch.Tensor, *pieces
     return merge_pieces(output, lse, *pieces)
 
 
-_merge_pieces = compiled_for_inference(merge_pieces)
 _merge_pieces_reversed_first = compiled_for_inference(merge_pieces_reversed_first)
 
 
@@ -69,6 +68,8 @@ def window_attention_by_pieces(
     or None. `piece` is `reference.piece_attention_reference` or a kernel with its signature.
     Returns [B, T, H, D]."""
     past, length = window - 1, query.shape[2]
+    if window < 2:
+        raise ValueError(f"a window of at least 2 tokens has cached keys to cut into pieces, got {window}")
     if length > window or key.shape[2] != past + length:
         raise ValueError(f"expected at most {window} queries over {past} cached keys and their own, "
                          f"got {length} queries and {key.shape[2]} keys")
@@ -76,16 +77,14 @@ def window_attention_by_pieces(
     if past_valid is not None:
         bias = torch.zeros(past_valid.shape, dtype=torch.float32, device=query.device)
         bias = bias.masked_fill(~past_valid, float("-inf"))[:, None, None, :]
-    pieces, reversed_piece = [], ()
+    # A, as it comes out of its kernel: reversed, over the first `oldest` queries (the later ones see none of
+    # these keys); the merge flips and pads it.
     oldest = min(length, past)
-    if oldest:  # queries from `past` on see none of these keys: the merge pads them
-        flip = lambda x: x[:, :, :oldest].flip(2)  # noqa: E731
-        reversed_piece = piece(flip(query), flip(key), flip(value),
-                               None if bias is None else bias[..., :oldest].flip(-1), True, scale)
+    flip = lambda x: x[:, :, :oldest].flip(2)  # noqa: E731
+    pieces = [*piece(flip(query), flip(key), flip(value), None if bias is None else bias[..., :oldest].flip(-1),
+                     True, scale)]
     if oldest < past:
         pieces += piece(query, key[:, :, oldest:past], value[:, :, oldest:past],
                         None if bias is None else bias[..., oldest:], False, scale)
     pieces += piece(query, key[:, :, past:], value[:, :, past:], None, True, scale)
-    if reversed_piece:
-        return _merge_pieces_reversed_first(*reversed_piece, *pieces)
-    return _merge_pieces(*pieces)
+    return _merge_pieces_reversed_first(*pieces)
