@@ -245,7 +245,7 @@ class InfiniteVLAttention(nn.Module):
             output = window_flex_attention(query, key, value, self.window - 1, self.window, self.scaling,
                                            key_valid=key_valid)
         batch, _, length, _ = query.shape
-        return self.o_proj(output.reshape(batch, length, -1).contiguous())
+        return self.o_proj(output.reshape(batch, length, -1).contiguous()), None
 
     def forward(
         self,
@@ -254,8 +254,11 @@ class InfiniteVLAttention(nn.Module):
         token_valid: torch.Tensor | None = None,
         cache=None,
         **kwargs,
-    ) -> torch.Tensor:
-        """hidden_states [B, T, hidden]; token_valid [B, T] bool (False on padding) or None."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states [B, T, hidden]; token_valid [B, T] bool (False on padding) or None.
+
+        Returns the output [B, T, hidden] and the attention weights [B, H, T, keys] where the attention function
+        gives them (eager; the keys are the cached window followed by the new tokens), else None."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
@@ -285,7 +288,7 @@ class InfiniteVLAttention(nn.Module):
             key, value = layer_cache.update(key, value, valid=token_valid)
             if length == 1 and not self.training:
                 output = ring_decode_attention(query, key, value, layer_cache.valid, self.scaling)
-                return self.o_proj(output.reshape(batch, length, -1))
+                return self.o_proj(output.reshape(batch, length, -1)), None
             mask = mask_for(layer_cache.chunk_mask, implementation, query.dtype)
         else:
             past_valid, past_length = None, 0
@@ -303,7 +306,7 @@ class InfiniteVLAttention(nn.Module):
                 query.dtype, query.device,
             )
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        output, _ = attention(
+        output, weights = attention(
             self,
             query,
             key,
@@ -314,4 +317,4 @@ class InfiniteVLAttention(nn.Module):
             sliding_window=self.window,
             **kwargs,
         )
-        return self.o_proj(output.reshape(batch, length, -1).contiguous())
+        return self.o_proj(output.reshape(batch, length, -1).contiguous()), weights

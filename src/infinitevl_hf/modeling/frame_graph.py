@@ -98,7 +98,7 @@ class FrameStep:
     def __call__(self, pixel_values: torch.Tensor, cache) -> torch.Tensor:
         base = self.base
         with torch.no_grad():
-            features = base.get_image_features(pixel_values, self.grid, **self.vision_kwargs)
+            features = base.vision_features(pixel_values, self.grid, **self.vision_kwargs)
             embeds = base.get_input_embeddings()(self.input_ids)
             flat = embeds.view(-1, embeds.shape[-1])
             flat.index_copy_(0, self.feature_slots, features.to(flat.dtype))

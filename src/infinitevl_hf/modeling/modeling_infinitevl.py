@@ -12,8 +12,9 @@ from torch import nn
 from transformers import initialization as init
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils.generic import can_return_tuple
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
 )
@@ -26,6 +27,7 @@ from .fused_decode import FusedDecodeStep
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
 from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
 from .mlp import InfiniteVLMLP
+from .outputs import InfiniteVLCausalLMOutputWithPast, InfiniteVLModelOutputWithPast, hidden_state_selection
 from .loading import LEGACY_KEY_MAPPING, check_loading_info
 from .positions import mrope_position_ids, num_vision_tokens, packed_mrope_position_ids
 from .remote_code import set_auto_map, write_model_card, write_remote_code
@@ -46,6 +48,9 @@ class InfiniteVLPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # The Gated DeltaNet state cannot be rolled back to fewer tokens: generate() refuses assisted decoding and
+    # prompt lookup up front instead of failing in the cache's crop().
+    _is_stateful = True
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -99,15 +104,17 @@ class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
         token_valid: torch.Tensor | None = None,
         cache: InfiniteVLCache | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the layer's output and its attention weights (None for Gated DeltaNet and non-eager attention)."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
+        weights = None
         if self.layer_type == "linear_attention":
             hidden_states = self.self_attn(hidden_states, token_valid=token_valid, cache=cache, cu_seqlens=kwargs.get("cu_seqlens"))
         else:
-            hidden_states = self.self_attn(hidden_states, position_embeddings, token_valid=token_valid, cache=cache, **kwargs)
+            hidden_states, weights = self.self_attn(hidden_states, position_embeddings, token_valid=token_valid, cache=cache, **kwargs)
         residual, hidden_states = self.post_attention_layernorm.add_then_norm(residual, hidden_states)
-        return residual + self.mlp(hidden_states)
+        return residual + self.mlp(hidden_states), weights
 
 
 class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
@@ -140,14 +147,26 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         past_key_values: InfiniteVLCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         keep_last: int = 0,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | tuple:
         r"""
+        output_hidden_states (`bool`, `int` or `list[int]`, *optional*): True for the embeddings and every layer's
+            output (`num_hidden_layers + 1` tensors), or the indices of those to return (the others are None).
+            Defaults to `config.output_hidden_states`.
+        output_attentions (`bool`, *optional*): return each layer's attention weights (eager attention; None for
+            Gated DeltaNet layers). A prompt then runs in one piece, not in `prefill_chunk_tokens` chunks.
         keep_last (`int`, defaults to 0): return only the last this many positions of `last_hidden_state`
             (0: all). With chunked prefill this keeps memory flat however long the prompt is.
         """
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        wanted_hidden = hidden_state_selection(output_hidden_states, self.config.num_hidden_layers + 1)
         cache = pop_cache_kwarg(kwargs, past_key_values)
         kwargs.pop("cache_position", None)
         if (input_ids is None) == (inputs_embeds is None):
@@ -182,19 +201,26 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         if cache is not None and cache.is_static:  # a ring takes at most one window of tokens per call
             chunk = min(chunk or length, cache.max_tokens_per_call)
         run_cache = cache
+        # Weights of one chunk cover other keys than the next chunk's, so with output_attentions a prompt runs whole.
         chunked = chunk is not None and length > chunk and not self.training and cu_seqlens is None
+        chunked = chunked and not (output_attentions and (cache is None or not cache.is_static))
+        if chunked and output_attentions:
+            raise ValueError(
+                f"output_attentions needs the {length} tokens in one call, but a static cache takes at most "
+                f"{chunk} per call; pass fewer tokens per call or use the dynamic cache."
+            )
         if chunked and run_cache is None:
             run_cache = InfiniteVLCache(self.config)  # chunks need a cache to pass context along
         bounds = range(0, length, chunk) if chunked else [0]
         step = length if len(bounds) == 1 else chunk
 
-        pieces, hidden_pieces = [], []
+        pieces, hidden_pieces, attentions = [], [], None
         for start in bounds:
             stop = min(start + step, length)
             valid = None if token_valid is None else token_valid[:, start:stop]
             embeds = inputs_embeds[:, start:stop] if inputs_embeds is not None else self.embed_tokens(input_ids[:, start:stop])
-            hidden, per_layer = self._run_layers(
-                embeds, position_ids[..., start:stop], valid, run_cache, output_hidden_states, **kwargs
+            hidden, per_layer, attentions = self._run_layers(
+                embeds, position_ids[..., start:stop], valid, run_cache, wanted_hidden, output_attentions, **kwargs
             )
             if run_cache is not None:
                 run_cache.advance(position_ids[..., start:stop], valid, stop - start)
@@ -205,28 +231,32 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         if keep_last:
             hidden_states = hidden_states[:, -keep_last:]
         all_hidden = None
-        if output_hidden_states:
-            all_hidden = tuple(torch.cat(parts, dim=1) for parts in zip(*hidden_pieces))
-        output = BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden)
+        if wanted_hidden is not None:
+            all_hidden = tuple(None if parts[0] is None else torch.cat(parts, dim=1) for parts in zip(*hidden_pieces))
+        output = BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden, attentions=attentions)
         if use_cache and cache is not None:
             output[CACHE_KWARG] = cache
-        return output
+        return output if return_dict else output.to_tuple()
 
-    def _run_layers(self, hidden_states, position_ids, token_valid, cache, output_hidden_states, **kwargs):
+    def _run_layers(self, hidden_states, position_ids, token_valid, cache, wanted_hidden, output_attentions, **kwargs):
+        """The layers and the final norm over one chunk. Returns the hidden states, the per-layer hidden states
+        (the embeddings, then each layer's output; None where not in `wanted_hidden`) and the attention weights
+        (a tuple with one entry per layer when `output_attentions`, else None)."""
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        per_layer = []
+        per_layer, attentions = [], []
         try:
-            for layer in self.layers:
-                if output_hidden_states:
-                    per_layer.append(hidden_states)
-                hidden_states = layer(hidden_states, position_embeddings, token_valid=token_valid, cache=cache, **kwargs)
+            for i, layer in enumerate(self.layers):
+                if wanted_hidden is not None:
+                    per_layer.append(hidden_states if i in wanted_hidden else None)
+                hidden_states, weights = layer(hidden_states, position_embeddings, token_valid=token_valid, cache=cache, **kwargs)
+                attentions.append(weights)
         finally:
             if cache is not None:
                 cache.chunk_masks.clear()  # the rings' mask is shared by the layers of this call only
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            per_layer.append(hidden_states)
-        return hidden_states, per_layer
+        if wanted_hidden is not None:
+            per_layer.append(hidden_states if len(self.layers) in wanted_hidden else None)
+        return hidden_states, per_layer, tuple(attentions) if output_attentions else None
 
 
 def _token_valid(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor | None:
@@ -292,18 +322,60 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **tower_kwargs) -> torch.Tensor:
-        """Merged vision features [sum of tokens per image, hidden] for flattened patches `pixel_values`.
+    def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.LongTensor, **tower_kwargs) -> torch.Tensor:
+        """Merged vision features [sum of tokens per image or video, hidden] for flattened patches `pixel_values`.
         tower_kwargs: the tower's grid-dependent inputs when precomputed (`frame_graph.vision_layout`)."""
-        output = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw, **tower_kwargs)
-        return output.pooler_output if hasattr(output, "pooler_output") else output
+        return self.visual(pixel_values.to(self.visual.dtype), grid_thw=grid_thw, **tower_kwargs).pooler_output
 
-    get_video_features = get_image_features
+    def _tower(self, pixel_values: torch.Tensor, grid_thw: torch.LongTensor | None, kind: str, **kwargs) -> BaseModelOutputWithPooling:
+        if grid_thw is None:
+            raise ValueError(f"{kind} pixel values were given without their grid (`{kind}_grid_thw`).")
+        output = self.visual(pixel_values.to(self.visual.dtype), grid_thw=grid_thw, **kwargs)
+        sizes = num_vision_tokens(grid_thw, self.config.vision_config.spatial_merge_size).tolist()
+        output.pooler_output = torch.split(output.pooler_output, sizes)
+        return output
 
-    def _scatter(self, input_ids, inputs_embeds, features, grid_thw, token_id: int, kind: str) -> torch.Tensor:
-        if input_ids is None:
-            raise ValueError(f"{kind} inputs need `input_ids` to find their placeholder tokens.")
-        mask = input_ids == token_id
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The vision tower's output for images (flattened patches `pixel_values`, grids `image_grid_thw` [N, 3]):
+        `pooler_output` is a tuple of merged features, one [tokens of that image, hidden] tensor per image;
+        `last_hidden_state` the tower's last block output; with `output_hidden_states` / `output_attentions`, the
+        tower's. `return_dict=False` gives a tuple."""
+        return self._tower(pixel_values, image_grid_thw, "image", **kwargs)
+
+    @can_return_tuple
+    def get_video_features(
+        self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling | tuple:
+        """`get_image_features` for videos: `pixel_values_videos` with grids `video_grid_thw`, one tensor per video."""
+        return self._tower(pixel_values_videos, video_grid_thw, "video", **kwargs)
+
+    def placeholder_ids(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        mm_token_type_ids: torch.Tensor | None = None,
+    ) -> torch.LongTensor:
+        """Token ids [B, T] marking where image and video features go: `input_ids` when given; else, for
+        `inputs_embeds` alone, built from `mm_token_type_ids` (1 image, 2 video, as the processor writes them) or
+        from the positions whose embedding equals the image/video token's. Other positions get -1 (text)."""
+        if input_ids is not None:
+            return input_ids
+        ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        tokens = ((1, self.config.image_token_id), (2, self.config.video_token_id))
+        for type_id, token in tokens:
+            if mm_token_type_ids is not None:
+                mask = mm_token_type_ids.to(ids.device) == type_id
+            else:
+                embedding = self.get_input_embeddings()(torch.tensor(token, device=ids.device))
+                mask = (inputs_embeds == embedding.to(inputs_embeds.dtype)).all(-1)
+            ids = ids.masked_fill(mask, token)
+        return ids
+
+    def _scatter(self, placeholder_ids, inputs_embeds, features, grid_thw, token_id: int, kind: str) -> torch.Tensor:
+        mask = placeholder_ids == token_id
         expected = int(num_vision_tokens(grid_thw, self.config.vision_config.spatial_merge_size).sum())
         found = int(mask.sum())
         if found != features.shape[0] or found != expected:
@@ -325,24 +397,40 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         second_per_grid_ts: torch.Tensor | None = None,
         cache: InfiniteVLCache | None = None,
         cu_seqlens: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.LongTensor | None]:
         """What the decoder reads for these inputs: embeddings with the vision features scattered in (None for
         text-only `input_ids`, which the decoder embeds chunk by chunk) and the 3-D mRoPE positions of inputs
         holding images or videos (None for text, whose positions the decoder continues itself)."""
-        if inputs_embeds is None and (pixel_values is not None or pixel_values_videos is not None):
+        embeds, positions, _ = self._decoder_inputs(
+            input_ids, attention_mask, inputs_embeds, pixel_values, pixel_values_videos, image_grid_thw,
+            video_grid_thw, second_per_grid_ts, cache, cu_seqlens, mm_token_type_ids,
+        )
+        return embeds, positions
+
+    def _decoder_inputs(
+        self, input_ids, attention_mask, inputs_embeds, pixel_values, pixel_values_videos, image_grid_thw,
+        video_grid_thw, second_per_grid_ts, cache, cu_seqlens, mm_token_type_ids, **tower_kwargs,
+    ):
+        """`decoder_inputs`, plus the tower outputs {"image": ..., "video": ...} of the vision inputs given."""
+        tower_outputs = {}
+        has_vision = pixel_values is not None or pixel_values_videos is not None
+        if inputs_embeds is None and has_vision:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            if image_grid_thw is None:
-                raise ValueError("`pixel_values` were given without `image_grid_thw`.")
-            features = self.get_image_features(pixel_values, image_grid_thw)
-            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, image_grid_thw, self.config.image_token_id, "image")
-        if pixel_values_videos is not None:
-            if video_grid_thw is None:
-                raise ValueError("`pixel_values_videos` were given without `video_grid_thw`.")
-            features = self.get_video_features(pixel_values_videos, video_grid_thw)
-            inputs_embeds = self._scatter(input_ids, inputs_embeds, features, video_grid_thw, self.config.video_token_id, "video")
-        if input_ids is None or (image_grid_thw is None and video_grid_thw is None):
-            return inputs_embeds, None
+        placeholders = None
+        if has_vision or (input_ids is None and mm_token_type_ids is not None):
+            placeholders = self.placeholder_ids(input_ids, inputs_embeds, mm_token_type_ids)
+        for kind, pixels, grid, token in (
+            ("image", pixel_values, image_grid_thw, self.config.image_token_id),
+            ("video", pixel_values_videos, video_grid_thw, self.config.video_token_id),
+        ):
+            if pixels is None:
+                continue
+            output = tower_outputs[kind] = self._tower(pixels, grid, kind, **tower_kwargs)
+            features = torch.cat(output.pooler_output, dim=0)
+            inputs_embeds = self._scatter(placeholders, inputs_embeds, features, grid, token, kind)
+        if placeholders is None or (image_grid_thw is None and video_grid_thw is None):
+            return inputs_embeds, None, tower_outputs
         grids = dict(
             image_token_id=self.config.image_token_id,
             video_token_id=self.config.video_token_id,
@@ -353,14 +441,14 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
             second_per_grid_ts=second_per_grid_ts,
         )
         if cu_seqlens is not None:  # packed samples: positions restart per sample
-            return inputs_embeds, packed_mrope_position_ids(input_ids, cu_seqlens, **grids)
+            return inputs_embeds, packed_mrope_position_ids(placeholders, cu_seqlens, **grids), tower_outputs
         positions, _ = mrope_position_ids(  # continue from where the cache left off
-            input_ids,
-            attention_mask=attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None,
+            placeholders,
+            attention_mask=attention_mask[:, -placeholders.shape[1]:] if attention_mask is not None else None,
             start_positions=cache.next_positions if isinstance(cache, InfiniteVLCache) else None,
             **grids,
         )
-        return inputs_embeds, positions
+        return inputs_embeds, positions, tower_outputs
 
     def forward(
         self,
@@ -375,37 +463,63 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         image_grid_thw: torch.LongTensor | None = None,
         video_grid_thw: torch.LongTensor | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> InfiniteVLModelOutputWithPast | tuple:
+        r"""
+        mm_token_type_ids (`torch.Tensor` [B, T], *optional*): 1 at image and 2 at video placeholders (as
+            transformers' Qwen2.5-VL processors write it); with `inputs_embeds` and no `input_ids` it tells where
+            the vision features go. Without it, the positions whose embedding is the image/video token's are used.
+        """
         cache = pop_cache_kwarg(kwargs, past_key_values)
-        for unused in ("cache_position", "mm_token_type_ids", "rope_deltas"):
+        for unused in ("cache_position", "rope_deltas"):
             kwargs.pop(unused, None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        inputs_embeds, vision_positions = self.decoder_inputs(
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        # The tower reports its own hidden states / attentions when asked for all of them (indices are the decoder's).
+        tower_kwargs = {"output_attentions": bool(output_attentions), "output_hidden_states": output_hidden_states is True}
+        inputs_embeds, vision_positions, tower_outputs = self._decoder_inputs(
             input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            pixel_values=pixel_values,
-            pixel_values_videos=pixel_values_videos,
-            image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw,
-            second_per_grid_ts=second_per_grid_ts,
-            cache=cache,
-            cu_seqlens=kwargs.get("cu_seqlens"),
+            attention_mask,
+            inputs_embeds,
+            pixel_values,
+            pixel_values_videos,
+            image_grid_thw,
+            video_grid_thw,
+            second_per_grid_ts,
+            cache,
+            kwargs.get("cu_seqlens"),
+            mm_token_type_ids,
+            **tower_kwargs,
         )
         position_ids = position_ids if position_ids is not None else vision_positions
         kwargs[CACHE_KWARG] = cache
-        return self.language_model(
+        outputs = self.language_model(
             input_ids=input_ids if inputs_embeds is None else None,  # text only: embedded chunk by chunk
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
             **kwargs,
         )
+        output = InfiniteVLModelOutputWithPast(
+            **outputs, image_outputs=tower_outputs.get("image"), video_outputs=tower_outputs.get("video")
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# Keywords of `loss_function` (transformers' causal-LM loss) that callers such as the Trainer pass to forward.
+LOSS_KWARGS = ("shift_labels", "num_items_in_batch", "ignore_index")
 
 
 def _static_decode_step(cache, input_ids, pixel_values, labels) -> bool:
@@ -454,6 +568,18 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The vision tower's output for images; see `InfiniteVLModel.get_image_features`."""
+        return self.model.get_image_features(pixel_values, image_grid_thw, **kwargs)
+
+    def get_video_features(
+        self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The vision tower's output for videos; see `InfiniteVLModel.get_video_features`."""
+        return self.model.get_video_features(pixel_values_videos, video_grid_thw, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -469,12 +595,19 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         video_grid_thw: torch.LongTensor | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_hidden_states: bool | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> InfiniteVLCausalLMOutputWithPast | tuple:
         r"""
         labels (`torch.LongTensor` [B, T], *optional*): targets for the next-token loss; -100 is ignored.
         logits_to_keep (`int`, defaults to 0): compute logits for the last this many positions only (0: all).
+        mm_token_type_ids, output_hidden_states, output_attentions: see `InfiniteVLModel.forward` and
+            `InfiniteVLTextModel.forward`; unset ones default to the config's.
+        Loss keywords (`shift_labels`: targets already shifted, as sequence-parallel training passes them;
+        `num_items_in_batch`, `ignore_index`) go to `self.loss_function`.
         """
         cache = kwargs[CACHE_KWARG] = pop_cache_kwarg(kwargs, past_key_values)
         if kwargs.pop("_captured_step", False) is False and _static_decode_step(cache, input_ids, pixel_values, labels):
@@ -488,6 +621,9 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
                 result = CausalLMOutputWithPast(logits=cache.graph_decoder.step(input_ids).clone())
                 result[CACHE_KWARG] = cache
                 return result
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
+        wants_loss = labels is not None or loss_kwargs.get("shift_labels") is not None
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -499,20 +635,32 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
             image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw,
             second_per_grid_ts=second_per_grid_ts,
+            mm_token_type_ids=mm_token_type_ids,
             output_hidden_states=output_hidden_states,
-            keep_last=logits_to_keep if isinstance(logits_to_keep, int) and labels is None else 0,
+            output_attentions=output_attentions,
+            return_dict=True,
+            keep_last=logits_to_keep if isinstance(logits_to_keep, int) and not wants_loss else 0,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        if wants_loss:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
+            )
+        result = InfiniteVLCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
+        )
         if outputs.get(CACHE_KWARG) is not None:
             result[CACHE_KWARG] = outputs[CACHE_KWARG]
-        return result
+        return result if return_dict else result.to_tuple()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """Let generate() set up as usual, then swap the attention-only cache it made for an `InfiniteVLCache`.
@@ -551,14 +699,18 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
     ) -> dict:
         """Feed only the tokens the cache has not seen; vision inputs go in with the prompt, once.
 
-        `mm_token_type_ids` (written by transformers' Qwen2.5-VL processors) is accepted and not used: positions
-        come from `input_ids` and the grids."""
+        `mm_token_type_ids` (written by transformers' Qwen2.5-VL processors) goes in with a prompt given as
+        `inputs_embeds`, where it marks the image/video placeholders; with `input_ids` the ids mark them."""
         # `cache` is named in the signature so that generate(cache=...) (transformers >= 5.24) passes its kwarg check.
         cache = pop_cache_kwarg(kwargs, cache, past_key_values)
         seen = cache.get_seq_length() if cache is not None else 0
         inputs = {"attention_mask": attention_mask, "use_cache": use_cache, CACHE_KWARG: cache}
         if inputs_embeds is not None and seen == 0:
             inputs["inputs_embeds"] = inputs_embeds
+            inputs["mm_token_type_ids"] = mm_token_type_ids
+        elif inputs_embeds is not None:
+            # A prompt given as embeddings is not in `input_ids`, which holds only the generated tokens.
+            inputs["input_ids"] = input_ids[:, seen - inputs_embeds.shape[1]:]
         else:
             inputs["input_ids"] = input_ids[:, seen:]
         if seen == 0:
