@@ -19,6 +19,7 @@ import functools
 
 import torch
 from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
@@ -26,21 +27,30 @@ from .cache import InfiniteVLRingAttentionLayer
 from .compiled import compiled_for_inference
 from .ops.decode_attention import ring_decode_attention
 from .ops.window_attention import cudnn_window_attention_usable, window_attention
-from .configuration_infinitevl import InfiniteVLTextConfig
+from .configuration_infinitevl import ROPE_TYPES, InfiniteVLTextConfig
 
 
 class InfiniteVLRotaryEmbedding(nn.Module):
-    """mRoPE: each of the (time, height, width) position axes rotates its own section of the head dims."""
+    """mRoPE: each of the (time, height, width) position axes rotates its own section of the head dims.
+
+    `rope_parameters["rope_type"]` may be "default", "linear" or "yarn" (`ROPE_TYPES`): the frequencies (and
+    yarn's attention factor on cos/sin) come from transformers' rope functions; other types are refused by the
+    config (`InfiniteVLTextConfig.validate_infinitevl`)."""
 
     def __init__(self, config: InfiniteVLTextConfig):
         super().__init__()
         rope = config.rope_parameters or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"InfiniteVL supports only the default mRoPE, got rope_type={rope.get('rope_type')!r}.")
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"InfiniteVL's mRoPE supports rope_type {ROPE_TYPES}, got {rope_type!r}.")
         head_dim = config.hidden_size // config.num_attention_heads
-        theta = rope.get("rope_theta", 1000000.0)
         self.mrope_section = list(rope.get("mrope_section", [16, 24, 24]))
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.attention_scaling = 1.0
+        if rope_type == "default":
+            theta = rope.get("rope_theta", 1000000.0)
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @torch.no_grad()
@@ -50,7 +60,10 @@ class InfiniteVLRotaryEmbedding(nn.Module):
         sections = freqs.split(self.mrope_section, dim=-1)
         freqs = torch.cat([part[i % 3] for i, part in enumerate(sections)], dim=-1)
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

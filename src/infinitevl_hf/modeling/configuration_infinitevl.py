@@ -24,6 +24,9 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
 
 LAYER_TYPES = ("sliding_attention", "full_attention", "linear_attention")
 GDN_MODES = ("chunk", "fused_recurrent")
+# rope types the mRoPE builds. "dynamic" is refused: it changes the frequencies with the length of the input, so
+# a prompt fed in chunks or a stream would rotate its cached window keys differently from one shot.
+ROPE_TYPES = ("default", "linear", "yarn")
 
 
 def default_layer_types(num_hidden_layers: int, interval: int = 4) -> list[str]:
@@ -135,6 +138,13 @@ class InfiniteVLTextConfig(Qwen2_5_VLTextConfig):
                 f"`num_key_value_heads` ({self.num_key_value_heads})."
             )
         head_dim = self.hidden_size // self.num_attention_heads
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            why = " (it rescales with the input length, so chunked or streamed input would differ from one shot)"
+            raise ValueError(
+                f"`rope_parameters['rope_type']` is {rope_type!r}; InfiniteVL's mRoPE supports {ROPE_TYPES}"
+                + (why if rope_type == "dynamic" else "") + "."
+            )
         mrope = (self.rope_parameters or {}).get("mrope_section")
         if mrope is not None and 2 * sum(mrope) != head_dim:
             raise ValueError(f"`mrope_section` {list(mrope)} must sum to head_dim/2 = {head_dim // 2}.")

@@ -65,11 +65,16 @@ class InfiniteVLPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, reading both key namings of the official checkpoint and refusing
-        checkpoints with missing, unexpected or mis-shaped tensors (nothing is silently random-initialised)."""
+        checkpoints with missing, unexpected or mis-shaped tensors (nothing is silently random-initialised).
+
+        `from_pretrained(None, config=config, state_dict=tensors)` loads the given tensors and, as transformers
+        documents, initialises the ones it lacks with `_init_weights` (transformers' load report lists them);
+        unexpected or mis-shaped tensors are refused there too."""
         kwargs.setdefault("key_mapping", LEGACY_KEY_MAPPING)
         wants_info = kwargs.pop("output_loading_info", False)
+        given_weights = pretrained_model_name_or_path is None and kwargs.get("state_dict") is not None
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        check_loading_info(model, info, pretrained_model_name_or_path)
+        check_loading_info(model, info, pretrained_model_name_or_path, allow_missing=given_weights)
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, remote_code_files: bool = True, **kwargs):
