@@ -22,6 +22,8 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
     Qwen2_5_VLVisionConfig,
 )
 
+from .tensor_parallel import TEXT_TP_PLAN
+
 LAYER_TYPES = ("sliding_attention", "full_attention", "linear_attention")
 GDN_MODES = ("chunk", "fused_recurrent")
 # rope types the mRoPE builds. "dynamic" is refused: it changes the frequencies with the length of the input, so
@@ -77,6 +79,8 @@ class InfiniteVLTextConfig(Qwen2_5_VLTextConfig):
 
     model_type = "infinite_vl_text"
     base_config_key = "text_config"
+    # Gated DeltaNet layers split by head (not Qwen2.5-VL's attention-only plan): see `tensor_parallel.py`.
+    base_model_tp_plan = TEXT_TP_PLAN
 
     vocab_size: int = 151936
     hidden_size: int = 2048

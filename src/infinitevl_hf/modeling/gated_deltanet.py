@@ -146,9 +146,10 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
 
-        q = q.view(batch, length, self.num_heads, self.head_k_dim)
-        k = k.view(batch, length, self.num_heads, self.head_k_dim)
-        v = v.view(batch, length, self.num_heads, self.head_v_dim)
+        # Heads are counted off the tensors: under tensor parallelism a rank holds only its share of them.
+        q = q.view(batch, length, -1, self.head_k_dim)
+        k = k.view(batch, length, -1, self.head_k_dim)
+        v = v.view(batch, length, -1, self.head_v_dim)
         beta = self.b_proj(hidden_states).sigmoid()
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
         if token_valid is not None:
@@ -172,6 +173,6 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         if keep_state:
             layer_cache.update_recurrent_state(final_state, state_idx=0)
 
-        gate = self.g_proj(hidden_states).view(batch, length, self.num_heads, self.head_v_dim) if self.use_gate else None
+        gate = self.g_proj(hidden_states).view(batch, length, -1, self.head_v_dim) if self.use_gate else None
         o = self.o_norm(o, gate)
-        return self.o_proj(o.reshape(batch, length, self.value_dim))
+        return self.o_proj(o.reshape(batch, length, -1))

@@ -556,6 +556,8 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Split over the vocabulary like the tied `embed_tokens` ("embedding_rowwise"), the logits gathered whole.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     accepts_loss_kwargs = False
 
     def __init__(self, config: InfiniteVLConfig):
