@@ -48,6 +48,9 @@ class InfiniteVLPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # The decay parameters stay float32 when the model is loaded in float16, and quantizers leave them alone (they
+    # are read as float32 anyway). The convolutions and norms are not linear layers, so no quantizer converts them.
+    _keep_in_fp32_modules = ["A_log", "dt_bias"]
     # The Gated DeltaNet state cannot be rolled back to fewer tokens: generate() refuses assisted decoding and
     # prompt lookup up front instead of failing in the cache's crop().
     _is_stateful = True
