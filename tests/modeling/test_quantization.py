@@ -19,6 +19,7 @@ from transformers import AutoProcessor, BitsAndBytesConfig, TorchAoConfig
 import infinitevl_hf
 from helpers import image_inputs, text_ids
 from infinitevl_hf import InfiniteVLForConditionalGeneration, StreamingSession
+from infinitevl_hf.modeling.fused_decode import FusedDecodeStep
 
 FULL_PRECISION = ("A_log", "dt_bias", "conv1d.weight", "norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")
 
@@ -78,8 +79,14 @@ def test_torchao_int8_quantizes_linear_layers_only(torchao_int8):
     assert "model.visual.blocks.0.attn.qkv" in linears and "model.language_model.layers.1.self_attn.a_proj" in linears
 
 
-def test_gated_deltanet_decay_is_kept_out_of_quantization():
+def test_gated_deltanet_decay_stays_float32_in_a_float16_load(checkpoint, reference):
     assert {"A_log", "dt_bias"} <= set(InfiniteVLForConditionalGeneration._keep_in_fp32_modules)
+    half = InfiniteVLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float16).eval()
+    gdn = half.model.language_model.layers[1].self_attn
+    assert gdn.A_log.dtype == gdn.dt_bias.dtype == torch.float32 and gdn.q_proj.weight.dtype == torch.float16
+    ids = text_ids(1, 10)
+    with torch.no_grad():
+        assert _relative_error(half(input_ids=ids).logits.float(), reference(input_ids=ids).logits) < 1e-2
 
 
 @pytest.mark.parametrize("with_image", [False, True])
@@ -108,6 +115,11 @@ def test_torchao_int8_linear_weights_shrink_to_about_a_quarter(reference, torcha
     total_full = sum(_bytes(p) for p in reference.parameters())
     total_quantized = sum(_bytes(p.data) for p in torchao_int8.parameters())
     assert total_quantized == total_full - (linear_full - linear_quantized)  # nothing else changed size
+
+
+def test_fused_decode_step_declines_quantized_weights_with_a_reason(reference, torchao_int8):
+    assert FusedDecodeStep.unsupported(reference) is None
+    assert "Int8Tensor (quantized)" in FusedDecodeStep.unsupported(torchao_int8)
 
 
 def test_streaming_session_runs_on_torchao_int8(checkpoint, torchao_int8):
@@ -139,3 +151,4 @@ def test_bitsandbytes_on_cpu(checkpoint, reference, options, module, bound):
     assert error < bound, error  # measured 9.5e-3 (8-bit), 1.1e-1 (nf4)
     assert model.get_memory_footprint() < 0.5 * reference.get_memory_footprint()  # measured 46% (8-bit), 37% (nf4)
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 15)
+    assert FusedDecodeStep.unsupported(model) is not None  # CUDA's fused decode falls back to the module path

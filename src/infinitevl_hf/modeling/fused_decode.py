@@ -231,8 +231,12 @@ class FusedDecodeStep:
                 return f"{name} carries LoRA adapters"
             if isinstance(module, InfiniteVLGatedDeltaNet) and not (module.use_short_conv and module.use_gate):
                 return f"{name} is a Gated DeltaNet without short convolutions or output gate (use_short_conv/use_gate)"
-        if any(not p.is_floating_point() for p in (*text.parameters(), *model.lm_head.parameters())):
+        weights = (*text.named_parameters(), *model.lm_head.named_parameters(prefix="lm_head"))
+        if any(not p.is_floating_point() for _, p in weights):
             return "some decoder weights are not floating point (quantized)"
+        for name, p in weights:  # torchao's quantized tensors report a float dtype but hold other data
+            if type(p.data) is not torch.Tensor:
+                return f"{name} is a {type(p.data).__name__} (quantized), whose data the step cannot read"
         return None
 
     def with_cache(self, cache: InfiniteVLCache) -> FusedDecodeStep:
