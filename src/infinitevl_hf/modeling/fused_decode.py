@@ -234,9 +234,9 @@ class FusedDecodeStep:
         weights = (*text.named_parameters(), *model.lm_head.named_parameters(prefix="lm_head"))
         if any(not p.is_floating_point() for _, p in weights):
             return "some decoder weights are not floating point (quantized)"
-        for name, p in weights:  # torchao's quantized tensors report a float dtype but hold other data
+        for name, p in weights:  # torchao's quantized tensors (and DTensor shards) report a float dtype but hold other data
             if type(p.data) is not torch.Tensor:
-                return f"{name} is a {type(p.data).__name__} (quantized), whose data the step cannot read"
+                return f"{name} is a {type(p.data).__name__} (quantized or sharded), whose data the step cannot read"
         return None
 
     def with_cache(self, cache: InfiniteVLCache) -> FusedDecodeStep:
