@@ -39,6 +39,15 @@ def test_generate_returns_the_attentions_of_every_step():
     assert all(step[i] is None for step in out.attentions for i in GDN_LAYERS)
 
 
+def test_output_attentions_runs_a_long_prompt_in_one_piece():
+    model = tiny_model(attn_implementation="eager", prefill_chunk_tokens=4)
+    ids = text_ids(1, 12)
+    chunked = model(ids).logits
+    out = model(ids, output_attentions=True)
+    assert out.attentions[0].shape == (1, 4, 12, 12)  # one call over the whole prompt, not chunks of 4
+    torch.testing.assert_close(out.logits, chunked, rtol=1e-5, atol=1e-5)
+
+
 def test_config_output_flags_apply_when_the_call_does_not_say():
     model = tiny_model(attn_implementation="eager")
     ids = text_ids(1, 5)
@@ -122,6 +131,14 @@ def test_inputs_embeds_with_images_and_no_input_ids(marker):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_inputs_embeds_with_images_but_no_placeholders_is_refused_by_name():
+    model = tiny_model()
+    ids, pixels, grid = image_inputs()
+    embeds = torch.randn(1, ids.shape[1], 32)
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        model(inputs_embeds=embeds, pixel_values=pixels, image_grid_thw=grid)
+
+
 def test_generate_from_inputs_embeds_with_images_gives_the_input_ids_tokens():
     model = tiny_model()
     ids, pixels, grid = image_inputs()
@@ -131,6 +148,16 @@ def test_generate_from_inputs_embeds_with_images_gives_the_input_ids_tokens():
         mm_token_type_ids=(ids == IMAGE_TOKEN).long(), max_new_tokens=5, do_sample=False,
     )
     assert torch.equal(got, expected[:, ids.shape[1]:])  # with embeddings, generate returns the new tokens only
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_from_inputs_embeds_and_input_ids_together(num_beams):
+    model = tiny_model()
+    ids = text_ids(1, 9)
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False, num_beams=num_beams)
+    got = model.generate(input_ids=ids, inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=5,
+                         do_sample=False, num_beams=num_beams)
+    assert torch.equal(got, expected)
 
 
 def test_loss_takes_shift_labels_over_labels():

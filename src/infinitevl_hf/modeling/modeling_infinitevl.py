@@ -335,13 +335,17 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         tower_kwargs: the tower's grid-dependent inputs when precomputed (`frame_graph.vision_layout`)."""
         return self.visual(pixel_values.to(self.visual.dtype), grid_thw=grid_thw, **tower_kwargs).pooler_output
 
-    def _tower(self, pixel_values: torch.Tensor, grid_thw: torch.LongTensor | None, kind: str, **kwargs) -> BaseModelOutputWithPooling:
+    def _tower(
+        self, pixel_values: torch.Tensor, grid_thw: torch.LongTensor | None, kind: str, **kwargs
+    ) -> tuple[BaseModelOutputWithPooling, torch.Tensor]:
+        """The tower's output with `pooler_output` split per image/video, and the merged features unsplit."""
         if grid_thw is None:
             raise ValueError(f"{kind} pixel values were given without their grid (`{kind}_grid_thw`).")
         output = self.visual(pixel_values.to(self.visual.dtype), grid_thw=grid_thw, **kwargs)
+        merged = output.pooler_output
         sizes = num_vision_tokens(grid_thw, self.config.vision_config.spatial_merge_size).tolist()
-        output.pooler_output = torch.split(output.pooler_output, sizes)
-        return output
+        output.pooler_output = torch.split(merged, sizes)
+        return output, merged
 
     @can_return_tuple
     def get_image_features(
@@ -351,14 +355,14 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         `pooler_output` is a tuple of merged features, one [tokens of that image, hidden] tensor per image;
         `last_hidden_state` the tower's last block output; with `output_hidden_states` / `output_attentions`, the
         tower's. `return_dict=False` gives a tuple."""
-        return self._tower(pixel_values, image_grid_thw, "image", **kwargs)
+        return self._tower(pixel_values, image_grid_thw, "image", **kwargs)[0]
 
     @can_return_tuple
     def get_video_features(
         self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor | None = None, **kwargs
     ) -> BaseModelOutputWithPooling | tuple:
         """`get_image_features` for videos: `pixel_values_videos` with grids `video_grid_thw`, one tensor per video."""
-        return self._tower(pixel_values_videos, video_grid_thw, "video", **kwargs)
+        return self._tower(pixel_values_videos, video_grid_thw, "video", **kwargs)[0]
 
     def placeholder_ids(
         self,
@@ -387,9 +391,14 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         expected = int(num_vision_tokens(grid_thw, self.config.vision_config.spatial_merge_size).sum())
         found = int(mask.sum())
         if found != features.shape[0] or found != expected:
+            hint = ""
+            if found == 0 and bool((placeholder_ids < 0).all()):
+                hint = (" With `inputs_embeds` and no `input_ids`, pass `mm_token_type_ids` or embed the placeholders "
+                        f"as the {kind} token.")
             raise ValueError(
                 f"{kind} features and {kind} tokens do not match: the text has {found} {kind} placeholder tokens, "
                 f"but the {kind}s give {features.shape[0]} features (grids {grid_thw.tolist()} expect {expected})."
+                + hint
             )
         return inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), features.to(inputs_embeds))
 
@@ -434,8 +443,7 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         ):
             if pixels is None:
                 continue
-            output = tower_outputs[kind] = self._tower(pixels, grid, kind, **tower_kwargs)
-            features = torch.cat(output.pooler_output, dim=0)
+            tower_outputs[kind], features = self._tower(pixels, grid, kind, **tower_kwargs)
             inputs_embeds = self._scatter(placeholders, inputs_embeds, features, grid, token, kind)
         if placeholders is None or (image_grid_thw is None and video_grid_thw is None):
             return inputs_embeds, None, tower_outputs
@@ -715,12 +723,15 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         cache = pop_cache_kwarg(kwargs, cache, past_key_values)
         seen = cache.get_seq_length() if cache is not None else 0
         inputs = {"attention_mask": attention_mask, "use_cache": use_cache, CACHE_KWARG: cache}
-        if inputs_embeds is not None and seen == 0:
+        first = kwargs.get("is_first_iteration")
+        first = seen == 0 if first is None else first
+        if inputs_embeds is not None and first:
             inputs["inputs_embeds"] = inputs_embeds
             inputs["mm_token_type_ids"] = mm_token_type_ids
         elif inputs_embeds is not None:
-            # A prompt given as embeddings is not in `input_ids`, which holds only the generated tokens.
-            inputs["input_ids"] = input_ids[:, seen - inputs_embeds.shape[1]:]
+            # The prompt went in as embeddings, so the cache is not aligned with `input_ids`: feed the new tokens.
+            new = kwargs.get("next_sequence_length") or 1
+            inputs["input_ids"] = input_ids[:, -new:]
         else:
             inputs["input_ids"] = input_ids[:, seen:]
         if seen == 0:
