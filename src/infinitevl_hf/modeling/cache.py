@@ -317,6 +317,17 @@ class InfiniteVLLinearAttentionLayer(LinearAttentionCacheLayerMixin):
         return _tensor_bytes(*self.conv_states.values(), *self.recurrent_states.values())
 
 
+def _layer_tensors(layer) -> list[torch.Tensor]:
+    """The state tensors of one cache layer, in a fixed order."""
+    if isinstance(layer, InfiniteVLLinearAttentionLayer):
+        return [layer.conv_states[i] for i in range(layer.number_of_states) if layer.is_conv_states_initialized[i]] + [
+            layer.recurrent_states[i] for i in range(layer.number_of_states) if layer.is_recurrent_states_initialized[i]
+        ]
+    if isinstance(layer, InfiniteVLRingAttentionLayer):
+        return [layer.keys, layer.values, layer.valid]
+    return [t for t in (layer.keys, layer.values, layer.valid) if isinstance(t, torch.Tensor)]
+
+
 def _store(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     # In place when the shape is unchanged, so a captured CUDA graph keeps reading the same memory.
     if old is not None and old.shape == new.shape and old.dtype == new.dtype and old.device == new.device:
@@ -366,9 +377,6 @@ class InfiniteVLCache(Cache):
         self.next_positions: torch.LongTensor | None = None
         self.device_step: torch.LongTensor | None = None  # set by `to_static`
         self.chunk_masks: dict = {}  # the rings' mask of the current call (see InfiniteVLRingAttentionLayer)
-        self.wants_static = False  # generate(cache_implementation="static"): go static after the prompt
-        self.graph_compile = "fused"  # how that decode graph is built: "fused" (compiled) or None (the module path)
-        self.graph_decoder = None  # the CUDAGraphDecoder replaying decode steps, once captured
 
     def _fresh_layers(self) -> list:
         return [
@@ -392,12 +400,46 @@ class InfiniteVLCache(Cache):
         return sum(layer.nbytes for layer in self.layers) + _tensor_bytes(self.next_positions)
 
     def fork(self) -> InfiniteVLCache:
-        """An independent copy: feeding the fork leaves this cache untouched (a captured graph stays with the original)."""
-        decoder, self.graph_decoder = self.graph_decoder, None
-        try:
-            return copy.deepcopy(self)
-        finally:
-            self.graph_decoder = decoder
+        """An independent copy: feeding the fork leaves this cache untouched."""
+        return copy.deepcopy(self)
+
+    def own_buffers(self) -> None:
+        """Give this cache its own copy of every tensor it holds, in place (its layers may share tensors with
+        another cache, e.g. the buffers a captured decode graph reads; after this, feeding either leaves the
+        other untouched)."""
+        self.layers, self.device_step, self.next_positions, self.chunk_masks = copy.deepcopy(
+            (self.layers, self.device_step, self.next_positions, self.chunk_masks)
+        )
+
+    def share_buffers_of(self, other: InfiniteVLCache) -> None:
+        """Hold `other`'s tensors (the same layer objects), after copying this cache's state into them.
+
+        Both caches must be static and of one shape (batch, dtype, device, config). Afterwards the two are one
+        memory until `own_buffers()` is called on either; the token counters stay each cache's own."""
+        if not (self.is_static and other.is_static):
+            raise ValueError("share_buffers_of() needs two static caches (InfiniteVLCache.to_static()).")
+        if self.layer_types != other.layer_types or self.batch_rows != other.batch_rows:
+            raise ValueError(
+                f"Cannot share the buffers of a cache of another shape: {other.batch_rows} rows of {other.layer_types} "
+                f"vs {self.batch_rows} rows of {self.layer_types}."
+            )
+        for mine, theirs in zip(self.layers, other.layers):
+            for a, b in zip(_layer_tensors(mine), _layer_tensors(theirs)):
+                if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+                    raise ValueError(f"Cannot share buffers: a cache tensor is {tuple(b.shape)} {b.dtype} on {b.device}, "
+                                     f"this cache's is {tuple(a.shape)} {a.dtype} on {a.device}.")
+                b.copy_(a)
+        other.next_positions.copy_(self.next_positions)
+        other.device_step.copy_(self.device_step)
+        other.seen_tokens, other.padded_through = self.seen_tokens, self.padded_through
+        self.layers, self.device_step, self.next_positions = list(other.layers), other.device_step, other.next_positions
+        self.chunk_masks = other.chunk_masks
+
+    def buffer_addresses(self) -> tuple[int, ...]:
+        """Device addresses of every state tensor: what a captured graph over this cache depends on."""
+        tensors = [t for layer in self.layers for t in _layer_tensors(layer)]
+        tensors += [t for t in (self.next_positions, self.device_step) if t is not None]
+        return tuple(t.data_ptr() for t in tensors)
 
     def reset(self) -> None:
         """Forget everything; a static cache becomes dynamic again (its next input is a prompt)."""
@@ -406,7 +448,6 @@ class InfiniteVLCache(Cache):
         self.padded_through = 0
         self.next_positions = None
         self.device_step = None
-        self.graph_decoder = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:
@@ -468,7 +509,7 @@ class InfiniteVLCache(Cache):
         for i, layer in enumerate(self.layers):
             if isinstance(layer, InfiniteVLRingAttentionLayer):
                 self.layers[i] = layer.to_window_layer(self.seen_tokens)
-        self.device_step, self.graph_decoder = None, None
+        self.device_step = None
         return self
 
     def window_is_full(self, window: int) -> bool:
