@@ -25,7 +25,9 @@ def model():
 
     config = tiny_config(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
                          num_key_value_heads=2, num_linear_heads=4, num_linear_key_value_heads=4, linear_head_dim=32,
-                         sliding_window=64, vocab_size=512)
+                         sliding_window=512, vocab_size=512,
+                         rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0})
+    config.vision_config.out_hidden_size = config.text_config.hidden_size
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -53,15 +55,16 @@ def _greedy(model, inputs, **flags):
         return model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, **flags)
 
 
-@pytest.mark.parametrize("kind", ["text", "image"])
+@pytest.mark.parametrize("kind", ["text", "image", "text-over-a-window"])
 def test_default_generate_gives_the_module_path_tokens(model, kind):
     from infinitevl_hf.speed import decode_graphs_of
 
-    inputs = _text() if kind == "text" else _image(model)
+    inputs = {"text": _text, "image": lambda: _image(model), "text-over-a-window": lambda: _text(length=700)}[kind]()
     graphs = decode_graphs_of(model)
-    replays = graphs.replays
+    replays, prompts = graphs.replays, graphs.prompt_replays
     fast = _greedy(model, inputs)
     assert graphs.replays - replays == NEW - 1  # every token after the first came from the graph
+    assert graphs.prompt_replays - prompts == (0 if kind == "text-over-a-window" else 1)  # prompts up to a window
     reference = _greedy(model, inputs, disable_compile=True)
     assert torch.equal(fast, reference)
 

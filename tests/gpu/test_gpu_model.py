@@ -107,7 +107,7 @@ def test_default_generate_decodes_through_the_compiled_graph(model):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     assert out.shape == (1, 316)
-    assert graphs.replays - replays == 15 and (1, torch.bfloat16, ids.device) in {k[:2] + (k[2],) for k in graphs.graphs}
+    assert graphs.replays - replays == 15 and graphs.prompt_replays >= 1 and (1, torch.bfloat16, ids.device) in graphs.slots
 
 
 @pytest.mark.parametrize("concat,matvec", [(False, False), (True, False), (True, True)], ids=["separate", "concat", "matvec"])

@@ -25,11 +25,23 @@ class EagerStep:
         return self.fused(input_ids)
 
 
+WINDOW = 64  # the smallest captured prompt length: prompts up to one window go through captured prompts
+
+
+def reference_model():
+    return tiny_model(sliding_window=WINDOW)
+
+
+def eager_prompt(step, cache):
+    """What a captured prompt replays, run eagerly."""
+    return lambda: step(cache)
+
+
 @pytest.fixture
 def graph_model(monkeypatch):
-    """A tiny model whose generate() takes the graph path on CPU, through the eager stand-in."""
-    model = tiny_model()
-    model.__dict__["_decode_graphs"] = DecodeGraphs(capture=EagerStep)
+    """A tiny model whose generate() takes the graph path on CPU, through the eager stand-ins."""
+    model = reference_model()
+    model.__dict__["_decode_graphs"] = DecodeGraphs(capture_decode=EagerStep, capture_prompt=eager_prompt)
     module_path = speed_generation.plan_for_model
 
     def plan(some_model, *args, **kwargs):  # the reference models of a test keep the module path
@@ -51,15 +63,29 @@ def _same(tokens, logits, expected_tokens, expected_logits):
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
 
 
-def test_generate_through_the_graph_path_gives_the_module_path_tokens(graph_model):
-    reference = tiny_model()
-    ids, pixels, grid = image_inputs()
-    for inputs in (dict(input_ids=text_ids(1, 20)), dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid)):
-        tokens, _ = _generate(graph_model, **inputs)
-        logits = _generate.logits
-        expected, _ = _generate(reference, **inputs)
-        _same(tokens, logits, expected, _generate.logits)
-    assert decode_graphs_of(graph_model).replays == 2 * 11  # every step after the first token was a replay
+@pytest.mark.parametrize("length", [20, 60, 90], ids=["short", "wraps-the-ring", "longer-than-a-window"])
+def test_generate_through_the_graph_path_gives_the_module_path_tokens(graph_model, length):
+    reference = reference_model()
+    tokens, cache = _generate(graph_model, input_ids=text_ids(1, length))
+    logits = _generate.logits
+    expected, expected_cache = _generate(reference, input_ids=text_ids(1, length))
+    _same(tokens, logits, expected, _generate.logits)
+    # the window the cache holds, read back in token order (what saving a cache does), is the module path's
+    for mine, theirs in zip(cache.fork().to_dynamic().layers, expected_cache.to_dynamic().layers):
+        if hasattr(theirs, "keys"):
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+    graphs = decode_graphs_of(graph_model)
+    assert graphs.replays == 11  # every step after the first token was a replay
+    assert graphs.prompt_replays == (1 if length <= WINDOW else 0)  # a prompt over one window: the module path
+
+
+def test_an_image_prompt_through_the_captured_prompt_gives_the_module_path_tokens(graph_model):
+    ids, pixels, grid = image_inputs(prefix=9, suffix=14)
+    inputs = dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid)
+    tokens, _ = _generate(graph_model, **inputs)
+    logits = _generate.logits
+    _same(tokens, logits, _generate(reference_model(), **inputs)[0], _generate.logits)
+    assert decode_graphs_of(graph_model).prompt_replays == 1
 
 
 def test_a_second_generate_captures_nothing(graph_model):
@@ -69,13 +95,13 @@ def test_a_second_generate_captures_nothing(graph_model):
     captures, built = graphs.captures, EagerStep.built
     second = text_ids(1, 9, seed=5)
     tokens, _ = _generate(graph_model, input_ids=second)
-    assert graphs.captures == captures == 1 and EagerStep.built == built
+    assert graphs.captures == captures == 2 and EagerStep.built == built  # its prompt and its decode step
     logits = _generate.logits
-    _same(tokens, logits, _generate(tiny_model(), input_ids=second)[0], _generate.logits)  # its own state, bound in
+    _same(tokens, logits, _generate(reference_model(), input_ids=second)[0], _generate.logits)  # its own state, bound in
 
 
 def test_a_cache_returned_earlier_keeps_its_memory_when_another_call_binds(graph_model):
-    reference = tiny_model()
+    reference = reference_model()
     first_tokens, first_cache = _generate(graph_model, input_ids=text_ids(1, 20))
     kept = first_cache.fork()
     _generate(graph_model, input_ids=text_ids(1, 15, seed=7))  # binds the same graph
@@ -96,7 +122,7 @@ def test_left_padded_batch_rows_equal_the_rows_alone_through_the_graph_path(grap
     for row, ids in enumerate((short, long)):
         alone, _ = _generate(graph_model, input_ids=ids)
         _same(both[row, -alone.shape[1]:], both_logits[row], alone[0], _generate.logits[0])
-    assert decode_graphs_of(graph_model).captures == 2  # one graph per batch size
+    assert decode_graphs_of(graph_model).captures == 4  # a prompt and a decode step per batch size
 
 
 def test_moved_weights_are_captured_again(graph_model):
@@ -105,12 +131,12 @@ def test_moved_weights_are_captured_again(graph_model):
         p.data = p.data.clone()
     tokens, _ = _generate(graph_model, input_ids=text_ids(1, 10))
     logits = _generate.logits
-    assert decode_graphs_of(graph_model).captures == 2
-    _same(tokens, logits, _generate(tiny_model(), input_ids=text_ids(1, 10))[0], _generate.logits)
+    assert decode_graphs_of(graph_model).captures == 4  # prompt and decode step, twice
+    _same(tokens, logits, _generate(reference_model(), input_ids=text_ids(1, 10))[0], _generate.logits)
 
 
 def test_the_graph_path_serves_only_the_cache_its_generate_call_planned():
-    model = tiny_model()
+    model = reference_model()
     cache = InfiniteVLCache(model.config)
     with torch.no_grad():
         model(input_ids=text_ids(1, 6), use_cache=True, **{CACHE_KWARG: cache})
@@ -119,7 +145,7 @@ def test_the_graph_path_serves_only_the_cache_its_generate_call_planned():
 
 
 def test_generate_decodes_with_the_cache_when_the_config_says_use_cache_false():
-    model = tiny_model()
+    model = reference_model()
     model.config.use_cache = False  # as in the released config (a training setting)
     model.generation_config.use_cache = False
     from infinitevl_hf.modeling.modeling_infinitevl import generation_uses_cache
@@ -139,7 +165,7 @@ def test_generate_decodes_with_the_cache_when_the_config_says_use_cache_false():
 def test_a_loaded_checkpoint_whose_config_says_use_cache_false_generates_with_the_cache(tmp_path):
     from infinitevl_hf import InfiniteVLForConditionalGeneration
 
-    model = tiny_model()
+    model = reference_model()
     model.config.use_cache = False
     model.generation_config.use_cache = False
     model.save_pretrained(tmp_path)

@@ -399,6 +399,52 @@ class InfiniteVLCache(Cache):
         """Bytes held by every tensor of the cache (keys, values, padding flags, conv and recurrent states, positions)."""
         return sum(layer.nbytes for layer in self.layers) + _tensor_bytes(self.next_positions)
 
+    @classmethod
+    def empty_static(cls, config: InfiniteVLConfig | InfiniteVLTextConfig, batch: int, dtype: torch.dtype,
+                     device: torch.device | str) -> InfiniteVLCache:
+        """A static cache that nothing went through yet: empty rings (every slot flagged invalid), zero Gated
+        DeltaNet states (what a fresh sequence starts from), positions at 0. Feeding it a prompt equals feeding
+        a fresh dynamic cache, with static shapes from the first token on (what a captured prompt needs)."""
+        text = config.text_config if hasattr(config, "text_config") else config
+        cache = cls(config)
+        device = torch.device(device)
+        cache.device_step = torch.zeros(1, dtype=torch.long, device=device)
+        cache.next_positions = torch.zeros(batch, dtype=torch.long, device=device)
+        head_dim = text.hidden_size // text.num_attention_heads
+        key_dim = text.num_linear_heads * text.linear_head_dim
+        value_dim = text.num_linear_heads * text.linear_value_head_dim
+        for i, (kind, window) in enumerate(zip(cache.layer_types, cache._windows)):
+            if kind == "linear_attention":
+                layer = cache.layers[i]
+                for idx, width in enumerate((key_dim, key_dim, value_dim)):
+                    layer.update_conv_state(torch.zeros(batch, width, text.conv_size - 1, dtype=dtype, device=device), idx)
+                layer.update_recurrent_state(torch.zeros(batch, text.num_linear_heads, text.linear_head_dim,
+                                                         text.linear_value_head_dim, dtype=torch.float32, device=device))
+                continue
+            if window is None:
+                raise ValueError(f"Layer {i} is full attention: its cache grows with the input and cannot be static.")
+            keys = torch.zeros(batch, text.num_key_value_heads, window, head_dim, dtype=dtype, device=device)
+            valid = torch.zeros(batch, window, dtype=torch.bool, device=device)
+            cache.layers[i] = InfiniteVLRingAttentionLayer(keys, torch.zeros_like(keys), valid, cache.device_step,
+                                                           cache.chunk_masks)
+        return cache
+
+    def start_fresh_(self, start: torch.Tensor) -> None:
+        """Empty a static cache in place on the device (no host work, so a captured graph can do it): rings
+        flagged empty, states zeroed, positions at 0, and the ring step at `start` ([1], may be negative: tokens
+        fed before step 0 are the left padding of a prompt laid into a longer captured shape)."""
+        for layer in self.layers:
+            for tensor in _layer_tensors(layer):
+                tensor.zero_()
+        self.next_positions.zero_()
+        self.device_step.copy_(start)
+
+    def adopt_buffers_of(self, other: InfiniteVLCache, seen_tokens: int) -> None:
+        """Hold `other`'s tensors as they are (a prompt was just fed through them), `seen_tokens` fed so far."""
+        self.layers, self.device_step, self.next_positions = list(other.layers), other.device_step, other.next_positions
+        self.chunk_masks = other.chunk_masks
+        self.seen_tokens = self.padded_through = seen_tokens
+
     def fork(self) -> InfiniteVLCache:
         """An independent copy: feeding the fork leaves this cache untouched."""
         return copy.deepcopy(self)
@@ -522,6 +568,11 @@ class InfiniteVLCache(Cache):
     def full_windows(self) -> tuple[bool, ...]:
         """`window_is_full` for each distinct window of the attention layers (what a captured call depends on)."""
         return tuple(self.window_is_full(w) for w in sorted({w for w in self._windows if w is not None}))
+
+    @property
+    def min_window(self) -> int:
+        """The smallest window of the attention layers (what one captured prompt may hold at most)."""
+        return min((w for w in self._windows if w is not None), default=1 << 62)
 
     @property
     def max_tokens_per_call(self) -> int | None:

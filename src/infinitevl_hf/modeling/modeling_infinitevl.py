@@ -21,7 +21,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from .attention import InfiniteVLAttention, InfiniteVLRotaryEmbedding
 from .cache import InfiniteVLCache
 from .compat import CACHE_KWARG, pop_cache_kwarg
-from ..speed.generation import fast_decode, generate_call, plan_generation, warmup
+from ..speed.generation import fast_decode, fast_prompt, generate_call, plan_generation, warmup
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
 from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
 from .mlp import InfiniteVLMLP
@@ -153,11 +153,14 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         keep_last: int = 0,
+        token_valid: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
         keep_last (`int`, defaults to 0): return only the last this many positions of `last_hidden_state`
             (0: all). With chunked prefill this keeps memory flat however long the prompt is.
+        token_valid (`torch.BoolTensor` [B, T], *optional*): the padding flags (False on padding) instead of
+            `attention_mask`, taken as given: no host check of whether anything is padded (captured graphs).
         """
         cache = pop_cache_kwarg(kwargs, past_key_values)
         kwargs.pop("cache_position", None)
@@ -173,7 +176,8 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
             raise TypeError(
                 f"InfiniteVL needs an `InfiniteVLCache` (it keeps Gated DeltaNet states), got {type(cache).__name__}."
             )
-        token_valid = _token_valid(attention_mask, batch, length, device)
+        if token_valid is None:
+            token_valid = _token_valid(attention_mask, batch, length, device)
         cu_seqlens = kwargs.get("cu_seqlens")
         if cu_seqlens is not None:
             _check_packed(cu_seqlens, batch, length, cache, token_valid)
@@ -419,6 +423,27 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         )
 
 
+def _is_fresh_prompt(cache, input_ids, inputs_embeds, position_ids, pixel_values_videos, labels, logits_to_keep,
+                     kwargs) -> bool:
+    """A prompt of text (and images) into a cache nothing went through, asking for its last logits only: what a
+    captured prompt serves."""
+    return (
+        isinstance(cache, InfiniteVLCache)
+        and cache.next_positions is None
+        and input_ids is not None
+        and inputs_embeds is None
+        and position_ids is None
+        and pixel_values_videos is None
+        and labels is None
+        and isinstance(logits_to_keep, int)
+        and logits_to_keep == 1
+        and kwargs.get("second_per_grid_ts") is None
+        and kwargs.get("cu_seqlens") is None
+        and not kwargs.get("output_attentions")
+        and not kwargs.get("output_hidden_states")
+    )
+
+
 def _is_decode_step(cache, input_ids, inputs_embeds, pixel_values, pixel_values_videos, labels, kwargs) -> bool:
     """One new text token per row after a prompt, nothing asked beyond the logits: what a captured step serves."""
     return (
@@ -493,8 +518,15 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         logits_to_keep (`int`, defaults to 0): compute logits for the last this many positions only (0: all).
         """
         cache = kwargs[CACHE_KWARG] = pop_cache_kwarg(kwargs, past_key_values)
-        if _is_decode_step(cache, input_ids, inputs_embeds, pixel_values, pixel_values_videos, labels,
-                           dict(kwargs, output_hidden_states=output_hidden_states)):
+        flags = dict(kwargs, output_hidden_states=output_hidden_states, second_per_grid_ts=second_per_grid_ts)
+        if _is_fresh_prompt(cache, input_ids, inputs_embeds, position_ids, pixel_values_videos, labels, logits_to_keep,
+                            flags):
+            logits = fast_prompt(self, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
+            if logits is not None:
+                result = CausalLMOutputWithPast(logits=logits)
+                result[CACHE_KWARG] = cache
+                return result
+        if _is_decode_step(cache, input_ids, inputs_embeds, pixel_values, pixel_values_videos, labels, flags):
             logits = fast_decode(self, cache, input_ids)  # inside generate(): a captured graph, where it serves
             if logits is not None:
                 result = CausalLMOutputWithPast(logits=logits)

@@ -2,8 +2,8 @@
 
 `generate()` runs inside `generate_call()`; when transformers prepares the call's cache, `plan_generation`
 picks its decode path (`plan.decode_plan`) and logs once why it is not the fastest. Every decode step of the
-model's `forward` asks `fast_decode`, which replays the model's captured graph for that cache (or turns the
-cache static for the module path) and returns None where the module path serves the step.
+model's `forward` asks `fast_decode` (and its prompt `fast_prompt`), which replay the model's captured graphs
+for that cache (or turn the cache static for the module path) and return None where the module path serves.
 """
 
 from __future__ import annotations
@@ -87,6 +87,20 @@ def fast_decode(model, cache, input_ids: torch.LongTensor) -> torch.Tensor | Non
     if call.plan.path == "static":
         return None
     return decode_graphs_of(model).step(model, cache, input_ids)
+
+
+def fast_prompt(model, cache, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None
+                ) -> torch.Tensor | None:
+    """Logits of a prompt's last position through the current call's captured prompt, or None for the module path.
+
+    Serves only the cache its `generate()` call planned for, and only while nothing went through it yet."""
+    call = _CURRENT.get()
+    if call is None or call.cache is not cache or call.plan is None or call.plan.path != "graph":
+        return None
+    if cache.next_positions is not None or cache.is_static:  # a cache holding a stream continues it: module path
+        return None
+    return decode_graphs_of(model).prompt(model, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
 
 
 def warmup(model, batch_sizes: tuple[int, ...] = (1,), prompt_tokens: int = 64, new_tokens: int = 2) -> None:
