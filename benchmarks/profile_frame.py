@@ -72,7 +72,7 @@ def main(argv=None):
                   **{CACHE_KWARG: cache})
 
         def vision():
-            model.model.get_image_features(pixels[0], grid)
+            model.model.vision_features(pixels[0], grid)
 
         with torch.no_grad():
             for _ in range(5):
