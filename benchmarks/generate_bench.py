@@ -146,6 +146,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     results = {"environment": environment(), "new_tokens": args.new_tokens, "infinitevl": {}, "teacher": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every measurement, so that a run cut short keeps what it measured
+        (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+        (args.out / f"{args.name}.md").write_text(markdown(results, args.cases))
+
     processor = bench_processor(PAGE[0] * PAGE[1])
     inputs = {name: case_inputs(processor, name) for name in args.cases}
 
@@ -157,6 +163,7 @@ def main(argv=None) -> None:
         log("infinitevl", name)
         results["infinitevl"][name] = measure(model, inputs[name], args.new_tokens, args.steady)
         log(json.dumps(results["infinitevl"][name]))
+        save()
     log("infinitevl module path (disable_compile=True)")
     results["infinitevl"]["photo_module_path"] = measure(model, inputs["photo"], args.new_tokens, 1, disable_compile=True)
     log(json.dumps(results["infinitevl"]["photo_module_path"]))
@@ -178,10 +185,9 @@ def main(argv=None) -> None:
                 except Exception as error:  # a teacher mode that cannot run a case is reported, not fatal
                     results["teacher"][f"{name}_{label}"] = {"error": f"{type(error).__name__}: {error}"[:500]}
                 log(json.dumps(results["teacher"][f"{name}_{label}"]))
+                save()
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2))
-    (args.out / f"{args.name}.md").write_text(markdown(results, args.cases))
+    save()
     print(markdown(results, args.cases))
 
 

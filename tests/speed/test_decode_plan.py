@@ -21,6 +21,7 @@ def test_cuda_with_nothing_in_the_way_decodes_through_the_graph():
     "flags,path,words",
     [
         (dict(device_type="cpu"), "dynamic", "cpu"),
+        (dict(device_type="cpu", static_requested=True), "static", "cpu"),
         (dict(training=True), "dynamic", "training"),
         (dict(output_attentions=True), "dynamic", "output_attentions"),
         (dict(output_hidden_states=True), "static", "output_hidden_states"),
@@ -29,7 +30,7 @@ def test_cuda_with_nothing_in_the_way_decodes_through_the_graph():
         (dict(dtype=torch.float64), "static", "float64"),
         (dict(model_problem="lm_head carries LoRA adapters"), "static", "LoRA"),
     ],
-    ids=["cpu", "training", "attentions", "hidden-states", "disable-compile", "no-triton", "dtype", "model"],
+    ids=["cpu", "cpu-static", "training", "attentions", "hidden-states", "disable-compile", "no-triton", "dtype", "model"],
 )
 def test_each_fallback_names_its_reason(flags, path, words):
     plan = decode_plan(**{**CUDA_OK, **flags})

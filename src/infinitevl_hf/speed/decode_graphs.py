@@ -102,8 +102,9 @@ class DecodeGraphs:
         """Logits [B, 1, V] of one decode step of `cache` (a prompt went through it); the cache advances."""
         cache.to_static()
         with self.lock:
-            slot = self._slot(model, cache.batch_rows, cache.next_positions.device)
-            if not slot.holds(cache):
+            slot = self.slots.get((cache.batch_rows, model.lm_head.weight.dtype, cache.next_positions.device))
+            if slot is None or not slot.holds(cache):  # once per call: checking the weights costs ~1 ms
+                slot = self._slot(model, cache.batch_rows, cache.next_positions.device)
                 slot.bind(cache)
             if slot.decoder is None:
                 seen = slot.cache.seen_tokens

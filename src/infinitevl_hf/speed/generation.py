@@ -61,6 +61,7 @@ def plan_for_model(model, device: torch.device, generation_config=None) -> Decod
         output_hidden_states=bool(getattr(flags, "output_hidden_states", False)),
         triton_available=_triton_available() if cuda else True,
         model_problem=FusedDecodeStep.unsupported(model) if cuda else None,
+        static_requested=getattr(flags, "cache_implementation", None) == "static",
     )
 
 

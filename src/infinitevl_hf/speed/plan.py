@@ -32,13 +32,16 @@ def decode_plan(
     output_hidden_states: bool = False,
     triton_available: bool = True,
     model_problem: str | None = None,
+    static_requested: bool = False,
 ) -> DecodePlan:
     """The decode path for one `generate()` call.
 
     model_problem: why the compiled step cannot read this model's weights (`FusedDecodeStep.unsupported`), or None.
+    static_requested: `cache_implementation="static"`, which off CUDA still decodes over the rings.
     """
     if device_type != "cuda":
-        return DecodePlan("dynamic", f"the model runs on {device_type}: captured decode graphs need CUDA")
+        return DecodePlan("static" if static_requested else "dynamic",
+                          f"the model runs on {device_type}: captured decode graphs need CUDA")
     if training:
         return DecodePlan("dynamic", "the model is in training mode")
     if output_attentions:
