@@ -171,3 +171,44 @@ def test_a_loaded_checkpoint_whose_config_says_use_cache_false_generates_with_th
     model.save_pretrained(tmp_path)
     loaded = InfiniteVLForConditionalGeneration.from_pretrained(tmp_path)
     assert loaded.generation_config.use_cache is True
+
+
+def test_warmup_captures_what_a_later_call_of_that_batch_size_needs(graph_model):
+    graph_model.warmup(batch_sizes=(1,), prompt_tokens=40)
+    graphs = decode_graphs_of(graph_model)
+    captures = graphs.captures
+    assert captures == 2  # the prompt and the decode step of batch 1
+    _generate(graph_model, input_ids=text_ids(1, 33))  # the same captured prompt length (64)
+    assert graphs.captures == captures
+
+
+def test_concurrent_generate_calls_each_get_their_own_answer(graph_model):
+    import threading
+
+    prompts = [text_ids(1, 20 + 5 * i, seed=30 + i) for i in range(3)]
+    expected = [_generate(reference_model(), input_ids=p)[0] for p in prompts]
+    got = [None] * len(prompts)
+
+    def run(i):
+        got[i] = graph_model.generate(input_ids=prompts[i], max_new_tokens=12, min_new_tokens=12, do_sample=False)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for mine, theirs in zip(got, expected):
+        assert torch.equal(mine, theirs)
+
+
+def test_clear_frees_the_graphs_and_leaves_returned_caches_valid(graph_model):
+    _, cache = _generate(graph_model, input_ids=text_ids(1, 20))
+    kept = cache.fork()
+    graphs = decode_graphs_of(graph_model)
+    graphs.clear()
+    assert not graphs.slots
+    more = text_ids(1, 3, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(graph_model(input_ids=more, use_cache=True, **{CACHE_KWARG: cache}).logits,
+                                   reference_model()(input_ids=more, use_cache=True, **{CACHE_KWARG: kept}).logits,
+                                   rtol=1e-5, atol=1e-5)
