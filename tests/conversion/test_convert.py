@@ -391,8 +391,8 @@ def test_rejects_pickled_weights_only(teacher, tmp_path):
 def test_existing_out_needs_force_and_force_replaces_only_after_success(teacher, tmp_path, monkeypatch):
     parent = tmp_path / "parent"
     parent.mkdir()
-    (parent / "out").mkdir()
-    (parent / "out" / "keep.txt").write_text("old")
+    convert_teacher(teacher[0], parent / "out", window=64, **QUIET)  # an earlier conversion: ours to replace
+    before = json.loads((parent / "out" / "config.json").read_text())["text_config"]["sliding_window"]
     _bad(tmp_path, teacher[0], "already exists; pass force=True")
 
     def broken_verify(*args, **kwargs):
@@ -402,11 +402,57 @@ def test_existing_out_needs_force_and_force_replaces_only_after_success(teacher,
         m.setattr(convert_module, "_verify", broken_verify)
         with pytest.raises(ConversionError, match="simulated"):
             convert_teacher(teacher[0], parent / "out", force=True, **QUIET)
-    assert sorted(os.listdir(parent)) == ["out"] and (parent / "out" / "keep.txt").read_text() == "old"
+    assert sorted(os.listdir(parent)) == ["out"] and before == 64
+    assert json.loads((parent / "out" / "config.json").read_text())["text_config"]["sliding_window"] == 64
 
     convert_teacher(teacher[0], parent / "out", force=True, **QUIET)
     assert sorted(os.listdir(parent)) == ["out"]
-    assert not (parent / "out" / "keep.txt").exists() and (parent / "out" / "config.json").is_file()
+    assert json.loads((parent / "out" / "config.json").read_text())["text_config"]["sliding_window"] == 8192
+
+
+def test_force_never_replaces_a_folder_this_package_did_not_write(teacher, tmp_path):
+    precious = tmp_path / "parent" / "out"
+    precious.mkdir(parents=True)
+    (precious / "keep.txt").write_text("mine")
+    _bad(tmp_path, teacher[0], "not a folder infinitevl-hf wrote", force=True)
+    assert (precious / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("where", ["teacher", "parent", "inside"])
+def test_output_that_is_holds_or_lies_in_the_teacher_is_refused(teacher, tmp_path, where):
+    home = tmp_path / "home"
+    shutil.copytree(teacher[0], home / "qwen")
+    (home / "sibling.txt").write_text("keep")
+    out = {"teacher": home / "qwen", "parent": home, "inside": home / "qwen" / "out"}[where]
+    match = {"teacher": "is the source folder", "parent": "contains the source", "inside": "lies inside the source"}[where]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ConversionError, match=match):
+        convert_teacher(home / "qwen", out, force=True, **QUIET)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (home / "sibling.txt").read_text() == "keep"
+
+
+def test_leftovers_of_a_killed_conversion_are_cleaned_and_folders_are_0755(teacher, tmp_path):
+    dead = 2**22 + 12345  # above the default pid_max: no process has it
+    parent = tmp_path / "parent"
+    (parent / f".out.converting-{dead}-0123abcd").mkdir(parents=True)
+    (parent / f".out.converting-{dead}-0123abcd" / "model.safetensors").write_bytes(b"half")
+    convert_teacher(teacher[0], parent / "out", **QUIET)
+    assert sorted(os.listdir(parent)) == ["out"]
+    assert (parent / "out").stat().st_mode & 0o777 == 0o755
+    # Killed between "old aside" and "new in": the old folder is put back.
+    (parent / "out").rename(parent / f".out.replaced-{dead}-0123abcd")
+    from infinitevl_hf.staged import clean_leftovers
+
+    assert clean_leftovers(parent / "out") and sorted(os.listdir(parent)) == ["out"]
+    assert (parent / "out" / "config.json").is_file()
+
+
+def test_missing_local_teacher_is_folder_not_found(tmp_path):
+    with pytest.raises(ConversionError, match="Teacher folder not found"):
+        convert_teacher(str(tmp_path / "no" / "such"), tmp_path / "out", **QUIET)
+    with pytest.raises(ConversionError, match="Teacher folder not found"):
+        convert_teacher("./missing-teacher", tmp_path / "out", **QUIET)
 
 
 def test_bad_options(teacher, tmp_path):

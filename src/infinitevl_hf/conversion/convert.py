@@ -5,7 +5,7 @@ plan every output tensor (name, shape, dtype, source) and check the plan against
 `InfiniteVLForConditionalGeneration` built on the meta device -> stream tensors one at a time from the
 teacher's shards (`safe_open`, memory-mapped) into output shards of at most `max_shard_size` -> write
 config.json and copy tokenizer/processor files -> re-read the output and check every copied tensor bit for
-bit against the teacher -> rename the temporary sibling folder onto `out`.
+bit against the teacher -> swap the staged folder onto `out` (`infinitevl_hf.staged`).
 
 Kept attention layers are copied unchanged; the others get Gated DeltaNet weights from
 `gdn_init` (`attention-transfer`, `mimic` or `random`, see that module for the math).
@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..modeling.configuration_infinitevl import InfiniteVLConfig
+from ..staged import check_apart, check_replaceable, staged_folder
 from . import gdn_init
 from .mapping import EMBED_KEY, LM_HEAD_KEY, attention_key, classify, gdn_key, to_canonical
 
@@ -119,6 +119,8 @@ def resolve_teacher(teacher: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise ConversionError(f"Teacher {teacher} is a file; pass the checkpoint folder.")
+    if str(teacher).startswith((".", "/", "~")) or str(teacher).count("/") > 1 or os.sep != "/" and os.sep in str(teacher):
+        raise ConversionError(f"Teacher folder not found: {str(teacher)!r}.")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(teacher)):
         raise ConversionError(f"Teacher {teacher} is neither an existing folder nor a Hugging Face Hub id (owner/name).")
     from huggingface_hub import snapshot_download
@@ -508,6 +510,11 @@ def convert_teacher(
         raise ConversionError(f"The parent folder of {out} does not exist.")
 
     folder = resolve_teacher(teacher)
+    try:  # before any work: an output that is, holds or lies in the teacher, or a folder that is not ours
+        check_apart(out, [folder], what="output folder")
+        check_replaceable(out, force, what="Output folder", flag="force=True (--force)")
+    except (ValueError, FileExistsError) as error:
+        raise ConversionError(str(error)) from error
     teacher_config = read_teacher_config(folder)
     key_files = teacher_weight_files(folder)
     text_cfg = teacher_config.get("text_config") or teacher_config
@@ -521,9 +528,7 @@ def convert_teacher(
             raise ConversionError(str(error)) from error
     plan, info = _plan(config, key_files, torch_dtype)
 
-    tmp = out.parent / f".{out.name}.converting-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_folder(out, overwrite=force, sources=[folder], what="Output folder", flag="force=True (--force)") as tmp:
         shard_names = _write(tmp, plan, key_files, config, init, seed, max_bytes, progress)
         config.save_pretrained(tmp)
         side_files = _copy_side_files(folder, tmp)
@@ -552,16 +557,6 @@ def convert_teacher(
                     copied_files=side_files,
                 ),
             )
-        if out.exists():
-            old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
