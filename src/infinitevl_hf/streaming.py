@@ -51,6 +51,7 @@ from .modeling.cuda_graph import CUDAGraphPrefill
 from .modeling.frame_graph import CUDAGraphFrames
 from .modeling.modeling_infinitevl import text_position_ids
 from .stream_state import (
+    MAX_FRAME_PIXELS,
     STATE_FORMAT,
     STATE_JSON,  # noqa: F401  (the manifest name, imported from here by callers)
     STATE_VERSION,
@@ -121,6 +122,9 @@ class StreamingSession:
             raise ValueError(f"fps must be a positive number, got {fps!r}.")
         if "{question}" not in question_template:
             raise ValueError("question_template must contain '{question}'.")
+        for name, value in (("max_pixels", max_pixels), ("min_pixels", min_pixels)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_FRAME_PIXELS):
+                raise ValueError(f"{name} must be a whole number of pixels in [1, {MAX_FRAME_PIXELS}], got {value!r}.")
         self.model, self.processor = model, processor
         self.frames_per_chunk, self.fps, self.temporal_patch_size = frames_per_chunk, float(fps), temporal
         self.system_prompt, self.question_template = system_prompt, question_template
