@@ -132,7 +132,10 @@ generate.arguments = _generate_arguments
 def export(args):
     from .export import export_checkpoint
 
-    out = export_checkpoint(args.model, args.output, overwrite=args.overwrite)
+    dropped: list[str] = []
+    out = export_checkpoint(args.model, args.output, overwrite=args.overwrite, dropped=dropped)
+    for item in dropped:
+        print(f"left out (not infinitevl-hf code, would run under trust_remote_code): {item}")
     print(f"wrote {out}: loads with from_pretrained(..., trust_remote_code=True) without infinitevl-hf installed")
     return out
 
@@ -140,7 +143,8 @@ def export(args):
 def _export_arguments(parser):
     parser.add_argument("model", help="checkpoint folder to export")
     parser.add_argument("output", help="output folder (must not exist or be empty, unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export or checkpoint written by infinitevl-hf (never any other folder)")
 
 
 export.arguments = _export_arguments
