@@ -25,6 +25,7 @@ from .cuda_graph import CUDAGraphDecoder, fused_decode_available
 from .fused_decode import FusedDecodeStep
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
 from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
+from .input_checks import check_vision_inputs
 from .mlp import InfiniteVLMLP
 from .loading import LEGACY_KEY_MAPPING, check_loading_info
 from .positions import mrope_position_ids, num_vision_tokens, packed_mrope_position_ids
@@ -162,6 +163,10 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
             raise TypeError(
                 f"InfiniteVL needs an `InfiniteVLCache` (it keeps Gated DeltaNet states), got {type(cache).__name__}."
             )
+        if length == 0:
+            raise ValueError("The input is empty (0 tokens): `input_ids` / `inputs_embeds` need at least one token.")
+        if cache is not None:
+            cache.check_compatible(self.config)
         token_valid = _token_valid(attention_mask, batch, length, device)
         cu_seqlens = kwargs.get("cu_seqlens")
         if cu_seqlens is not None:
@@ -329,6 +334,9 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         """What the decoder reads for these inputs: embeddings with the vision features scattered in (None for
         text-only `input_ids`, which the decoder embeds chunk by chunk) and the 3-D mRoPE positions of inputs
         holding images or videos (None for text, whose positions the decoder continues itself)."""
+        generated = isinstance(cache, InfiniteVLCache) and cache.seen_tokens > 0 and input_ids is not None and input_ids.shape[1] == 1
+        check_vision_inputs(self.config, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                            generated_step=generated)
         if inputs_embeds is None and (pixel_values is not None or pixel_values_videos is not None):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
