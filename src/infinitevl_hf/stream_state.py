@@ -175,6 +175,9 @@ def check_settings(session: dict) -> None:
     frames = _count(session.get("frames"), "session.frames")
     _count(session.get("chunks"), "session.chunks")
     _number(session.get("last_frame_ms"), "session.last_frame_ms", optional=True)
+    last_time = session.get("last_time")
+    if last_time is not None and (isinstance(last_time, bool) or not isinstance(last_time, (int, float)) or not math.isfinite(last_time)):
+        raise ValueError(f"The saved state's session.last_time must be a finite time in seconds, got {last_time!r}.")
     _count(session.get("frames_per_chunk"), "session.frames_per_chunk", low=1, high=4096)
     _number(session.get("fps"), "session.fps", positive=True)
     times = session.get("pending_timestamps")
@@ -312,8 +315,10 @@ def read_state(path: str | os.PathLike) -> tuple[dict, dict]:
     return meta, tensors
 
 
-def _owned_files(path: Path, overwrite: bool) -> list[str]:
-    """The files of the state already at `path` that a new save replaces; raises where a save must not go."""
+def check_save_target(path: str | os.PathLike, overwrite: bool, flag: str = "overwrite=True") -> list[str]:
+    """The files of the state already at `path` that a new save replaces; raises where a save must not go (naming
+    `flag`, the option that allows replacing a saved state). Cheap: call it before long work that ends in a save."""
+    path = Path(path).expanduser()
     if not path.exists():
         return []
     if not path.is_dir():
@@ -321,7 +326,7 @@ def _owned_files(path: Path, overwrite: bool) -> list[str]:
     if not any(path.iterdir()):
         return []
     if not overwrite:
-        raise FileExistsError(f"Refusing to save the stream state into {str(path)!r}: it exists (pass overwrite=True).")
+        raise FileExistsError(f"Refusing to save the stream state into {str(path)!r}: it exists (pass {flag} to replace it).")
     try:
         meta = _manifest(path)
         ours = meta.get("format") == STATE_FORMAT
@@ -330,7 +335,7 @@ def _owned_files(path: Path, overwrite: bool) -> list[str]:
     if not ours:
         raise FileExistsError(
             f"Refusing to save into {str(path)!r}: it is not a saved stream state (no {STATE_JSON} of ours), so "
-            "overwrite=True could overwrite files that are not ours."
+            f"{flag} could overwrite files that are not ours."
         )
     try:
         return [STATE_JSON, tensor_file(meta)]
@@ -344,7 +349,7 @@ def write_state(path: str | os.PathLike, meta: dict, tensors: dict, overwrite: b
     from safetensors.torch import save_file
 
     path = Path(path).expanduser()
-    old = _owned_files(path, overwrite)
+    old = check_save_target(path, overwrite)
     name = f"state-{uuid.uuid4().hex[:8]}.safetensors"
     with staged_files(path, STATE_JSON, old_files=old) as stage:
         save_file(tensors, str(stage / name), metadata={"format": STATE_FORMAT})
@@ -353,4 +358,4 @@ def write_state(path: str | os.PathLike, meta: dict, tensors: dict, overwrite: b
 
 
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "STATE_JSON", "MAX_FRAME_PIXELS", "config_fingerprint", "check_state",
-           "check_settings", "read_state", "write_state", "cache_to_tensors", "cache_from_tensors"]
+           "check_settings", "check_save_target", "read_state", "write_state", "cache_to_tensors", "cache_from_tensors"]

@@ -147,6 +147,7 @@ class StreamingSession:
         self._frames = 0
         self._chunks = 0
         self._last_frame_ms: float | None = None
+        self._last_time: float | None = None  # timestamp of the last frame added: the stream's clock
         if system_prompt:
             self.add_text(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
 
@@ -168,18 +169,25 @@ class StreamingSession:
             for array, t in zip(arrays, times):
                 self._pending.append((array, t))
                 self._frames += 1
+                self._last_time = t if self._last_time is None else max(self._last_time, t)
                 self._feed_complete_chunks()
         return self.stats
+
+    @property
+    def clock(self) -> float:
+        """Seconds of stream so far: one frame interval (`1 / fps`) after the last frame's timestamp (0 before any).
+        A resumed session keeps it, so a new video can continue the stream's time."""
+        return 0.0 if self._last_time is None else self._last_time + 1.0 / self.fps
 
     @contextlib.contextmanager
     def _unchanged_on_error(self) -> Iterator[None]:
         """Run a feed all or nothing: an error or Ctrl-C inside the decoder (some layers advanced, others not) puts
         back the memory and counters of before the call, so a retry feeds the same frames once."""
-        saved = self.cache.fork(), list(self._pending), self._frames, self._chunks, self._last_frame_ms
+        saved = self.cache.fork(), list(self._pending), self._frames, self._chunks, self._last_frame_ms, self._last_time
         try:
             yield
         except BaseException:
-            self.cache, self._pending, self._frames, self._chunks, self._last_frame_ms = saved
+            self.cache, self._pending, self._frames, self._chunks, self._last_frame_ms, self._last_time = saved
             self._graphs = {}  # captured graphs write into the cache tensors that were just dropped
             raise
 
@@ -290,7 +298,7 @@ class StreamingSession:
         """Forget everything (the system prompt, if any, is fed again)."""
         self.cache.reset()
         self._graphs = {}
-        self._pending, self._frames, self._chunks, self._last_frame_ms = [], 0, 0, None
+        self._pending, self._frames, self._chunks, self._last_frame_ms, self._last_time = [], 0, 0, None, None
         if self.system_prompt:
             self.add_text(f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n")
 
@@ -314,6 +322,7 @@ class StreamingSession:
                 "frames": self._frames,
                 "chunks": self._chunks,
                 "last_frame_ms": self._last_frame_ms,
+                "last_time": self._last_time,
                 "pending_timestamps": [t for _, t in self._pending],
                 "frames_per_chunk": self.frames_per_chunk,
                 "fps": self.fps,
@@ -349,6 +358,7 @@ class StreamingSession:
         pending = [(tensors[f"pending.{i}"].numpy().copy(), float(t)) for i, t in enumerate(session["pending_timestamps"])]
         self.cache, self._pending, self._graphs = cache, pending, {}
         self._frames, self._chunks, self._last_frame_ms = session["frames"], session["chunks"], session["last_frame_ms"]
+        self._last_time = session.get("last_time")  # (states saved before the clock was kept: None)
 
     # -- internals -----------------------------------------------------------------------------------------
     def _device(self) -> torch.device:

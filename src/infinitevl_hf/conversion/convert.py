@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..modeling.configuration_infinitevl import InfiniteVLConfig
+from ..checkpoint_files import SAFE_INDEX, SAFE_SINGLE, weight_files
 from ..staged import check_apart, check_replaceable, staged_folder
 from . import gdn_init
 from .mapping import EMBED_KEY, LM_HEAD_KEY, attention_key, classify, gdn_key, to_canonical
@@ -45,8 +46,6 @@ TOKENIZER_FILES = (
     "processor_config.json",
 )
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
 
 
 class ConversionError(ValueError):
@@ -146,27 +145,11 @@ def read_teacher_config(folder: Path) -> dict:
 
 
 def teacher_weight_files(folder: Path) -> dict[str, Path]:
-    """Teacher tensor key -> safetensors file holding it, from the index or the single file."""
-    index = folder / SAFE_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ConversionError(f"{index} has no weight_map.")
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise ConversionError(f"{folder} is missing {len(missing)} of the {len(shards)} shards its index lists: {missing}.")
-        return {key: folder / shard for key, shard in weight_map.items()}
-    single = folder / SAFE_SINGLE
-    if single.is_file():
-        with safe_open(single, "pt") as f:
-            return {key: single for key in f.keys()}
-    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
-        raise ConversionError(
-            f"{folder} holds only pickled weights (*.bin); the converter reads safetensors. Re-save the teacher with "
-            "`model.save_pretrained(folder)` (transformers writes safetensors)."
-        )
-    raise ConversionError(f"{folder} has neither {SAFE_INDEX} nor {SAFE_SINGLE}.")
+    """Teacher tensor key -> safetensors file holding it, from the index or the single file (`checkpoint_files`)."""
+    try:
+        return weight_files(folder)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConversionError(str(error)) from error
 
 
 def build_target_config(
