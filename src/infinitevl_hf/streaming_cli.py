@@ -26,7 +26,8 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--max-pixels", type=int, default=None, help="upper bound on pixels per frame")
     parser.add_argument(
         "--ask", action="append", default=[], metavar="[SECONDS:]QUESTION",
-        help="question asked when the stream reaches SECONDS, or at the end without it (repeatable)",
+        help="question asked when the stream's clock reaches SECONDS (a resumed stream continues its clock), "
+        "or at the end without it (repeatable)",
     )
     parser.add_argument("--system", default=None, help="system prompt fed before the stream")
     parser.add_argument("--max-new-tokens", type=int, default=64)
