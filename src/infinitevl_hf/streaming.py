@@ -165,7 +165,7 @@ class StreamingSession:
             times = [float(t) for t in timestamps]
             if len(times) != len(arrays):
                 raise ValueError(f"Got {len(arrays)} frames but {len(times)} timestamps.")
-        with self._unchanged_on_error():
+        with self._unchanged_on_error(feeds=len(self._pending) + len(arrays) >= self.frames_per_chunk):
             for array, t in zip(arrays, times):
                 self._pending.append((array, t))
                 self._frames += 1
@@ -180,15 +180,19 @@ class StreamingSession:
         return 0.0 if self._last_time is None else self._last_time + 1.0 / self.fps
 
     @contextlib.contextmanager
-    def _unchanged_on_error(self) -> Iterator[None]:
+    def _unchanged_on_error(self, feeds: bool = True) -> Iterator[None]:
         """Run a feed all or nothing: an error or Ctrl-C inside the decoder (some layers advanced, others not) puts
-        back the memory and counters of before the call, so a retry feeds the same frames once."""
-        saved = self.cache.fork(), list(self._pending), self._frames, self._chunks, self._last_frame_ms, self._last_time
+        back the memory and counters of before the call, so a retry feeds the same frames once.
+        feeds: whether the block may run the decoder (only then is the cache copied)."""
+        cache = self.cache.fork() if feeds else None
+        saved = list(self._pending), self._frames, self._chunks, self._last_frame_ms, self._last_time
         try:
             yield
         except BaseException:
-            self.cache, self._pending, self._frames, self._chunks, self._last_frame_ms, self._last_time = saved
-            self._graphs = {}  # captured graphs write into the cache tensors that were just dropped
+            self._pending, self._frames, self._chunks, self._last_frame_ms, self._last_time = saved
+            if cache is not None:
+                self.cache = cache
+                self._graphs = {}  # captured graphs write into the cache tensors that were just dropped
             raise
 
     def _feed_complete_chunks(self) -> None:

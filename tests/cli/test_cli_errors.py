@@ -109,6 +109,7 @@ def test_a_checkpoint_that_is_not_infinitevl(capsys, tiny, tmp_path):
     line = _one_line_error(capsys, ["--model", str(tmp_path / "qwen"), "--frames", "2", "--no-plot"])
     assert "is not an InfiniteVL checkpoint: its model_type is 'qwen2_5_vl'" in line and "infinitevl convert" in line
     assert "not an InfiniteVL checkpoint" in _one_line_error(capsys, ["generate", "hi", "--model", str(tmp_path / "qwen")])
+    assert "not an InfiniteVL checkpoint" in _one_line_error(capsys, ["stream", str(tmp_path / "qwen"), "--video", "x.mp4"])
 
 
 def test_main_job_quiet_says_where_and_silences_load_bars(capsys):

@@ -448,6 +448,25 @@ def test_leftovers_of_a_killed_conversion_are_cleaned_and_folders_are_0755(teach
     assert (parent / "out" / "config.json").is_file()
 
 
+def test_corrupt_or_outside_pointing_teacher_shards_are_one_line_errors(teacher, tmp_path, capsys):
+    from infinitevl_hf import cli
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(teacher[0], corrupt)
+    (corrupt / "model.safetensors").write_bytes((corrupt / "model.safetensors").read_bytes()[:3000])
+    outside = tmp_path / "outside"
+    shutil.copytree(teacher[0], outside)
+    with safe_open(outside / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    (outside / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (outside / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "../elsewhere.safetensors" for k in keys}}))
+    for folder, match in ((corrupt, "not a readable safetensors file"), (outside, "not a file in the checkpoint folder")):
+        assert cli.main(["convert", "--teacher", str(folder), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+        assert not (tmp_path / "out").exists()
+
+
 def test_missing_local_teacher_is_folder_not_found(tmp_path):
     with pytest.raises(ConversionError, match="Teacher folder not found"):
         convert_teacher(str(tmp_path / "no" / "such"), tmp_path / "out", **QUIET)
