@@ -366,7 +366,8 @@ def test_rejects_a_folder_that_is_not_qwen2_5_vl(teacher, tmp_path):
     config["model_type"] = "llama"
     (folder / "config.json").write_text(json.dumps(config))
     _bad(tmp_path, folder, "model_type 'llama'.*qwen2_5_vl")
-    _bad(tmp_path, tmp_path / "nowhere", "neither an existing folder nor a Hugging Face Hub id")
+    _bad(tmp_path, tmp_path / "nowhere", "Teacher folder not found")  # a path, not a Hub id
+    _bad(tmp_path, "no such id", "neither an existing folder nor a Hugging Face Hub id")
     empty = tmp_path / "empty"
     empty.mkdir()
     _bad(tmp_path, empty, "no config.json")
