@@ -337,10 +337,8 @@ def check_save_target(path: str | os.PathLike, overwrite: bool, flag: str = "ove
             f"Refusing to save into {str(path)!r}: it is not a saved stream state (no {STATE_JSON} of ours), so "
             f"{flag} could overwrite files that are not ours."
         )
-    try:
-        return [STATE_JSON, tensor_file(meta)]
-    except ValueError:
-        return [STATE_JSON]
+    # Every tensor file of ours goes: the current one and any a killed save left beside it (never named by a manifest).
+    return [STATE_JSON, *sorted(p.name for p in path.iterdir() if _TENSOR_FILE.match(p.name))]
 
 
 def write_state(path: str | os.PathLike, meta: dict, tensors: dict, overwrite: bool = False) -> Path:
