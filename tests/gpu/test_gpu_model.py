@@ -78,29 +78,36 @@ def test_fla_path_matches_torch_reference_on_4k_tokens(model, monkeypatch):
     assert fla_vs_fp32 < 1.1 * torch_bf16_vs_fp32 + 1e-3, (fla_vs_fp32, torch_bf16_vs_fp32)
 
 
-def test_cuda_graph_decode_equals_eager_for_64_tokens(model):
-    """The captured graph of the module path (`disable_compile=True`: no compilation) replays eager decoding exactly."""
+def test_cuda_graph_of_the_module_path_equals_eager_for_64_tokens(model):
+    """The captured graph of the module path (no compilation) replays eager decoding exactly."""
+    from infinitevl_hf import InfiniteVLCache
+    from infinitevl_hf.modeling.compat import CACHE_KWARG
+    from infinitevl_hf.modeling.cuda_graph import CUDAGraphDecoder
+
     ids = torch.randint(0, 151000, (1, 1000), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     with torch.no_grad():
-        eager = model.generate(ids, max_new_tokens=64, do_sample=False)
-        graph = model.generate(ids, max_new_tokens=64, do_sample=False, cache_implementation="static", disable_compile=True)
-    same = (eager == graph).float().mean().item()
-    _report(test="cuda_graph_vs_eager_64_greedy_tokens", identical_fraction=same)
+        eager = model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False, disable_compile=True)
+        cache = InfiniteVLCache(model.config)
+        logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache}).logits
+        decoder = CUDAGraphDecoder(model, cache)
+        tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(63):
+            tokens.append(decoder.step(tokens[-1])[:, -1].argmax(-1, keepdim=True))
+    graph = torch.cat([ids, *tokens], 1)
+    _report(test="cuda_graph_vs_eager_64_greedy_tokens", identical_fraction=(eager == graph).float().mean().item())
     assert torch.equal(eager, graph)
 
 
-def test_generate_with_a_static_cache_decodes_through_the_fused_graph(model):
-    from infinitevl_hf import InfiniteVLCache
-    from infinitevl_hf.modeling.compat import CACHE_KWARG
+def test_default_generate_decodes_through_the_compiled_graph(model):
+    from infinitevl_hf.speed import decode_graphs_of
 
     ids = torch.randint(0, 151000, (1, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
-    cache = InfiniteVLCache(model.config)
-    cache.wants_static = True  # what cache_implementation="static" sets up
+    graphs = decode_graphs_of(model)
+    replays = graphs.replays
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, **{CACHE_KWARG: cache})
+        out = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     assert out.shape == (1, 316)
-    assert cache.graph_decoder is not None and cache.graph_decoder.fused is not None
-    assert cache.seen_tokens == 315
+    assert graphs.replays - replays == 15 and graphs.prompt_replays >= 1 and (1, torch.bfloat16, ids.device) in graphs.slots
 
 
 @pytest.mark.parametrize("concat,matvec", [(False, False), (True, False), (True, True)], ids=["separate", "concat", "matvec"])

@@ -15,6 +15,7 @@ log-sum-exp (`ops.window_attention`), or a compiled flex_attention with a slidin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -303,15 +304,25 @@ class InfiniteVLAttention(nn.Module):
                 query.dtype, query.device,
             )
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        output, _ = attention(
-            self,
-            query,
-            key,
-            value,
-            mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            sliding_window=self.window,
-            **kwargs,
-        )
+        # One decode query over a growing cache: cuDNN's sdpa would build a new plan for every key length.
+        backends = _decode_sdpa_backends() if length == 1 and query.is_cuda and implementation == "sdpa" else None
+        with backends if backends is not None else contextlib.nullcontext():
+            output, _ = attention(
+                self,
+                query,
+                key,
+                value,
+                mask,
+                dropout=0.0 if not self.training else self.attention_dropout,
+                scaling=self.scaling,
+                sliding_window=self.window,
+                **kwargs,
+            )
         return self.o_proj(output.reshape(batch, length, -1).contiguous())
+
+
+def _decode_sdpa_backends():
+    """sdpa's kernels that take any key length without per-length setup (flash, memory-efficient, math)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

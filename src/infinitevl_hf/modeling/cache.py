@@ -317,6 +317,17 @@ class InfiniteVLLinearAttentionLayer(LinearAttentionCacheLayerMixin):
         return _tensor_bytes(*self.conv_states.values(), *self.recurrent_states.values())
 
 
+def _layer_tensors(layer) -> list[torch.Tensor]:
+    """The state tensors of one cache layer, in a fixed order."""
+    if isinstance(layer, InfiniteVLLinearAttentionLayer):
+        return [layer.conv_states[i] for i in range(layer.number_of_states) if layer.is_conv_states_initialized[i]] + [
+            layer.recurrent_states[i] for i in range(layer.number_of_states) if layer.is_recurrent_states_initialized[i]
+        ]
+    if isinstance(layer, InfiniteVLRingAttentionLayer):
+        return [layer.keys, layer.values, layer.valid]
+    return [t for t in (layer.keys, layer.values, layer.valid) if isinstance(t, torch.Tensor)]
+
+
 def _store(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     # In place when the shape is unchanged, so a captured CUDA graph keeps reading the same memory.
     if old is not None and old.shape == new.shape and old.dtype == new.dtype and old.device == new.device:
@@ -366,9 +377,6 @@ class InfiniteVLCache(Cache):
         self.next_positions: torch.LongTensor | None = None
         self.device_step: torch.LongTensor | None = None  # set by `to_static`
         self.chunk_masks: dict = {}  # the rings' mask of the current call (see InfiniteVLRingAttentionLayer)
-        self.wants_static = False  # generate(cache_implementation="static"): go static after the prompt
-        self.graph_compile = "fused"  # how that decode graph is built: "fused" (compiled) or None (the module path)
-        self.graph_decoder = None  # the CUDAGraphDecoder replaying decode steps, once captured
 
     def _fresh_layers(self) -> list:
         return [
@@ -403,13 +411,93 @@ class InfiniteVLCache(Cache):
         """Bytes held by every tensor of the cache (keys, values, padding flags, conv and recurrent states, positions)."""
         return sum(layer.nbytes for layer in self.layers) + _tensor_bytes(self.next_positions)
 
+    @classmethod
+    def empty_static(cls, config: InfiniteVLConfig | InfiniteVLTextConfig, batch: int, dtype: torch.dtype,
+                     device: torch.device | str) -> InfiniteVLCache:
+        """A static cache that nothing went through yet: empty rings (every slot flagged invalid), zero Gated
+        DeltaNet states (what a fresh sequence starts from), positions at 0. Feeding it a prompt equals feeding
+        a fresh dynamic cache, with static shapes from the first token on (what a captured prompt needs)."""
+        text = config.text_config if hasattr(config, "text_config") else config
+        cache = cls(config)
+        device = torch.device(device)
+        cache.device_step = torch.zeros(1, dtype=torch.long, device=device)
+        cache.next_positions = torch.zeros(batch, dtype=torch.long, device=device)
+        head_dim = text.hidden_size // text.num_attention_heads
+        key_dim = text.num_linear_heads * text.linear_head_dim
+        value_dim = text.num_linear_heads * text.linear_value_head_dim
+        for i, (kind, window) in enumerate(zip(cache.layer_types, cache._windows)):
+            if kind == "linear_attention":
+                layer = cache.layers[i]
+                for idx, width in enumerate((key_dim, key_dim, value_dim)):
+                    layer.update_conv_state(torch.zeros(batch, width, text.conv_size - 1, dtype=dtype, device=device), idx)
+                layer.update_recurrent_state(torch.zeros(batch, text.num_linear_heads, text.linear_head_dim,
+                                                         text.linear_value_head_dim, dtype=torch.float32, device=device))
+                continue
+            if window is None:
+                raise ValueError(f"Layer {i} is full attention: its cache grows with the input and cannot be static.")
+            keys = torch.zeros(batch, text.num_key_value_heads, window, head_dim, dtype=dtype, device=device)
+            valid = torch.zeros(batch, window, dtype=torch.bool, device=device)
+            cache.layers[i] = InfiniteVLRingAttentionLayer(keys, torch.zeros_like(keys), valid, cache.device_step,
+                                                           cache.chunk_masks)
+        return cache
+
+    def start_fresh_(self, start: torch.Tensor) -> None:
+        """Empty a static cache in place on the device (no host work, so a captured graph can do it): rings
+        flagged empty, states zeroed, positions at 0, and the ring step at `start` ([1], may be negative: tokens
+        fed before step 0 are the left padding of a prompt laid into a longer captured shape)."""
+        for layer in self.layers:
+            for tensor in _layer_tensors(layer):
+                tensor.zero_()
+        self.next_positions.zero_()
+        self.device_step.copy_(start)
+
+    def adopt_buffers_of(self, other: InfiniteVLCache, seen_tokens: int) -> None:
+        """Hold `other`'s tensors as they are (a prompt was just fed through them), `seen_tokens` fed so far."""
+        self.layers, self.device_step, self.next_positions = list(other.layers), other.device_step, other.next_positions
+        self.chunk_masks = other.chunk_masks
+        self.seen_tokens = self.padded_through = seen_tokens
+
     def fork(self) -> InfiniteVLCache:
-        """An independent copy: feeding the fork leaves this cache untouched (a captured graph stays with the original)."""
-        decoder, self.graph_decoder = self.graph_decoder, None
-        try:
-            return copy.deepcopy(self)
-        finally:
-            self.graph_decoder = decoder
+        """An independent copy: feeding the fork leaves this cache untouched."""
+        return copy.deepcopy(self)
+
+    def own_buffers(self) -> None:
+        """Give this cache its own copy of every tensor it holds, in place (its layers may share tensors with
+        another cache, e.g. the buffers a captured decode graph reads; after this, feeding either leaves the
+        other untouched)."""
+        self.layers, self.device_step, self.next_positions, self.chunk_masks = copy.deepcopy(
+            (self.layers, self.device_step, self.next_positions, self.chunk_masks)
+        )
+
+    def share_buffers_of(self, other: InfiniteVLCache) -> None:
+        """Hold `other`'s tensors (the same layer objects), after copying this cache's state into them.
+
+        Both caches must be static and of one shape (batch, dtype, device, config). Afterwards the two are one
+        memory until `own_buffers()` is called on either; the token counters stay each cache's own."""
+        if not (self.is_static and other.is_static):
+            raise ValueError("share_buffers_of() needs two static caches (InfiniteVLCache.to_static()).")
+        if self.layer_types != other.layer_types or self.batch_rows != other.batch_rows:
+            raise ValueError(
+                f"Cannot share the buffers of a cache of another shape: {other.batch_rows} rows of {other.layer_types} "
+                f"vs {self.batch_rows} rows of {self.layer_types}."
+            )
+        for mine, theirs in zip(self.layers, other.layers):
+            for a, b in zip(_layer_tensors(mine), _layer_tensors(theirs)):
+                if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+                    raise ValueError(f"Cannot share buffers: a cache tensor is {tuple(b.shape)} {b.dtype} on {b.device}, "
+                                     f"this cache's is {tuple(a.shape)} {a.dtype} on {a.device}.")
+                b.copy_(a)
+        other.next_positions.copy_(self.next_positions)
+        other.device_step.copy_(self.device_step)
+        other.seen_tokens, other.padded_through = self.seen_tokens, self.padded_through
+        self.layers, self.device_step, self.next_positions = list(other.layers), other.device_step, other.next_positions
+        self.chunk_masks = other.chunk_masks
+
+    def buffer_addresses(self) -> tuple[int, ...]:
+        """Device addresses of every state tensor: what a captured graph over this cache depends on."""
+        tensors = [t for layer in self.layers for t in _layer_tensors(layer)]
+        tensors += [t for t in (self.next_positions, self.device_step) if t is not None]
+        return tuple(t.data_ptr() for t in tensors)
 
     def reset(self) -> None:
         """Forget everything; a static cache becomes dynamic again (its next input is a prompt)."""
@@ -418,7 +506,6 @@ class InfiniteVLCache(Cache):
         self.padded_through = 0
         self.next_positions = None
         self.device_step = None
-        self.graph_decoder = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:
@@ -480,7 +567,7 @@ class InfiniteVLCache(Cache):
         for i, layer in enumerate(self.layers):
             if isinstance(layer, InfiniteVLRingAttentionLayer):
                 self.layers[i] = layer.to_window_layer(self.seen_tokens)
-        self.device_step, self.graph_decoder = None, None
+        self.device_step = None
         return self
 
     def window_is_full(self, window: int) -> bool:
@@ -493,6 +580,11 @@ class InfiniteVLCache(Cache):
     def full_windows(self) -> tuple[bool, ...]:
         """`window_is_full` for each distinct window of the attention layers (what a captured call depends on)."""
         return tuple(self.window_is_full(w) for w in sorted({w for w in self._windows if w is not None}))
+
+    @property
+    def min_window(self) -> int:
+        """The smallest window of the attention layers (what one captured prompt may hold at most)."""
+        return min((w for w in self._windows if w is not None), default=1 << 62)
 
     @property
     def max_tokens_per_call(self) -> int | None:

@@ -9,8 +9,8 @@ The same holds for feeding a fixed number of tokens, e.g. one video frame per ca
 `CUDAGraphPrefill` captures the decoder over `length` input embeddings (the vision tower stays eager;
 `frame_graph.CUDAGraphFrames` captures whole calls of frames, tower included).
 
-Decode steps are used by `generate(..., cache_implementation="static")` on CUDA (with `compile="fused"`,
-concatenated projections and the Triton matvec where Triton is installed: `FusedDecodeStep`), or directly:
+`generate()` on CUDA replays decode steps of the compiled `FusedDecodeStep` (`compile="fused"`, concatenated
+projections, the Triton matvec), kept on the model by `speed.decode_graphs`; or use them directly:
 
 ```python
 >>> decoder = CUDAGraphDecoder(model, cache)     # cache: a prompt already went through it
@@ -91,7 +91,7 @@ class CUDAGraphDecoder:
             return (self.fused if cache is self.cache else self.fused.with_cache(cache))(self.input_ids)
         with torch.no_grad():
             return self.model(
-                input_ids=self.input_ids, use_cache=True, logits_to_keep=1, _captured_step=True, **{CACHE_KWARG: cache}
+                input_ids=self.input_ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache}
             ).logits
 
     def step(self, input_ids: torch.LongTensor) -> torch.Tensor:

@@ -21,8 +21,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from .attention import InfiniteVLAttention, InfiniteVLRotaryEmbedding
 from .cache import InfiniteVLCache
 from .compat import CACHE_KWARG, pop_cache_kwarg
-from .cuda_graph import CUDAGraphDecoder, fused_decode_available
-from .fused_decode import FusedDecodeStep
+from ..speed.generation import fast_decode, fast_prompt, generate_call, plan_generation, warmup
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
 from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
 from .input_checks import check_vision_inputs
@@ -66,6 +65,7 @@ class InfiniteVLPreTrainedModel(PreTrainedModel):
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         check_loading_info(model, info, pretrained_model_name_or_path)
+        generation_uses_cache(model)
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, remote_code_files: bool = True, **kwargs):
@@ -77,6 +77,17 @@ class InfiniteVLPreTrainedModel(PreTrainedModel):
             write_remote_code(save_directory)
             write_model_card(save_directory, self.config)
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def generation_uses_cache(model) -> None:
+    """Make `generate()` decode with the cache unless a call asks otherwise.
+
+    The released config says `use_cache: false` (a training setting), which transformers copies into the
+    generation defaults; without a cache every new token re-runs the whole prompt. `generate(use_cache=False)`
+    still does that when asked."""
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.use_cache is False:
+        generation_config.use_cache = True
 
 
 class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
@@ -143,11 +154,14 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         keep_last: int = 0,
+        token_valid: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
         keep_last (`int`, defaults to 0): return only the last this many positions of `last_hidden_state`
             (0: all). With chunked prefill this keeps memory flat however long the prompt is.
+        token_valid (`torch.BoolTensor` [B, T], *optional*): the padding flags (False on padding) instead of
+            `attention_mask`, taken as given: no host check of whether anything is padded (captured graphs).
         """
         cache = pop_cache_kwarg(kwargs, past_key_values)
         kwargs.pop("cache_position", None)
@@ -167,7 +181,8 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
             raise ValueError("The input is empty (0 tokens): `input_ids` / `inputs_embeds` need at least one token.")
         if cache is not None:
             cache.check_compatible(self.config)
-        token_valid = _token_valid(attention_mask, batch, length, device)
+        if token_valid is None:
+            token_valid = _token_valid(attention_mask, batch, length, device)
         cu_seqlens = kwargs.get("cu_seqlens")
         if cu_seqlens is not None:
             _check_packed(cu_seqlens, batch, length, cache, token_valid)
@@ -416,15 +431,40 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         )
 
 
-def _static_decode_step(cache, input_ids, pixel_values, labels) -> bool:
+def _is_fresh_prompt(cache, input_ids, inputs_embeds, position_ids, pixel_values_videos, labels, logits_to_keep,
+                     kwargs) -> bool:
+    """A prompt of text (and images) into a cache nothing went through, asking for its last logits only: what a
+    captured prompt serves."""
     return (
         isinstance(cache, InfiniteVLCache)
-        and cache.wants_static
+        and cache.next_positions is None
+        and input_ids is not None
+        and inputs_embeds is None
+        and position_ids is None
+        and pixel_values_videos is None
+        and labels is None
+        and isinstance(logits_to_keep, int)
+        and logits_to_keep == 1
+        and kwargs.get("second_per_grid_ts") is None
+        and kwargs.get("cu_seqlens") is None
+        and not kwargs.get("output_attentions")
+        and not kwargs.get("output_hidden_states")
+    )
+
+
+def _is_decode_step(cache, input_ids, inputs_embeds, pixel_values, pixel_values_videos, labels, kwargs) -> bool:
+    """One new text token per row after a prompt, nothing asked beyond the logits: what a captured step serves."""
+    return (
+        isinstance(cache, InfiniteVLCache)
         and cache.seen_tokens > 0
         and input_ids is not None
         and input_ids.shape[1] == 1
+        and inputs_embeds is None
         and pixel_values is None
+        and pixel_values_videos is None
         and labels is None
+        and not kwargs.get("output_attentions")
+        and not kwargs.get("output_hidden_states")
     )
 
 
@@ -452,6 +492,7 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         self.model = InfiniteVLModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        generation_uses_cache(self)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
@@ -485,15 +526,18 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         logits_to_keep (`int`, defaults to 0): compute logits for the last this many positions only (0: all).
         """
         cache = kwargs[CACHE_KWARG] = pop_cache_kwarg(kwargs, past_key_values)
-        if kwargs.pop("_captured_step", False) is False and _static_decode_step(cache, input_ids, pixel_values, labels):
-            cache.to_static()
-            if input_ids.is_cuda:
-                if cache.graph_decoder is None:
-                    fused = (cache.graph_compile == "fused" and fused_decode_available()
-                             and FusedDecodeStep.unsupported(self) is None)
-                    cache.graph_decoder = CUDAGraphDecoder(self, cache, compile="fused" if fused else None,
-                                                           concat_projections=fused, triton_matvec=fused)
-                result = CausalLMOutputWithPast(logits=cache.graph_decoder.step(input_ids).clone())
+        flags = dict(kwargs, output_hidden_states=output_hidden_states, second_per_grid_ts=second_per_grid_ts)
+        if _is_fresh_prompt(cache, input_ids, inputs_embeds, position_ids, pixel_values_videos, labels, logits_to_keep,
+                            flags):
+            logits = fast_prompt(self, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
+            if logits is not None:
+                result = CausalLMOutputWithPast(logits=logits)
+                result[CACHE_KWARG] = cache
+                return result
+        if _is_decode_step(cache, input_ids, inputs_embeds, pixel_values, pixel_values_videos, labels, flags):
+            logits = fast_decode(self, cache, input_ids)  # inside generate(): a captured graph, where it serves
+            if logits is not None:
+                result = CausalLMOutputWithPast(logits=logits)
                 result[CACHE_KWARG] = cache
                 return result
         outputs = self.model(
@@ -522,24 +566,37 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
             result[CACHE_KWARG] = outputs[CACHE_KWARG]
         return result
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """Let generate() set up as usual, then swap the attention-only cache it made for an `InfiniteVLCache`.
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """transformers' `generate()`. On CUDA each new token replays one captured CUDA graph of the compiled decode
+        step, kept on the model and reused by later calls (`warmup()` pays its one-time cost up front).
+        `disable_compile=True` decodes through the module path; so do `output_attentions`, `output_hidden_states`,
+        training mode and models the compiled step cannot read (quantized, LoRA, several devices), saying why once
+        in the log. The cache is of constant size, so `cache_implementation="static"` is the same thing."""
+        with generate_call():
+            return super().generate(*args, **kwargs)
 
-        `cache_implementation="static"` gives a cache that turns static after the prompt, so that on CUDA
-        every decode step replays one captured CUDA graph: of the compiled `FusedDecodeStep` where Triton is
-        installed, or of the module path with `disable_compile=True` (same kernels as eager decoding).
-        """
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,), prompt_tokens: int = 64) -> None:
+        """Compile and capture the decode step for these batch sizes now (e.g. at server start-up), so that no
+        `generate()` call pays for it later. Does nothing costly where decoding has no graph (CPU)."""
+        warmup(self, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Let generate() set up as usual, with an `InfiniteVLCache` in place of the cache it would make (whatever
+        `cache_implementation` says: the cache has a constant size either way), and plan how it decodes."""
         given = model_kwargs.get(CACHE_KWARG)
-        if generation_config.cache_implementation == "static" and given is None and generation_config.use_cache is not False:
-            cache = InfiniteVLCache(self.config)
-            cache.wants_static = True
-            cache.graph_compile = None if getattr(generation_config, "disable_compile", False) else "fused"
-            model_kwargs[CACHE_KWARG] = cache
-            return
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        implementation = generation_config.cache_implementation
+        if implementation == "static":
+            generation_config.cache_implementation = None  # transformers would build its own StaticCache
+        try:
+            super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        finally:
+            generation_config.cache_implementation = implementation
         made = model_kwargs.get(CACHE_KWARG)
         if made is not None and made is not given and not isinstance(made, InfiniteVLCache):
-            model_kwargs[CACHE_KWARG] = InfiniteVLCache(self.config)
+            made = model_kwargs[CACHE_KWARG] = InfiniteVLCache(self.config)
+        if isinstance(made, InfiniteVLCache):
+            plan_generation(self, generation_config, made, self.lm_head.weight.device)
 
     def prepare_inputs_for_generation(
         self,

@@ -1,0 +1,116 @@
+"""The one entry point from the model into the speed machinery during `generate()`.
+
+`generate()` runs inside `generate_call()`; when transformers prepares the call's cache, `plan_generation`
+picks its decode path (`plan.decode_plan`) and logs once why it is not the fastest. Every decode step of the
+model's `forward` asks `fast_decode` (and its prompt `fast_prompt`), which replay the model's captured graphs
+for that cache (or turn the cache static for the module path) and return None where the module path serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import logging
+
+from .decode_graphs import decode_graphs_of
+from .plan import DecodePlan, decode_plan
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class _Call:
+    plan: DecodePlan | None = None
+    cache: object = None
+
+
+_CURRENT = contextvars.ContextVar("infinitevl_generate_call", default=None)
+
+
+@contextlib.contextmanager
+def generate_call():
+    """Scope of one `generate()` call: the plan made for its cache applies to it alone."""
+    token = _CURRENT.set(_Call())
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def _triton_available() -> bool:
+    from ..modeling.cuda_graph import fused_decode_available
+
+    return fused_decode_available()
+
+
+def plan_for_model(model, device: torch.device, generation_config=None) -> DecodePlan:
+    """`decode_plan` for this model on `device` with these generation flags."""
+    from ..modeling.fused_decode import FusedDecodeStep
+
+    flags = generation_config
+    cuda = device.type == "cuda"
+    return decode_plan(
+        device_type=device.type,
+        dtype=model.lm_head.weight.dtype,
+        training=model.training,
+        disable_compile=bool(getattr(flags, "disable_compile", False)),
+        output_attentions=bool(getattr(flags, "output_attentions", False)),
+        output_hidden_states=bool(getattr(flags, "output_hidden_states", False)),
+        triton_available=_triton_available() if cuda else True,
+        model_problem=FusedDecodeStep.unsupported(model) if cuda else None,
+        static_requested=getattr(flags, "cache_implementation", None) == "static",
+    )
+
+
+def plan_generation(model, generation_config, cache, device: torch.device) -> DecodePlan:
+    """Choose the decode path of the current `generate()` call for `cache`, and say once why it is not a graph."""
+    plan = plan_for_model(model, device, generation_config)
+    call = _CURRENT.get()
+    if call is not None:
+        call.plan, call.cache = plan, cache
+    if plan.reason is not None:
+        message = f"InfiniteVL generate() decodes through the module path ({plan.path} cache): {plan.reason}."
+        (logger.info_once if device.type != "cuda" else logger.warning_once)(message)
+    return plan
+
+
+def fast_decode(model, cache, input_ids: torch.LongTensor) -> torch.Tensor | None:
+    """Logits of one decode step through the current call's fast path, or None for the module path.
+
+    Serves only the cache its `generate()` call planned for, after the prompt went through it."""
+    call = _CURRENT.get()
+    if call is None or call.cache is not cache or call.plan is None or call.plan.path == "dynamic" or not cache.seen_tokens:
+        return None
+    cache.to_static()
+    if call.plan.path == "static":
+        return None
+    return decode_graphs_of(model).step(model, cache, input_ids)
+
+
+def fast_prompt(model, cache, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None
+                ) -> torch.Tensor | None:
+    """Logits of a prompt's last position through the current call's captured prompt, or None for the module path.
+
+    Serves only the cache its `generate()` call planned for, and only while nothing went through it yet."""
+    call = _CURRENT.get()
+    if call is None or call.cache is not cache or call.plan is None or call.plan.path != "graph":
+        return None
+    if cache.next_positions is not None or cache.is_static:  # a cache holding a stream continues it: module path
+        return None
+    return decode_graphs_of(model).prompt(model, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
+
+
+def warmup(model, batch_sizes: tuple[int, ...] = (1,), prompt_tokens: int = 64, new_tokens: int = 2) -> None:
+    """Pay a process's one-time costs (kernel autotuning, compilation, graph capture) now: one short `generate()`
+    per batch size. Later calls with those batch sizes (same dtype and device) capture and compile nothing."""
+    device = model.lm_head.weight.device
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    for rows in batch_sizes:
+        ids = torch.randint(3, min(vocab, 1000), (rows, prompt_tokens), generator=generator).to(device)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.get_text_config().pad_token_id)

@@ -1,0 +1,59 @@
+"""Which path a `generate()` call decodes through: a plain function of the device, the flags and the model.
+
+- "graph": each new token replays one captured CUDA graph of the compiled decode step (`decode_graphs.py`).
+- "static": the module path over a static cache (window rings); no per-step host work grows with the context.
+- "dynamic": the module path over the growing window cache: the reference, and what CPUs run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GRAPH_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How decode steps run, and (for anything but "graph") why not faster."""
+
+    path: str  # "graph", "static" or "dynamic"
+    reason: str | None = None
+
+
+def decode_plan(
+    *,
+    device_type: str,
+    dtype: torch.dtype,
+    training: bool = False,
+    disable_compile: bool = False,
+    output_attentions: bool = False,
+    output_hidden_states: bool = False,
+    triton_available: bool = True,
+    model_problem: str | None = None,
+    static_requested: bool = False,
+) -> DecodePlan:
+    """The decode path for one `generate()` call.
+
+    model_problem: why the compiled step cannot read this model's weights (`FusedDecodeStep.unsupported`), or None.
+    static_requested: `cache_implementation="static"`, which off CUDA still decodes over the rings.
+    """
+    if device_type != "cuda":
+        return DecodePlan("static" if static_requested else "dynamic",
+                          f"the model runs on {device_type}: captured decode graphs need CUDA")
+    if training:
+        return DecodePlan("dynamic", "the model is in training mode")
+    if output_attentions:
+        return DecodePlan("dynamic", "output_attentions=True: attention weights come from the module path")
+    if output_hidden_states:
+        return DecodePlan("static", "output_hidden_states=True: hidden states come from the module path")
+    if disable_compile:
+        return DecodePlan("static", "disable_compile=True")
+    if not triton_available:
+        return DecodePlan("static", "Triton is not installed (the compiled decode step needs it)")
+    if dtype not in GRAPH_DTYPES:
+        return DecodePlan("static", f"the compiled decode step does not cover {dtype}")
+    if model_problem is not None:
+        return DecodePlan("static", model_problem)
+    return DecodePlan("graph")

@@ -1,0 +1,108 @@
+"""generate() on CUDA decodes through the model's captured graph by default: same tokens as the module path,
+replays counted, nothing captured or compiled again by a second call, batched rows equal to the rows alone,
+fallbacks taken and logged. A mid-size random model in float32, so that greedy tokens are exact."""
+
+import logging
+
+import pytest
+import torch
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, needs_cuda]
+
+NEW = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from helpers import tiny_config
+
+    from infinitevl_hf import InfiniteVLForConditionalGeneration
+
+    config = tiny_config(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
+                         num_key_value_heads=2, num_linear_heads=4, num_linear_key_value_heads=4, linear_head_dim=32,
+                         sliding_window=512, vocab_size=512,
+                         rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0})
+    config.vision_config.out_hidden_size = config.text_config.hidden_size
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = InfiniteVLForConditionalGeneration(config)
+    return model.float().eval()
+
+
+def _image(model, seed=0):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from helpers import image_inputs
+
+    ids, pixels, grid = image_inputs(seed=seed, prefix=40, suffix=30)
+    return dict(input_ids=ids.cuda(), pixel_values=pixels.cuda(), image_grid_thw=grid.cuda())
+
+
+def _text(rows=1, length=150, seed=1):
+    return dict(input_ids=torch.randint(3, 80, (rows, length), device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
+
+
+def _greedy(model, inputs, **flags):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, **flags)
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "text-over-a-window"])
+def test_default_generate_gives_the_module_path_tokens(model, kind):
+    from infinitevl_hf.speed import decode_graphs_of
+
+    inputs = {"text": _text, "image": lambda: _image(model), "text-over-a-window": lambda: _text(length=700)}[kind]()
+    graphs = decode_graphs_of(model)
+    replays, prompts = graphs.replays, graphs.prompt_replays
+    fast = _greedy(model, inputs)
+    assert graphs.replays - replays == NEW - 1  # every token after the first came from the graph
+    assert graphs.prompt_replays - prompts == (0 if kind == "text-over-a-window" else 1)  # prompts up to a window
+    reference = _greedy(model, inputs, disable_compile=True)
+    assert torch.equal(fast, reference)
+
+
+def test_a_second_call_captures_and_compiles_nothing(model):
+    from torch._dynamo.utils import counters
+
+    from infinitevl_hf.speed import decode_graphs_of
+
+    _greedy(model, _text(seed=5))
+    graphs = decode_graphs_of(model)
+    captures, frames = graphs.captures, counters["stats"]["unique_graphs"]
+    _greedy(model, _text(length=180, seed=6))  # another prompt of the same captured length (256)
+    assert graphs.captures == captures
+    assert counters["stats"]["unique_graphs"] == frames
+
+
+def test_batched_rows_equal_the_rows_alone(model):
+    rows = [_text(length=40 + 13 * i, seed=10 + i)["input_ids"] for i in range(4)]
+    width = max(r.shape[1] for r in rows)
+    ids = torch.stack([torch.cat([torch.zeros(width - r.shape[1], dtype=torch.long, device="cuda"), r[0]]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(width - r.shape[1], dtype=torch.long, device="cuda"),
+                                   torch.ones(r.shape[1], dtype=torch.long, device="cuda")]) for r in rows])
+    both = _greedy(model, dict(input_ids=ids, attention_mask=mask), pad_token_id=0)
+    for i, row in enumerate(rows):
+        assert torch.equal(both[i, width - row.shape[1]:], _greedy(model, dict(input_ids=row))[0])
+
+
+def test_fallbacks_are_taken_and_logged(model, caplog):
+    from infinitevl_hf.speed import decode_graphs_of
+
+    graphs = decode_graphs_of(model)
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="infinitevl_hf.speed.generation"):
+        replays = graphs.replays
+        out = model.generate(**_text(), max_new_tokens=4, do_sample=False, output_attentions=True,
+                             return_dict_in_generate=True)
+        out = model.generate(**_text(), max_new_tokens=4, do_sample=False, disable_compile=True)
+    assert graphs.replays == replays
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "output_attentions" in said and "disable_compile" in said

@@ -1,0 +1,173 @@
+"""Decode graphs kept on the model: wiring, reuse and binding, on CPU with the eager decode step standing in for
+the CUDA graph (the same object `generate()` replays on CUDA, minus the capture)."""
+
+import pytest
+import torch
+
+from helpers import image_inputs, text_ids, tiny_model
+from infinitevl_hf import InfiniteVLCache
+from infinitevl_hf.modeling.compat import CACHE_KWARG
+from infinitevl_hf.modeling.fused_decode import FusedDecodeStep
+from infinitevl_hf.speed import DecodeGraphs, DecodePlan, decode_graphs_of
+from infinitevl_hf.speed import generation as speed_generation
+
+
+class EagerStep:
+    """What a captured graph replays, run eagerly: the fused step over the graph's own cache."""
+
+    built = 0
+
+    def __init__(self, model, cache):
+        EagerStep.built += 1
+        self.fused = FusedDecodeStep(model, cache)
+
+    def step(self, input_ids):
+        return self.fused(input_ids)
+
+
+WINDOW = 64  # the smallest captured prompt length: prompts up to one window go through captured prompts
+
+
+def reference_model():
+    return tiny_model(sliding_window=WINDOW)
+
+
+def eager_prompt(step, cache):
+    """What a captured prompt replays, run eagerly."""
+    return lambda: step(cache)
+
+
+@pytest.fixture
+def graph_model(monkeypatch):
+    """A tiny model whose generate() takes the graph path on CPU, through the eager stand-ins."""
+    model = reference_model()
+    model.__dict__["_decode_graphs"] = DecodeGraphs(capture_decode=EagerStep, capture_prompt=eager_prompt)
+    module_path = speed_generation.plan_for_model
+
+    def plan(some_model, *args, **kwargs):  # the reference models of a test keep the module path
+        return DecodePlan("graph") if some_model is model else module_path(some_model, *args, **kwargs)
+
+    monkeypatch.setattr(speed_generation, "plan_for_model", plan)
+    return model
+
+
+def _generate(model, **inputs):
+    out = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True)
+    _generate.logits = torch.stack(out.logits, 1)  # greedy tokens of a tiny random model repeat: compare logits too
+    return out.sequences, out[CACHE_KWARG] if CACHE_KWARG in out else out.past_key_values
+
+
+def _same(tokens, logits, expected_tokens, expected_logits):
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [20, 60, 90], ids=["short", "wraps-the-ring", "longer-than-a-window"])
+def test_generate_through_the_graph_path_gives_the_module_path_tokens(graph_model, length):
+    reference = reference_model()
+    tokens, cache = _generate(graph_model, input_ids=text_ids(1, length))
+    logits = _generate.logits
+    expected, expected_cache = _generate(reference, input_ids=text_ids(1, length))
+    _same(tokens, logits, expected, _generate.logits)
+    # the window the cache holds, read back in token order (what saving a cache does), is the module path's
+    for mine, theirs in zip(cache.fork().to_dynamic().layers, expected_cache.to_dynamic().layers):
+        if hasattr(theirs, "keys"):
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+    graphs = decode_graphs_of(graph_model)
+    assert graphs.replays == 11  # every step after the first token was a replay
+    assert graphs.prompt_replays == (1 if length <= WINDOW else 0)  # a prompt over one window: the module path
+
+
+def test_an_image_prompt_through_the_captured_prompt_gives_the_module_path_tokens(graph_model):
+    ids, pixels, grid = image_inputs(prefix=9, suffix=14)
+    inputs = dict(input_ids=ids, pixel_values=pixels, image_grid_thw=grid)
+    tokens, _ = _generate(graph_model, **inputs)
+    logits = _generate.logits
+    _same(tokens, logits, _generate(reference_model(), **inputs)[0], _generate.logits)
+    assert decode_graphs_of(graph_model).prompt_replays == 1
+
+
+def test_a_second_generate_captures_nothing(graph_model):
+    ids = text_ids(1, 20)
+    _generate(graph_model, input_ids=ids)
+    graphs = decode_graphs_of(graph_model)
+    captures, built = graphs.captures, EagerStep.built
+    second = text_ids(1, 9, seed=5)
+    tokens, _ = _generate(graph_model, input_ids=second)
+    assert graphs.captures == captures == 2 and EagerStep.built == built  # its prompt and its decode step
+    logits = _generate.logits
+    _same(tokens, logits, _generate(reference_model(), input_ids=second)[0], _generate.logits)  # its own state, bound in
+
+
+def test_a_cache_returned_earlier_keeps_its_memory_when_another_call_binds(graph_model):
+    reference = reference_model()
+    first_tokens, first_cache = _generate(graph_model, input_ids=text_ids(1, 20))
+    kept = first_cache.fork()
+    _generate(graph_model, input_ids=text_ids(1, 15, seed=7))  # binds the same graph
+    more = text_ids(1, 4, seed=8)
+    with torch.no_grad():
+        after = graph_model(input_ids=more, use_cache=True, **{CACHE_KWARG: first_cache}).logits
+        expected = reference(input_ids=more, use_cache=True, **{CACHE_KWARG: kept}).logits
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_batch_rows_equal_the_rows_alone_through_the_graph_path(graph_model):
+    short, long = text_ids(1, 7, seed=3), text_ids(1, 11, seed=4)
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], 1),
+                      torch.ones(1, 11, dtype=torch.long)])
+    both, _ = _generate(graph_model, input_ids=batch, attention_mask=mask)
+    both_logits = _generate.logits
+    for row, ids in enumerate((short, long)):
+        alone, _ = _generate(graph_model, input_ids=ids)
+        _same(both[row, -alone.shape[1]:], both_logits[row], alone[0], _generate.logits[0])
+    assert decode_graphs_of(graph_model).captures == 4  # a prompt and a decode step per batch size
+
+
+def test_moved_weights_are_captured_again(graph_model):
+    _generate(graph_model, input_ids=text_ids(1, 10))
+    for p in graph_model.parameters():  # e.g. a reload or .to() that gives the weights new storage
+        p.data = p.data.clone()
+    tokens, _ = _generate(graph_model, input_ids=text_ids(1, 10))
+    logits = _generate.logits
+    assert decode_graphs_of(graph_model).captures == 4  # prompt and decode step, twice
+    _same(tokens, logits, _generate(reference_model(), input_ids=text_ids(1, 10))[0], _generate.logits)
+
+
+def test_the_graph_path_serves_only_the_cache_its_generate_call_planned():
+    model = reference_model()
+    cache = InfiniteVLCache(model.config)
+    with torch.no_grad():
+        model(input_ids=text_ids(1, 6), use_cache=True, **{CACHE_KWARG: cache})
+    assert speed_generation.fast_decode(model, cache, text_ids(1, 1)) is None  # outside generate()
+    assert not cache.is_static
+
+
+def test_generate_decodes_with_the_cache_when_the_config_says_use_cache_false():
+    model = reference_model()
+    model.config.use_cache = False  # as in the released config (a training setting)
+    model.generation_config.use_cache = False
+    from infinitevl_hf.modeling.modeling_infinitevl import generation_uses_cache
+
+    generation_uses_cache(model)
+    lengths = []
+    model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append((kwargs.get("inputs_embeds") if kwargs.get("input_ids") is None
+                                                     else kwargs["input_ids"]).shape[1]), with_kwargs=True)
+    model.generate(text_ids(1, 6), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert lengths == [6, 1, 1, 1]
+    lengths.clear()
+    model.generate(text_ids(1, 6), max_new_tokens=3, min_new_tokens=3, do_sample=False, use_cache=False)
+    assert lengths == [6, 7, 8]  # asked for: every step re-runs the sequence
+
+
+def test_a_loaded_checkpoint_whose_config_says_use_cache_false_generates_with_the_cache(tmp_path):
+    from infinitevl_hf import InfiniteVLForConditionalGeneration
+
+    model = reference_model()
+    model.config.use_cache = False
+    model.generation_config.use_cache = False
+    model.save_pretrained(tmp_path)
+    loaded = InfiniteVLForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.generation_config.use_cache is True

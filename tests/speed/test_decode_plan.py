@@ -1,0 +1,61 @@
+"""The decode path of generate() is a plain function of (device, flags, model), tested without a GPU."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import tiny_model
+from infinitevl_hf.speed import decode_plan, plan_for_model
+
+CUDA_OK = dict(device_type="cuda", dtype=torch.bfloat16)
+
+
+def test_cuda_with_nothing_in_the_way_decodes_through_the_graph():
+    plan = decode_plan(**CUDA_OK)
+    assert plan.path == "graph" and plan.reason is None
+
+
+@pytest.mark.parametrize(
+    "flags,path,words",
+    [
+        (dict(device_type="cpu"), "dynamic", "cpu"),
+        (dict(device_type="cpu", static_requested=True), "static", "cpu"),
+        (dict(training=True), "dynamic", "training"),
+        (dict(output_attentions=True), "dynamic", "output_attentions"),
+        (dict(output_hidden_states=True), "static", "output_hidden_states"),
+        (dict(disable_compile=True), "static", "disable_compile"),
+        (dict(triton_available=False), "static", "Triton"),
+        (dict(dtype=torch.float64), "static", "float64"),
+        (dict(model_problem="lm_head carries LoRA adapters"), "static", "LoRA"),
+    ],
+    ids=["cpu", "cpu-static", "training", "attentions", "hidden-states", "disable-compile", "no-triton", "dtype", "model"],
+)
+def test_each_fallback_names_its_reason(flags, path, words):
+    plan = decode_plan(**{**CUDA_OK, **flags})
+    assert plan.path == path
+    assert words in plan.reason
+
+
+def test_a_model_the_compiled_step_cannot_read_falls_back_on_cuda():
+    class Wrapped(nn.Linear):  # a LoRA or quantized layer whose forward is not F.linear
+        pass
+
+    model = tiny_model()
+    assert plan_for_model(model, torch.device("cuda")).path in ("graph", "static")  # static without Triton
+    mlp = model.model.language_model.layers[1].mlp
+    mlp.up_proj = Wrapped(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=False)
+    plan = plan_for_model(model, torch.device("cuda"))
+    assert plan.path == "static" and "Wrapped" in plan.reason
+
+
+def test_cpu_generate_says_once_why_it_decodes_through_the_module_path(caplog):
+    model = tiny_model()
+    ids = torch.randint(3, 80, (1, 5))
+    logging.Logger.info_once.cache_clear()  # transformers' once-per-process memory of what it said
+    with caplog.at_level(logging.INFO, logger="infinitevl_hf.speed.generation"):
+        for _ in range(2):
+            model.generate(ids, max_new_tokens=2, do_sample=False)
+    said = [r.getMessage() for r in caplog.records if "decodes through the module path" in r.getMessage()]
+    assert len(said) == 1 and "cpu" in said[0]
