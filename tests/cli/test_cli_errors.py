@@ -116,7 +116,8 @@ def test_main_job_quiet_says_where_and_silences_load_bars(capsys):
     cli.run(["--frames", "2", "--no-compare", "--no-plot", "--quiet"])
     captured = capsys.readouterr()
     assert "Tiny checkpoint: " in captured.out and "removed when the command ends" in captured.out
-    assert "A: '" in captured.out  # the random answer, with repr
+    answer = next(line for line in captured.out.splitlines() if line.startswith("A: "))
+    assert answer.startswith("A: '") and answer.endswith("(random weights: the text is meaningless)")  # repr and note
     for bar in ("Loading weights", "Writing model shards", "streaming frames"):
         assert bar not in captured.out + captured.err, bar
 
