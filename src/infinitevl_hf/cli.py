@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .cli_inputs import check_device, check_infinitevl, is_random_tiny, quiet_loading, resolve_checkpoint
 from .conversion.cli import add_convert_arguments, run_convert
 from .streaming_cli import add_stream_arguments, run_stream
 from .training.cli import add_distill_arguments, add_sft_arguments, run_distill, run_sft
@@ -47,22 +48,29 @@ def _model_arguments(parser, default_help: str):
 
 
 def _device(args) -> str:
-    import torch
-
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return check_device(args.device)
 
 
 def _resolve_model(args, workdir: str):
-    """The checkpoint to use: `--model`, or a freshly written tiny random-weight one (with a notice)."""
+    """The checkpoint to use: `--model` (checked to be an InfiniteVL checkpoint with readable weights), or a freshly
+    written tiny random-weight one (with a notice saying where it is)."""
     if args.model is None:
         from .tiny import tiny_checkpoint
 
         print(RANDOM_WEIGHTS_NOTE)
-        return tiny_checkpoint(Path(workdir) / "tiny-infinitevl")
-    looks_local = args.model.startswith((".", "/", "~")) or Path(args.model).exists() or args.model.count("/") != 1
-    if looks_local and not Path(args.model).expanduser().is_dir():
-        raise FileNotFoundError(f"model folder not found: {args.model!r}")
-    return str(Path(args.model).expanduser()) if looks_local else args.model
+        path = tiny_checkpoint(Path(workdir) / "tiny-infinitevl")
+        print(f"Tiny checkpoint: {path} (removed when the command ends)")
+        return path
+    model = resolve_checkpoint(args.model)
+    check_infinitevl(model)
+    return model
+
+
+def _show_answer(text: str, model) -> str:
+    """An answer as printed: a random-weight model's text is shown with repr (it may hold any character) and a note."""
+    if model is None or is_random_tiny(str(model)):
+        return f"{text!r}  (random weights: the text is meaningless)"
+    return text
 
 
 def _check_image(path) -> Path:
@@ -87,7 +95,7 @@ def main_job_arguments(parser):
     parser.add_argument("--plot", default="infinitevl-stream.png", metavar="PNG",
                         help="where to plot cache bytes and ms per frame (default ./infinitevl-stream.png; needs matplotlib)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (model loading and writing included)")
 
 
 def main_job(args):
@@ -97,10 +105,11 @@ def main_job(args):
     image = _check_image(args.image) if args.image else None
     if args.frames < 1:
         raise ValueError(f"--frames must be at least 1, got {args.frames}")
-    with tempfile.TemporaryDirectory(prefix="infinitevl-") as workdir:
+    device = _device(args)
+    with tempfile.TemporaryDirectory(prefix="infinitevl-") as workdir, quiet_loading(args.quiet):
         model = _resolve_model(args, workdir)
         return run_demo(model, frames=args.frames, image=image, teacher=not args.no_compare,
-                        plot_path=None if args.no_plot else args.plot, device=_device(args), progress=not args.quiet)
+                        plot_path=None if args.no_plot else args.plot, device=device, progress=not args.quiet)
 
 
 @command("generate", help="answer a prompt, optionally about an image")
@@ -108,13 +117,15 @@ def generate(args):
     from .demo import generate_text, load
 
     image = _check_image(args.image) if args.image else None
+    device = _device(args)
     with tempfile.TemporaryDirectory(prefix="infinitevl-") as workdir:
-        model, processor = load(_resolve_model(args, workdir), device=_device(args))
+        path = _resolve_model(args, workdir)
+        model, processor = load(path, device=device)
         content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": args.prompt}]
         prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         text = generate_text(model, processor, prompt, images=[image] if image else None,
                              max_new_tokens=args.max_new_tokens)
-    print(text)
+        print(_show_answer(text, None if args.model is None else path))
     return text
 
 
@@ -132,7 +143,10 @@ generate.arguments = _generate_arguments
 def export(args):
     from .export import export_checkpoint
 
-    out = export_checkpoint(args.model, args.output, overwrite=args.overwrite)
+    dropped: list[str] = []
+    out = export_checkpoint(args.model, args.output, overwrite=args.overwrite, dropped=dropped)
+    for item in dropped:
+        print(f"left out (not infinitevl-hf code, would run under trust_remote_code): {item}")
     print(f"wrote {out}: loads with from_pretrained(..., trust_remote_code=True) without infinitevl-hf installed")
     return out
 
@@ -140,7 +154,8 @@ def export(args):
 def _export_arguments(parser):
     parser.add_argument("model", help="checkpoint folder to export")
     parser.add_argument("output", help="output folder (must not exist or be empty, unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export or checkpoint written by infinitevl-hf (never any other folder)")
 
 
 export.arguments = _export_arguments
@@ -169,8 +184,12 @@ def env(args):
     info["fla kernels"] = "importable" if kernels is not None else f"unavailable ({reason})"
     from .modeling.cuda_graph import fused_decode_available
 
-    info["fused decode"] = ("compiled step + Triton matvec (static-cache generate on CUDA)" if fused_decode_available()
-                            else "unavailable (no Triton): static-cache generate captures the module path")
+    if not torch.cuda.is_available():
+        info["fused decode"] = "unavailable: no CUDA device (generate decodes on the module path; the fused step needs CUDA)"
+    elif not fused_decode_available():
+        info["fused decode"] = "unavailable: no Triton (static-cache generate captures the module path)"
+    else:
+        info["fused decode"] = "available: compiled step + Triton matvec (static-cache generate)"
     for optional in ("matplotlib", "av", "torchvision"):
         try:
             module = __import__(optional)
@@ -232,6 +251,22 @@ def run(argv=None):
 EXPECTED_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError, ImportError, OSError)
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError  # a corrupt file found while loading
+
+    return (*EXPECTED_ERRORS, SafetensorError)
+
+
+def error_line(error: BaseException) -> str:
+    """The one line printed for an expected error."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" while writing {error.filename}" if error.filename else ""
+        return f"no space left on device{where}: free some space and run again"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv=None) -> int:
     """Console entry point: runs the command; expected errors print one `error: ...` line and return 2."""
     try:
@@ -241,9 +276,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except EXPECTED_ERRORS as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
+    except _expected_errors() as error:
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return 2
     return 0
 

@@ -231,7 +231,9 @@ def run_demo(model_path, frames: int = 40, image=None, teacher: bool = True, plo
     answer = answer_question(model, processor, image)
     result = DemoResult(model=str(model_path), answer=answer)
     echo(f"Q: {QUESTION}  [image: {Path(str(image)).name}]")
-    echo(f"A: {answer!r}")
+    from .cli_inputs import is_random_tiny
+
+    echo(f"A: {answer!r}" + ("  (random weights: the text is meaningless)" if is_random_tiny(str(model_path)) else ""))
     comparison = None
     if teacher:
         comparison, copied, total = teacher_from(model)

@@ -17,16 +17,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .modeling.remote_code import (
     AUTO_MAP,
+    MODEL_ENTRIES,
     PROCESSOR_AUTO_MAP,
+    PROCESSOR_ENTRIES,
+    remote_code_files,
     set_card_writer,
     write_processor_remote_code,
 )
 from .modeling.remote_code import write_remote_code as write_model_remote_code
+from .staged import staged_folder
 
 
 def _card_writer(folder, config) -> None:
@@ -69,37 +72,71 @@ def write_remote_code(folder: str | os.PathLike, card_kind: str = "checkpoint", 
     return written
 
 
+def strip_foreign_code(folder: str | os.PathLike) -> list[str]:
+    """Remove from `folder` every code file and `auto_map` entry that is not this package's; return what was removed.
+
+    A folder loaded with `trust_remote_code=True` runs whatever its `.py` files and `auto_map` entries name, so an
+    export carries only the files `write_remote_code` writes: other `.py` files anywhere in the folder are deleted,
+    and `auto_map` entries (in any top-level JSON file: config, tokenizer, processor) that name another module or
+    another repository's code (`repo--module.Class`) are dropped."""
+    folder = Path(folder)
+    ours = {*remote_code_files(MODEL_ENTRIES), *remote_code_files(PROCESSOR_ENTRIES)}
+    ours_modules = {name[: -len(".py")] for name in ours}
+    removed = []
+    for path in sorted(folder.rglob("*.py")):
+        if path.parent == folder and path.name in ours:
+            continue
+        path.unlink()
+        removed.append(f"code file {path.relative_to(folder).as_posix()}")
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("auto_map"), dict):
+            continue
+        kept = {}
+        for key, value in data["auto_map"].items():
+            targets = value if isinstance(value, (list, tuple)) else [value]
+            foreign = [t for t in targets if t is not None and (not isinstance(t, str) or t.split(".")[0] not in ours_modules)]
+            if foreign:
+                removed.append(f"{path.name} auto_map[{key!r}] -> {', '.join(map(str, foreign))}")
+            else:
+                kept[key] = value
+        if kept != data["auto_map"]:
+            if kept:
+                data["auto_map"] = kept
+            else:
+                del data["auto_map"]
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return removed
+
+
 def export_checkpoint(source: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False,
-                      card_kind: str = "checkpoint", **card_info) -> Path:
+                      card_kind: str = "checkpoint", dropped: list[str] | None = None, **card_info) -> Path:
     """Copy the checkpoint folder `source` to `output` and make the copy self-contained (`write_remote_code`).
 
-    Weights and processor files are copied as they are (both key namings of the official release load).
-    Refuses an existing non-empty `output` unless `overwrite`; the folder appears whole or not at all.
+    Weights and processor files are copied as they are (both key namings of the official release load); code that
+    is not this package's is left out (`strip_foreign_code`; what was left out is appended to `dropped`). Refuses an
+    `output` that is, contains or lies inside `source`, and an existing non-empty `output` unless `overwrite` and
+    it is a folder this package wrote; the folder appears whole or not at all (`staged.staged_folder`).
     """
-    source, output = Path(source), Path(output)
+    source, output = Path(source).expanduser(), Path(output).expanduser()
     if not source.is_dir():
         raise FileNotFoundError(f"Checkpoint folder not found: {str(source)!r}.")
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{str(source)!r} is not a checkpoint folder: it has no config.json.")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        if not overwrite:
-            raise FileExistsError(f"Output folder {str(output)!r} exists and is not empty (pass overwrite=True / --overwrite).")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output, overwrite=overwrite, sources=[source], kind="export") as staging:
         for item in source.iterdir():
             if item.name.startswith(".") or item.name == "__pycache__":
                 continue
             target = staging / item.name
             shutil.copytree(item, target) if item.is_dir() else shutil.copy2(item, target)
+        removed = strip_foreign_code(staging)
         write_remote_code(staging, card_kind=card_kind, **card_info)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    if dropped is not None:
+        dropped.extend(removed)
     return output
 
 
-__all__ = ["AUTO_MAP", "PROCESSOR_AUTO_MAP", "export_checkpoint", "install_card_writer", "write_remote_code"]
+__all__ = ["AUTO_MAP", "PROCESSOR_AUTO_MAP", "export_checkpoint", "install_card_writer", "strip_foreign_code", "write_remote_code"]

@@ -34,12 +34,9 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,25 +45,27 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .modeling.cache import InfiniteVLAttentionLayer, InfiniteVLCache, InfiniteVLLinearAttentionLayer
+from .modeling.cache import InfiniteVLCache
 from .modeling.compat import CACHE_KWARG
 from .modeling.cuda_graph import CUDAGraphPrefill
 from .modeling.frame_graph import CUDAGraphFrames
 from .modeling.modeling_infinitevl import text_position_ids
+from .stream_state import (
+    MAX_FRAME_PIXELS,
+    STATE_FORMAT,
+    STATE_JSON,  # noqa: F401  (the manifest name, imported from here by callers)
+    STATE_VERSION,
+    cache_from_tensors,
+    cache_to_tensors,
+    check_state,
+    config_fingerprint,
+    config_summary,
+    read_state,
+    summary_diff,
+    write_state,
+)
 
-STATE_FORMAT = "infinitevl-stream-state"
-STATE_VERSION = 1
-STATE_TENSORS = "state.safetensors"
-STATE_JSON = "session.json"
 QUESTION_TEMPLATE = "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-
-# Config fields that never change what a saved state means.
-_FINGERPRINT_SKIP = {
-    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "auto_map", "use_cache",
-    "_attn_implementation", "_attn_implementation_autoset", "_experts_implementation", "output_attentions",
-    "output_hidden_states", "return_dict", "prefill_chunk_tokens", "_commit_hash", "tie_word_embeddings",
-    "chunk_size_feed_forward", "problem_type", "id2label", "label2id", "initializer_range",
-}
 
 
 @dataclass
@@ -123,6 +122,9 @@ class StreamingSession:
             raise ValueError(f"fps must be a positive number, got {fps!r}.")
         if "{question}" not in question_template:
             raise ValueError("question_template must contain '{question}'.")
+        for name, value in (("max_pixels", max_pixels), ("min_pixels", min_pixels)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_FRAME_PIXELS):
+                raise ValueError(f"{name} must be a whole number of pixels in [1, {MAX_FRAME_PIXELS}], got {value!r}.")
         self.model, self.processor = model, processor
         self.frames_per_chunk, self.fps, self.temporal_patch_size = frames_per_chunk, float(fps), temporal
         self.system_prompt, self.question_template = system_prompt, question_template
@@ -145,6 +147,7 @@ class StreamingSession:
         self._frames = 0
         self._chunks = 0
         self._last_frame_ms: float | None = None
+        self._last_time: float | None = None  # timestamp of the last frame added: the stream's clock
         if system_prompt:
             self.add_text(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
 
@@ -162,22 +165,42 @@ class StreamingSession:
             times = [float(t) for t in timestamps]
             if len(times) != len(arrays):
                 raise ValueError(f"Got {len(arrays)} frames but {len(times)} timestamps.")
-        for array, t in zip(arrays, times):
-            self._pending.append((array, t))
-            self._frames += 1
-            self._feed_complete_chunks()
+        with self._unchanged_on_error(feeds=len(self._pending) + len(arrays) >= self.frames_per_chunk):
+            for array, t in zip(arrays, times):
+                self._pending.append((array, t))
+                self._frames += 1
+                self._last_time = t if self._last_time is None else max(self._last_time, t)
+                self._feed_complete_chunks()
         return self.stats
+
+    @property
+    def clock(self) -> float:
+        """Seconds of stream so far: one frame interval (`1 / fps`) after the last frame's timestamp (0 before any).
+        A resumed session keeps it, so a new video can continue the stream's time."""
+        return 0.0 if self._last_time is None else self._last_time + 1.0 / self.fps
+
+    @contextlib.contextmanager
+    def _unchanged_on_error(self, feeds: bool = True) -> Iterator[None]:
+        """Run a feed all or nothing: an error or Ctrl-C inside the decoder (some layers advanced, others not) puts
+        back the memory and counters of before the call, so a retry feeds the same frames once.
+        feeds: whether the block may run the decoder (only then is the cache copied)."""
+        cache = self.cache.fork() if feeds else None
+        saved = list(self._pending), self._frames, self._chunks, self._last_frame_ms, self._last_time
+        try:
+            yield
+        except BaseException:
+            self._pending, self._frames, self._chunks, self._last_frame_ms, self._last_time = saved
+            if cache is not None:
+                self.cache = cache
+                self._graphs = {}  # captured graphs write into the cache tensors that were just dropped
+            raise
 
     def _feed_complete_chunks(self) -> None:
         # `>=`: a state loaded with a smaller `frames_per_chunk` may hold more than one chunk's frames.
         while len(self._pending) >= self.frames_per_chunk:
             chunk, rest = self._pending[: self.frames_per_chunk], self._pending[self.frames_per_chunk :]
             self._pending = chunk  # `_feed_pending` feeds what waits
-            try:
-                self._feed_pending(self.cache)
-            except BaseException:
-                self._pending = chunk + rest
-                raise
+            self._feed_pending(self.cache)
             self._pending = rest
 
     def add_video(self, source: str | os.PathLike, fps: float | None = None, max_frames: int | None = None) -> StreamStats:
@@ -202,16 +225,21 @@ class StreamingSession:
         if not isinstance(text, str) or not text:
             raise ValueError("add_text needs a non-empty string.")
         ids = self._encode(text)
-        self.flush()
-        self._forward(self.cache, ids)
+        with self._unchanged_on_error():
+            self._flush()
+            self._forward(self.cache, ids)
         return self.stats
 
     def flush(self) -> StreamStats:
         """Feed a waiting partial chunk now, repeating its last frame to a multiple of the temporal patch size."""
+        with self._unchanged_on_error():
+            self._flush()
+        return self.stats
+
+    def _flush(self) -> None:
         if self._pending:
             self._feed_pending(self.cache)
             self._pending = []
-        return self.stats
 
     # -- questions -----------------------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int = 64, skip_special_tokens: bool = True, **generate_kwargs) -> str:
@@ -274,33 +302,23 @@ class StreamingSession:
         """Forget everything (the system prompt, if any, is fed again)."""
         self.cache.reset()
         self._graphs = {}
-        self._pending, self._frames, self._chunks, self._last_frame_ms = [], 0, 0, None
+        self._pending, self._frames, self._chunks, self._last_frame_ms, self._last_time = [], 0, 0, None, None
         if self.system_prompt:
             self.add_text(f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n")
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write the whole memory to folder `path`: cache tensors (`state.safetensors`) and counters, waiting
-        frames and a config fingerprint (`session.json`). The folder appears whole or not at all."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            if not overwrite:
-                raise FileExistsError(f"Refusing to save the stream state into {str(path)!r}: it exists (pass overwrite=True).")
-            if not path.is_dir() or not (path / STATE_JSON).is_file() or Path.cwd().is_relative_to(path.resolve()):
-                raise FileExistsError(
-                    f"Refusing to replace {str(path)!r}: it is not a saved stream state (no {STATE_JSON}), so overwrite=True "
-                    "would delete files that are not ours."
-                )
+        """Write the whole memory to folder `path`: cache tensors (`state-HEX.safetensors`) and counters, waiting
+        frames and a config fingerprint (`session.json`, written last). The folder then holds the old state or the
+        new one, never neither; with `overwrite` only a saved state is replaced, and other files stay untouched."""
         # A cache turned static for CUDA graphs is saved in its dynamic form (the rings laid out oldest first).
-        tensors, layers = _cache_to_tensors(self.cache.fork().to_dynamic() if self.cache.is_static else self.cache)
+        tensors, layers = cache_to_tensors(self.cache.fork().to_dynamic() if self.cache.is_static else self.cache)
         for i, (array, _) in enumerate(self._pending):
             tensors[f"pending.{i}"] = torch.from_numpy(np.ascontiguousarray(array))
         meta = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "fingerprint": config_fingerprint(self.model.config),
-            "config": _config_summary(self.model.config),
+            "config": config_summary(self.model.config),
             "seen_tokens": self.cache.seen_tokens,
             "padded_through": self.cache.padded_through,
             "layers": layers,
@@ -308,6 +326,7 @@ class StreamingSession:
                 "frames": self._frames,
                 "chunks": self._chunks,
                 "last_frame_ms": self._last_frame_ms,
+                "last_time": self._last_time,
                 "pending_timestamps": [t for _, t in self._pending],
                 "frames_per_chunk": self.frames_per_chunk,
                 "fps": self.fps,
@@ -317,50 +336,33 @@ class StreamingSession:
                 "min_pixels": self.min_pixels,
             },
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            save_file(tensors, str(staging / STATE_TENSORS), metadata={"format": STATE_FORMAT})
-            (staging / STATE_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-            if path.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            staging.rename(path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return path
+        return write_state(path, meta, tensors, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model, processor, **overrides) -> StreamingSession:
-        """A session resumed from `save(path)`, on `model` (which must have the config the state was saved with)."""
-        meta, _ = _read_state(path)
+        """A session resumed from `save(path)`, on `model` (which must have the config the state was saved with).
+        The state is checked whole first (`stream_state.check_state`): a changed one raises a ValueError naming
+        the field."""
+        meta, tensors = _checked_state(path, model.config)
         settings = {k: meta["session"][k] for k in ("frames_per_chunk", "fps", "question_template", "max_pixels", "min_pixels")}
         settings.update(overrides)
         session = cls(model, processor, **settings)
         session.system_prompt = meta["session"].get("system_prompt")
-        session.load_state(path)
+        session._restore(meta, tensors)
         return session
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Replace this session's memory with the one saved at `path`. Everything is read and checked first:
-        a missing/corrupt folder or a state from a different model config raises and changes nothing."""
-        meta, tensors = _read_state(path)
-        expected = config_fingerprint(self.model.config)
-        if meta["fingerprint"] != expected:
-            diff = _summary_diff(meta.get("config", {}), _config_summary(self.model.config))
-            raise ValueError(
-                f"The stream state in {str(path)!r} was saved from a different model config ({diff}); "
-                "it can only be loaded into a model with that config."
-            )
-        cache = _cache_from_tensors(self.model.config, tensors, meta, self._device(), self.model.dtype)
+        a missing/corrupt folder, a changed state or one from a different model config raises and changes nothing."""
+        self._restore(*_checked_state(path, self.model.config))
+
+    def _restore(self, meta: dict, tensors: dict) -> None:
+        cache = cache_from_tensors(self.model.config, tensors, meta, self._device(), self.model.dtype)
         session = meta["session"]
-        pending = []
-        for i, t in enumerate(session["pending_timestamps"]):
-            if f"pending.{i}" not in tensors:
-                raise ValueError(f"The stream state in {str(path)!r} is incomplete: waiting frame {i} is missing.")
-            pending.append((tensors[f"pending.{i}"].numpy().copy(), float(t)))
+        pending = [(tensors[f"pending.{i}"].numpy().copy(), float(t)) for i, t in enumerate(session["pending_timestamps"])]
         self.cache, self._pending, self._graphs = cache, pending, {}
         self._frames, self._chunks, self._last_frame_ms = session["frames"], session["chunks"], session["last_frame_ms"]
+        self._last_time = session.get("last_time")  # (states saved before the clock was kept: None)
 
     # -- internals -----------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -515,113 +517,20 @@ def iter_video_frames(source: str | os.PathLike, fps: float | None = None, max_f
         raise ValueError(f"Cannot read video {text!r}: it has no frames.")
 
 
-# -- persistence -----------------------------------------------------------------------------------------------
-def _clean(value):
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in sorted(value.items()) if k not in _FINGERPRINT_SKIP}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def config_fingerprint(config) -> str:
-    """sha256 of the model config's fields that shape or give meaning to a cache (names, dtype, attention backend left out)."""
-    blob = json.dumps(_clean(config.to_dict()), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _config_summary(config) -> dict:
-    text = config.get_text_config()
-    fields = ("num_hidden_layers", "hidden_size", "layer_types", "sliding_window", "num_key_value_heads",
-              "num_linear_heads", "linear_head_dim", "expand_v", "vocab_size")
-    summary = {f"text.{name}": getattr(text, name, None) for name in fields}
-    summary["vision.tokens_per_second"] = getattr(config.vision_config, "tokens_per_second", None)
-    summary["vision.spatial_merge_size"] = getattr(config.vision_config, "spatial_merge_size", None)
-    return summary
-
-
-def _summary_diff(saved: dict, current: dict) -> str:
-    diffs = [f"{k}: saved {saved.get(k)!r}, model {current.get(k)!r}" for k in current if saved.get(k) != current.get(k)]
-    return "; ".join(diffs[:4]) if diffs else "other fields differ"
-
-
-def _cache_to_tensors(cache: InfiniteVLCache) -> tuple[dict, list]:
-    tensors, layers = {}, []
-    for i, layer in enumerate(cache.layers):
-        if isinstance(layer, InfiniteVLAttentionLayer):
-            info = {"kind": "attention", "cumulative_length": layer.cumulative_length, "initialized": layer.is_initialized}
-            if layer.is_initialized:
-                tensors[f"layers.{i}.keys"] = layer.keys.detach().contiguous().cpu()
-                tensors[f"layers.{i}.values"] = layer.values.detach().contiguous().cpu()
-                if layer.valid is not None:
-                    tensors[f"layers.{i}.valid"] = layer.valid.detach().contiguous().cpu()
-        elif isinstance(layer, InfiniteVLLinearAttentionLayer):
-            info = {"kind": "linear_attention", "has_previous_state": [bool(layer.has_previous_state[j]) for j in range(layer.number_of_states)]}
-            for j in range(layer.number_of_states):
-                if layer.conv_states[j] is not None:
-                    tensors[f"layers.{i}.conv.{j}"] = layer.conv_states[j].detach().contiguous().cpu()
-                if layer.recurrent_states[j] is not None:
-                    tensors[f"layers.{i}.recurrent.{j}"] = layer.recurrent_states[j].detach().contiguous().cpu()
-        else:
-            raise ValueError(f"Cache layer {i} ({type(layer).__name__}) cannot be saved.")
-        layers.append(info)
-    if cache.next_positions is not None:
-        tensors["next_positions"] = cache.next_positions.detach().contiguous().cpu()
-    return tensors, layers
-
-
-def _cache_from_tensors(config, tensors: dict, meta: dict, device, dtype: torch.dtype) -> InfiniteVLCache:
-    """Rebuild a cache on `device`; keys, values and conv states take the model's `dtype` (a state saved from a
-    bf16 model resumes in an fp32 one without mixing precisions); recurrent states stay float32."""
-    cache = InfiniteVLCache(config)
-    if len(meta["layers"]) != len(cache.layers):
-        raise ValueError(f"The saved state has {len(meta['layers'])} layers, the model {len(cache.layers)}.")
-    for i, (layer, info) in enumerate(zip(cache.layers, meta["layers"])):
-        if isinstance(layer, InfiniteVLAttentionLayer):
-            if info["kind"] != "attention":
-                raise ValueError(f"Saved layer {i} is {info['kind']}, the model's is attention.")
-            layer.cumulative_length = int(info["cumulative_length"])
-            if info["initialized"]:
-                keys = tensors[f"layers.{i}.keys"].to(device, dtype)
-                values = tensors[f"layers.{i}.values"].to(device, dtype)
-                layer.lazy_initialization(keys, values)
-                layer.keys, layer.values = keys, values
-                layer.dtype = keys.dtype
-                valid = tensors.get(f"layers.{i}.valid")
-                layer.valid = None if valid is None else valid.to(device)
-        else:
-            if info["kind"] != "linear_attention":
-                raise ValueError(f"Saved layer {i} is {info['kind']}, the model's is linear_attention.")
-            for j in range(layer.number_of_states):
-                conv, recurrent = tensors.get(f"layers.{i}.conv.{j}"), tensors.get(f"layers.{i}.recurrent.{j}")
-                if conv is not None:
-                    layer.update_conv_state(conv.to(device, dtype), state_idx=j)
-                if recurrent is not None:
-                    layer.update_recurrent_state(recurrent.to(device), state_idx=j)
-                layer.has_previous_state[j] = bool(info["has_previous_state"][j])
-    cache.seen_tokens = int(meta["seen_tokens"])
-    cache.padded_through = int(meta.get("padded_through", cache.seen_tokens))  # (unknown: as if just padded)
-    positions = tensors.get("next_positions")
-    cache.next_positions = None if positions is None else positions.to(device)
-    return cache
-
-
-def _read_state(path) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / STATE_JSON).is_file() or not (path / STATE_TENSORS).is_file():
-        raise FileNotFoundError(f"No saved stream state in {str(path)!r}: expected {STATE_JSON} and {STATE_TENSORS}.")
-    try:
-        meta = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
-        tensors = load_file(str(path / STATE_TENSORS))
-    except Exception as error:
-        raise ValueError(f"Cannot read the stream state in {str(path)!r}: {error}.") from error
-    if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
+def _checked_state(path: str | os.PathLike, config) -> tuple[dict, dict]:
+    """The state at `path`, read and checked whole against `config` (fingerprint first: its message says which
+    config field differs)."""
+    meta, tensors = read_state(path)
+    if meta.get("fingerprint") != config_fingerprint(config):
+        diff = summary_diff(meta.get("config") or {}, config_summary(config))
         raise ValueError(
-            f"{str(path)!r} is not a version-{STATE_VERSION} InfiniteVL stream state "
-            f"(format {meta.get('format')!r}, version {meta.get('version')!r})."
+            f"The stream state in {str(path)!r} was saved from a different model config ({diff}); "
+            "it can only be loaded into a model with that config."
         )
+    try:
+        check_state(config, meta, tensors)
+    except ValueError as error:
+        raise ValueError(f"The stream state in {str(path)!r} was changed or damaged: {error}") from error
     return meta, tensors
 
 

@@ -26,7 +26,8 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--max-pixels", type=int, default=None, help="upper bound on pixels per frame")
     parser.add_argument(
         "--ask", action="append", default=[], metavar="[SECONDS:]QUESTION",
-        help="question asked when the stream reaches SECONDS, or at the end without it (repeatable)",
+        help="question asked when the stream's clock reaches SECONDS (a resumed stream continues its clock), "
+        "or at the end without it (repeatable)",
     )
     parser.add_argument("--system", default=None, help="system prompt fed before the stream")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -36,6 +37,7 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--save-state", default=None, help="write the stream's memory here at the end")
     parser.add_argument("--overwrite", action="store_true", help="let --save-state replace an existing folder")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (model loading and video feeding)")
     return parser
 
 
@@ -58,24 +60,40 @@ def _parse_questions(items: list[str]) -> tuple[list[tuple[float, str]], list[st
 
 def run_stream(args: argparse.Namespace) -> int:
     """Run `infinitevl stream` with parsed `args`; returns the exit code."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import sys
 
+    import torch
+    from tqdm.auto import tqdm
+
+    from .cli_inputs import check_device, check_infinitevl, is_random_tiny, quiet_loading, resolve_checkpoint
+    from .demo import load
+    from .stream_state import check_save_target
     from .streaming import StreamingSession, iter_video_frames
 
     timed, final = _parse_questions(args.ask)
     if args.video is None and args.load_state is None:
         raise ValueError("Give --video, --load-state, or both.")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Everything that can be refused is refused before the model loads and the video is decoded.
+    model_path = resolve_checkpoint(args.model)
+    device = check_device(args.device)
+    if args.load_state:
+        resolve_checkpoint(args.load_state, what="--load-state")
+    if args.save_state:
+        check_save_target(args.save_state, args.overwrite, flag="--overwrite")
+    check_infinitevl(model_path)
     dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    with quiet_loading(args.quiet):
+        model, processor = load(model_path, device=device, dtype=dtype)
+
+    random_weights = is_random_tiny(model_path)
 
     def emit(event: dict) -> None:
         if args.json:
-            print(json.dumps(event), flush=True)
+            print(json.dumps({**event, "random_weights": True} if random_weights and event["event"] == "answer" else event),
+                  flush=True)
         elif event["event"] == "answer":
-            print(f"[{event['seconds']:.1f}s] Q: {event['question']}\n[{event['seconds']:.1f}s] A: {event['answer']}", flush=True)
+            text = f"{event['answer']!r}  (random weights: the text is meaningless)" if random_weights else event["answer"]
+            print(f"[{event['seconds']:.1f}s] Q: {event['question']}\n[{event['seconds']:.1f}s] A: {text}", flush=True)
         else:
             print(" ".join(f"{k}={v}" for k, v in event.items()), flush=True)
 
@@ -91,10 +109,16 @@ def run_stream(args: argparse.Namespace) -> int:
         text = session.ask(question, max_new_tokens=args.max_new_tokens)
         emit({"event": "answer", "seconds": seconds, "question": question, "answer": text, **session.stats.as_dict()})
 
-    seconds = 0.0
+    # A resumed stream keeps its clock: the new video's frames (and --ask times) continue after the saved ones.
+    start = session.clock
+    seconds = start
     if args.video:
         # Frame by frame: the session feeds every complete chunk, and `ask` also sees the frames still waiting.
-        for frame, seconds in iter_video_frames(args.video, fps=session.fps, max_frames=args.max_frames):
+        frames = iter_video_frames(args.video, fps=session.fps, max_frames=args.max_frames)
+        bar = tqdm(frames, desc="feeding video", unit="frame", total=args.max_frames, file=sys.stderr,
+                   disable=args.quiet)
+        for frame, video_seconds in bar:
+            seconds = start + video_seconds
             session.add_frames([frame], [seconds])
             while timed and timed[0][0] <= seconds:
                 answer(timed.pop(0)[1], seconds)
@@ -110,9 +134,13 @@ def run_stream(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m infinitevl_hf.streaming_cli`); the `infinitevl` CLI wires `stream` to the same functions."""
-    parser = add_stream_arguments(argparse.ArgumentParser(prog="infinitevl stream", description=__doc__.splitlines()[0]))
-    return run_stream(parser.parse_args(argv))
+    """Standalone entry (`python -m infinitevl_hf.streaming_cli`): `infinitevl stream ...`, with the same one-line
+    errors and exit codes."""
+    import sys
+
+    from .cli import main as cli_main
+
+    return cli_main(["stream", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ trained on `assets/tiny_corpus.txt` (shipped with the package) at call time.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
+
+from .staged import staged_folder
 
 # The Qwen2.5-VL special tokens, in the official order (their ids follow the BPE vocabulary here).
 SPECIAL_TOKENS = (
@@ -200,17 +200,9 @@ def tiny_checkpoint(path: str | os.PathLike, seed: int = 0, **text_overrides) ->
         torch.random.set_rng_state(state)
     model.generation_config.pad_token_id = config.pad_token_id
     model.generation_config.eos_token_id = config.eos_token_id
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_folder(path, kind="tiny-checkpoint") as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        if path.exists():
-            path.rmdir()
-        staging.rename(path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 

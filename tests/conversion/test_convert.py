@@ -366,7 +366,8 @@ def test_rejects_a_folder_that_is_not_qwen2_5_vl(teacher, tmp_path):
     config["model_type"] = "llama"
     (folder / "config.json").write_text(json.dumps(config))
     _bad(tmp_path, folder, "model_type 'llama'.*qwen2_5_vl")
-    _bad(tmp_path, tmp_path / "nowhere", "neither an existing folder nor a Hugging Face Hub id")
+    _bad(tmp_path, tmp_path / "nowhere", "Teacher folder not found")  # a path, not a Hub id
+    _bad(tmp_path, "no such id", "neither an existing folder nor a Hugging Face Hub id")
     empty = tmp_path / "empty"
     empty.mkdir()
     _bad(tmp_path, empty, "no config.json")
@@ -391,8 +392,8 @@ def test_rejects_pickled_weights_only(teacher, tmp_path):
 def test_existing_out_needs_force_and_force_replaces_only_after_success(teacher, tmp_path, monkeypatch):
     parent = tmp_path / "parent"
     parent.mkdir()
-    (parent / "out").mkdir()
-    (parent / "out" / "keep.txt").write_text("old")
+    convert_teacher(teacher[0], parent / "out", window=64, **QUIET)  # an earlier conversion: ours to replace
+    before = json.loads((parent / "out" / "config.json").read_text())["text_config"]["sliding_window"]
     _bad(tmp_path, teacher[0], "already exists; pass force=True")
 
     def broken_verify(*args, **kwargs):
@@ -402,11 +403,76 @@ def test_existing_out_needs_force_and_force_replaces_only_after_success(teacher,
         m.setattr(convert_module, "_verify", broken_verify)
         with pytest.raises(ConversionError, match="simulated"):
             convert_teacher(teacher[0], parent / "out", force=True, **QUIET)
-    assert sorted(os.listdir(parent)) == ["out"] and (parent / "out" / "keep.txt").read_text() == "old"
+    assert sorted(os.listdir(parent)) == ["out"] and before == 64
+    assert json.loads((parent / "out" / "config.json").read_text())["text_config"]["sliding_window"] == 64
 
     convert_teacher(teacher[0], parent / "out", force=True, **QUIET)
     assert sorted(os.listdir(parent)) == ["out"]
-    assert not (parent / "out" / "keep.txt").exists() and (parent / "out" / "config.json").is_file()
+    assert json.loads((parent / "out" / "config.json").read_text())["text_config"]["sliding_window"] == 8192
+
+
+def test_force_never_replaces_a_folder_this_package_did_not_write(teacher, tmp_path):
+    precious = tmp_path / "parent" / "out"
+    precious.mkdir(parents=True)
+    (precious / "keep.txt").write_text("mine")
+    _bad(tmp_path, teacher[0], "not a folder infinitevl-hf wrote", force=True)
+    assert (precious / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("where", ["teacher", "parent", "inside"])
+def test_output_that_is_holds_or_lies_in_the_teacher_is_refused(teacher, tmp_path, where):
+    home = tmp_path / "home"
+    shutil.copytree(teacher[0], home / "qwen")
+    (home / "sibling.txt").write_text("keep")
+    out = {"teacher": home / "qwen", "parent": home, "inside": home / "qwen" / "out"}[where]
+    match = {"teacher": "is the source folder", "parent": "contains the source", "inside": "lies inside the source"}[where]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ConversionError, match=match):
+        convert_teacher(home / "qwen", out, force=True, **QUIET)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (home / "sibling.txt").read_text() == "keep"
+
+
+def test_leftovers_of_a_killed_conversion_are_cleaned_and_folders_are_0755(teacher, tmp_path):
+    dead = 2**22 + 12345  # above the default pid_max: no process has it
+    parent = tmp_path / "parent"
+    (parent / f".out.converting-{dead}-0123abcd").mkdir(parents=True)
+    (parent / f".out.converting-{dead}-0123abcd" / "model.safetensors").write_bytes(b"half")
+    convert_teacher(teacher[0], parent / "out", **QUIET)
+    assert sorted(os.listdir(parent)) == ["out"]
+    assert (parent / "out").stat().st_mode & 0o777 == 0o755
+    # Killed between "old aside" and "new in": the old folder is put back.
+    (parent / "out").rename(parent / f".out.replaced-{dead}-0123abcd")
+    from infinitevl_hf.staged import clean_leftovers
+
+    assert clean_leftovers(parent / "out") and sorted(os.listdir(parent)) == ["out"]
+    assert (parent / "out" / "config.json").is_file()
+
+
+def test_corrupt_or_outside_pointing_teacher_shards_are_one_line_errors(teacher, tmp_path, capsys):
+    from infinitevl_hf import cli
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(teacher[0], corrupt)
+    (corrupt / "model.safetensors").write_bytes((corrupt / "model.safetensors").read_bytes()[:3000])
+    outside = tmp_path / "outside"
+    shutil.copytree(teacher[0], outside)
+    with safe_open(outside / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    (outside / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (outside / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "../elsewhere.safetensors" for k in keys}}))
+    for folder, match in ((corrupt, "not a readable safetensors file"), (outside, "not a file in the checkpoint folder")):
+        assert cli.main(["convert", "--teacher", str(folder), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+        assert not (tmp_path / "out").exists()
+
+
+def test_missing_local_teacher_is_folder_not_found(tmp_path):
+    with pytest.raises(ConversionError, match="Teacher folder not found"):
+        convert_teacher(str(tmp_path / "no" / "such"), tmp_path / "out", **QUIET)
+    with pytest.raises(ConversionError, match="Teacher folder not found"):
+        convert_teacher("./missing-teacher", tmp_path / "out", **QUIET)
 
 
 def test_bad_options(teacher, tmp_path):

@@ -212,3 +212,16 @@ def test_clear_frees_the_graphs_and_leaves_returned_caches_valid(graph_model):
         torch.testing.assert_close(graph_model(input_ids=more, use_cache=True, **{CACHE_KWARG: cache}).logits,
                                    reference_model()(input_ids=more, use_cache=True, **{CACHE_KWARG: kept}).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_the_captured_paths_refuse_what_the_module_path_refuses(graph_model):
+    from helpers import IMAGE_TOKEN
+
+    ids = text_ids(1, 20)
+    ids[0, 5] = IMAGE_TOKEN  # a placeholder without pixels
+    with pytest.raises(ValueError, match="placeholder"):
+        graph_model.generate(input_ids=ids, max_new_tokens=2)
+    other = InfiniteVLCache(tiny_model(sliding_window=16).config)  # built for another window
+    with pytest.raises(ValueError, match="another model config"):
+        graph_model.generate(input_ids=text_ids(1, 20), max_new_tokens=2, **{CACHE_KWARG: other})
+    assert decode_graphs_of(graph_model).prompt_replays == 0

@@ -350,7 +350,7 @@ def test_sharegpt_records_map_to_messages(tmp_path):
     assert images == [tmp_path / "a.png"]
 
 
-def test_cli_distill_stage1_runs(setup):
+def test_cli_distill_stage1_runs(setup, capsys):
     import argparse
 
     from infinitevl_hf.training.cli import add_distill_arguments, run_distill
@@ -361,6 +361,22 @@ def test_cli_distill_stage1_runs(setup):
          "--stage", "1", "--out", str(out), "--max-steps", "2", "--grad-accum", "1", "--pack", "--batch-size", "2"]
     )
     assert run_distill(args) == 0
+    assert f"Wrote the trained model to {out}" in capsys.readouterr().out  # says where
+    assert InfiniteVLForConditionalGeneration.from_pretrained(out) is not None
+
+
+def test_cli_sft_runs_and_says_where(setup, capsys):
+    import argparse
+
+    from infinitevl_hf.training.cli import add_sft_arguments, run_sft
+
+    out = setup["root"] / "cli-sft"
+    args = add_sft_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model", str(setup["student_dir"]), "--data", str(setup["train"]), "--out", str(out), "--max-steps", "1",
+         "--grad-accum", "1", "--batch-size", "2"]
+    )
+    assert run_sft(args) == 0
+    assert f"Wrote the trained model to {out}" in capsys.readouterr().out
     assert InfiniteVLForConditionalGeneration.from_pretrained(out) is not None
 
 

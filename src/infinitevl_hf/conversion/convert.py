@@ -5,7 +5,7 @@ plan every output tensor (name, shape, dtype, source) and check the plan against
 `InfiniteVLForConditionalGeneration` built on the meta device -> stream tensors one at a time from the
 teacher's shards (`safe_open`, memory-mapped) into output shards of at most `max_shard_size` -> write
 config.json and copy tokenizer/processor files -> re-read the output and check every copied tensor bit for
-bit against the teacher -> rename the temporary sibling folder onto `out`.
+bit against the teacher -> swap the staged folder onto `out` (`infinitevl_hf.staged`).
 
 Kept attention layers are copied unchanged; the others get Gated DeltaNet weights from
 `gdn_init` (`attention-transfer`, `mimic` or `random`, see that module for the math).
@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..modeling.configuration_infinitevl import InfiniteVLConfig
+from ..checkpoint_files import SAFE_INDEX, SAFE_SINGLE, weight_files
+from ..staged import check_apart, check_replaceable, staged_folder
 from . import gdn_init
 from .mapping import EMBED_KEY, LM_HEAD_KEY, attention_key, classify, gdn_key, to_canonical
 
@@ -45,8 +46,6 @@ TOKENIZER_FILES = (
     "processor_config.json",
 )
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
 
 
 class ConversionError(ValueError):
@@ -119,6 +118,8 @@ def resolve_teacher(teacher: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise ConversionError(f"Teacher {teacher} is a file; pass the checkpoint folder.")
+    if str(teacher).startswith((".", "/", "~")) or str(teacher).count("/") > 1 or os.sep != "/" and os.sep in str(teacher):
+        raise ConversionError(f"Teacher folder not found: {str(teacher)!r}.")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(teacher)):
         raise ConversionError(f"Teacher {teacher} is neither an existing folder nor a Hugging Face Hub id (owner/name).")
     from huggingface_hub import snapshot_download
@@ -144,27 +145,11 @@ def read_teacher_config(folder: Path) -> dict:
 
 
 def teacher_weight_files(folder: Path) -> dict[str, Path]:
-    """Teacher tensor key -> safetensors file holding it, from the index or the single file."""
-    index = folder / SAFE_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ConversionError(f"{index} has no weight_map.")
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise ConversionError(f"{folder} is missing {len(missing)} of the {len(shards)} shards its index lists: {missing}.")
-        return {key: folder / shard for key, shard in weight_map.items()}
-    single = folder / SAFE_SINGLE
-    if single.is_file():
-        with safe_open(single, "pt") as f:
-            return {key: single for key in f.keys()}
-    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
-        raise ConversionError(
-            f"{folder} holds only pickled weights (*.bin); the converter reads safetensors. Re-save the teacher with "
-            "`model.save_pretrained(folder)` (transformers writes safetensors)."
-        )
-    raise ConversionError(f"{folder} has neither {SAFE_INDEX} nor {SAFE_SINGLE}.")
+    """Teacher tensor key -> safetensors file holding it, from the index or the single file (`checkpoint_files`)."""
+    try:
+        return weight_files(folder)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConversionError(str(error)) from error
 
 
 def build_target_config(
@@ -508,6 +493,11 @@ def convert_teacher(
         raise ConversionError(f"The parent folder of {out} does not exist.")
 
     folder = resolve_teacher(teacher)
+    try:  # before any work: an output that is, holds or lies in the teacher, or a folder that is not ours
+        check_apart(out, [folder], what="output folder")
+        check_replaceable(out, force, what="Output folder", flag="force=True (--force)")
+    except (ValueError, FileExistsError) as error:
+        raise ConversionError(str(error)) from error
     teacher_config = read_teacher_config(folder)
     key_files = teacher_weight_files(folder)
     text_cfg = teacher_config.get("text_config") or teacher_config
@@ -521,9 +511,7 @@ def convert_teacher(
             raise ConversionError(str(error)) from error
     plan, info = _plan(config, key_files, torch_dtype)
 
-    tmp = out.parent / f".{out.name}.converting-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_folder(out, overwrite=force, sources=[folder], what="Output folder", flag="force=True (--force)") as tmp:
         shard_names = _write(tmp, plan, key_files, config, init, seed, max_bytes, progress)
         config.save_pretrained(tmp)
         side_files = _copy_side_files(folder, tmp)
@@ -552,16 +540,6 @@ def convert_teacher(
                     copied_files=side_files,
                 ),
             )
-        if out.exists():
-            old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

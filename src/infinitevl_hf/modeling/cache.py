@@ -384,6 +384,18 @@ class InfiniteVLCache(Cache):
             for kind, window in zip(self.layer_types, self._windows)
         ]
 
+    def check_compatible(self, config: InfiniteVLConfig | InfiniteVLTextConfig) -> None:
+        """Raise a ValueError naming the mismatch when this cache was built for another layer list or window."""
+        text_config = config.text_config if hasattr(config, "text_config") else config
+        windows = [None if kind == "linear_attention" else text_config.window_for_layer(i)
+                   for i, kind in enumerate(text_config.layer_types)]
+        if self.layer_types != list(text_config.layer_types) or self._windows != windows:
+            raise ValueError(
+                f"This InfiniteVLCache was built for another model config (layer_types {self.layer_types}, windows "
+                f"{self._windows}); the model has layer_types {list(text_config.layer_types)}, windows {windows}. "
+                "Build the cache with InfiniteVLCache(model.config)."
+            )
+
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.seen_tokens
 

@@ -53,6 +53,18 @@ class InfiniteVLVisionConfig(Qwen2_5_VLVisionConfig):
     tokens_per_second: int = 2
     window_size: int = 112
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_infinitevl_vision()
+
+    def validate_infinitevl_vision(self) -> None:
+        """Raise a ValueError naming the field for every value the vision tower cannot be built from."""
+        _positive(self, "depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size", "spatial_merge_size")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"vision `hidden_size` ({self.hidden_size}) must be divisible by vision `num_heads` ({self.num_heads})."
+            )
+
 
 class InfiniteVLTextConfig(Qwen2_5_VLTextConfig):
     r"""
@@ -152,7 +164,17 @@ class InfiniteVLTextConfig(Qwen2_5_VLTextConfig):
         mrope = (self.rope_parameters or {}).get("mrope_section")
         if mrope is not None and 2 * sum(mrope) != head_dim:
             raise ValueError(f"`mrope_section` {list(mrope)} must sum to head_dim/2 = {head_dim // 2}.")
-        if "sliding_attention" in self.layer_types and self.use_sliding_window:
+        for name in ("rms_norm_eps", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
+        if "sliding_attention" in self.layer_types and not self.use_sliding_window:
+            # The released model always slides; unbounded attention is spelled out per layer instead.
+            raise ValueError(
+                "`use_sliding_window` is false, but `layer_types` has sliding_attention layers: InfiniteVL's attention "
+                "layers keep a window. Set `use_sliding_window: true`, or name unbounded layers 'full_attention'."
+            )
+        if "sliding_attention" in self.layer_types:
             if self.sliding_window is None or self.sliding_window < 1:
                 raise ValueError(f"`sliding_window` must be a positive number of tokens, got {self.sliding_window}.")
         if "linear_attention" in self.layer_types:

@@ -25,6 +25,7 @@ from .compat import CACHE_KWARG, pop_cache_kwarg
 from ..speed.generation import fast_decode, fast_prompt, generate_call, plan_generation, warmup
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
 from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
+from .input_checks import check_vision_inputs
 from .mlp import InfiniteVLMLP
 from .outputs import InfiniteVLCausalLMOutputWithPast, InfiniteVLModelOutputWithPast, hidden_state_selection
 from .loading import LEGACY_KEY_MAPPING, check_loading_info
@@ -203,6 +204,10 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
             raise TypeError(
                 f"InfiniteVL needs an `InfiniteVLCache` (it keeps Gated DeltaNet states), got {type(cache).__name__}."
             )
+        if length == 0:
+            raise ValueError("The input is empty (0 tokens): `input_ids` / `inputs_embeds` need at least one token.")
+        if cache is not None:
+            cache.check_compatible(self.config)
         if token_valid is None:
             token_valid = _token_valid(attention_mask, batch, length, device)
         cu_seqlens = kwargs.get("cu_seqlens")
@@ -445,6 +450,9 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
         video_grid_thw, second_per_grid_ts, cache, cu_seqlens, mm_token_type_ids, **tower_kwargs,
     ):
         """`decoder_inputs`, plus the tower outputs {"image": ..., "video": ...} of the vision inputs given."""
+        generated = isinstance(cache, InfiniteVLCache) and cache.seen_tokens > 0 and input_ids is not None and input_ids.shape[1] == 1
+        check_vision_inputs(self.config, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                            generated_step=generated)
         tower_outputs = {}
         has_vision = pixel_values is not None or pixel_values_videos is not None
         if inputs_embeds is None and has_vision:

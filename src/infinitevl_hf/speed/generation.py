@@ -67,6 +67,7 @@ def plan_for_model(model, device: torch.device, generation_config=None) -> Decod
 
 def plan_generation(model, generation_config, cache, device: torch.device) -> DecodePlan:
     """Choose the decode path of the current `generate()` call for `cache`, and say once why it is not a graph."""
+    cache.check_compatible(model.config)  # the captured paths bypass the decoder, which checks this itself
     plan = plan_for_model(model, device, generation_config)
     call = _CURRENT.get()
     if call is not None:
@@ -101,6 +102,9 @@ def fast_prompt(model, cache, input_ids: torch.LongTensor, attention_mask: torch
         return None
     if cache.next_positions is not None or cache.is_static:  # a cache holding a stream continues it: module path
         return None
+    from ..modeling.input_checks import check_vision_inputs
+
+    check_vision_inputs(model.config, input_ids, pixel_values, image_grid_thw, None, None)  # as the module path does
     return decode_graphs_of(model).prompt(model, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
 
 

@@ -93,6 +93,7 @@ def run_distill(args) -> int:
         trainer = LogitDistillationTrainer(temperature=args.temperature, **common)
     trainer.train(resume_from_checkpoint=args.resume)
     trainer.save_model(args.out)
+    print(f"Wrote the trained model to {args.out} (checkpoints along the way: {args.out}/checkpoint-*)")
     return 0
 
 
@@ -111,6 +112,7 @@ def run_sft(args) -> int:
                          data_collator=collator, processing_class=processor)
     trainer.train(resume_from_checkpoint=args.resume)
     trainer.save_model(args.out)
+    print(f"Wrote the trained model to {args.out} (checkpoints along the way: {args.out}/checkpoint-*)")
     return 0
 
 
