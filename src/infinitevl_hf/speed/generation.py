@@ -112,9 +112,14 @@ def warmup(model, batch_sizes: tuple[int, ...] = (1,), prompt_tokens: int = 64, 
     """Pay a process's one-time costs (kernel autotuning, compilation, graph capture) now: one short `generate()`
     per batch size. Later calls with those batch sizes (same dtype and device) capture and compile nothing."""
     device = model.lm_head.weight.device
-    vocab = model.config.get_text_config().vocab_size
+    text = model.config.get_text_config()
+    special = {getattr(model.config, name, None) for name in
+               ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    for value in (text.pad_token_id, text.bos_token_id, text.eos_token_id):
+        special |= set(value) if isinstance(value, (list, tuple)) else {value}
+    plain = torch.tensor([t for t in range(min(text.vocab_size, 1000)) if t not in special])  # text tokens only
     generator = torch.Generator().manual_seed(0)
     for rows in batch_sizes:
-        ids = torch.randint(3, min(vocab, 1000), (rows, prompt_tokens), generator=generator).to(device)
+        ids = plain[torch.randint(len(plain), (rows, prompt_tokens), generator=generator)].to(device)
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.get_text_config().pad_token_id)
