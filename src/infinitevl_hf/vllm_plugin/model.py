@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm.model_executor.layers.fusion.mm_input_norm import build_mm_input_norm
 from vllm.model_executor.layers.mamba.mamba_utils import (
     MambaStateCopyFuncCalculator,
     MambaStateDtypeCalculator,
@@ -62,6 +63,8 @@ class InfiniteVLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, IsH
                 vision_config=config.vision_config,
                 norm_eps=config.text_config.rms_norm_eps,
                 quant_config=self.quant_config,
+                # vLLM may leave rescale/normalise to the device (`mm_device_do_normalize`): done here then.
+                input_norm=build_mm_input_norm(self.model_config),
                 prefix=maybe_prefix(prefix, "visual"),
             )
         with self._mark_language_model(vllm_config):
