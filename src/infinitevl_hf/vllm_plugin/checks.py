@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+INFINITEVL_MODEL_TYPE = "infinite_vl"
 # Head sizes vLLM's CPU attention kernels and CPU Gated DeltaNet kernels accept.
 CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 CPU_GDN_HEAD_SIZES = (64, 128)
@@ -23,11 +24,20 @@ def gdn_value_split(text_config) -> int:
     return d_v // d_k
 
 
+def check_infinitevl_config(config) -> None:
+    """Raise a ValueError unless `config` is an InfiniteVL config (`model_type` "infinite_vl")."""
+    model_type = getattr(config, "model_type", None)
+    if model_type != INFINITEVL_MODEL_TYPE:
+        raise ValueError(
+            f"Not an InfiniteVL checkpoint: its config is {type(config).__name__} with model_type {model_type!r}; the "
+            f"InfiniteVL vLLM plugin serves checkpoints whose config.json has model_type {INFINITEVL_MODEL_TYPE!r}."
+        )
+
+
 def check_servable(config, dtype: torch.dtype, on_cpu: bool) -> None:
     """Raise a ValueError naming the field for every InfiniteVL config value this plugin cannot serve."""
+    check_infinitevl_config(config)
     text = config.text_config
-    if not hasattr(text, "linear_head_dim") or not hasattr(text, "layer_types"):
-        raise ValueError(f"Not an InfiniteVL text config: {type(text).__name__} has no `linear_head_dim`/`layer_types`.")
     kinds = set(text.layer_types)
     head_dim = text.hidden_size // text.num_attention_heads
     if "linear_attention" in kinds:

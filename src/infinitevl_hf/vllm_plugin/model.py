@@ -4,8 +4,10 @@ DeltaNet state) cache."""
 
 from __future__ import annotations
 
+from . import require_vllm
 from .compat import use_pil_qwen2_vl_image_processing
 
+require_vllm()  # a clear ImportError when vLLM is missing
 use_pil_qwen2_vl_image_processing()  # before vLLM's Qwen2.5-VL code is imported
 
 from collections.abc import Iterable

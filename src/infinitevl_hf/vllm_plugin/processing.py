@@ -7,8 +7,10 @@ video processor needs torchvision. Here the config is `InfiniteVLConfig` and the
 
 from __future__ import annotations
 
+from . import require_vllm
 from .compat import use_pil_qwen2_vl_image_processing
 
+require_vllm()  # a clear ImportError when vLLM is missing
 use_pil_qwen2_vl_image_processing()  # before vLLM's Qwen2.5-VL code is imported
 
 from typing import get_type_hints
@@ -16,6 +18,7 @@ from typing import get_type_hints
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLMultiModalProcessor, Qwen2_5_VLProcessingInfo
 
 from ..modeling import InfiniteVLConfig
+from .checks import check_infinitevl_config
 from ..processing import InfiniteVLProcessor
 
 # What `InfiniteVLFrameVideoProcessor` takes besides the frames.
@@ -26,6 +29,7 @@ class InfiniteVLProcessingInfo(Qwen2_5_VLProcessingInfo):
     """Qwen2.5-VL's processing info reading InfiniteVL's config and building InfiniteVL's processor."""
 
     def get_hf_config(self) -> InfiniteVLConfig:
+        check_infinitevl_config(self.ctx.model_config.hf_config)
         return self.ctx.get_hf_config(InfiniteVLConfig)
 
     def get_hf_processor(self, **kwargs: object) -> InfiniteVLProcessor:
