@@ -78,3 +78,13 @@ def compare_prompt_logprobs(ids: list[int], reference: torch.Tensor, prompt_logp
             top1_same += vllm_top == int(top.indices[0])
     errors = torch.tensor(errors)
     return dict(max=errors.max().item(), mean=errors.mean().item(), top1_checked=top1_checked, top1_same=top1_same)
+
+
+def demo_video(frames: int = 4):
+    """A short synthetic clip ([T, H, W, 3] uint8, the demo image panning) and its metadata (2 fps)."""
+    import numpy as np
+
+    image = np.asarray(demo_image().resize((112, 84)))
+    clip = np.stack([np.roll(image, 7 * i, axis=1) for i in range(frames)])
+    metadata = {"fps": 2.0, "total_num_frames": frames, "frames_indices": list(range(frames)), "duration": frames / 2.0}
+    return clip, metadata

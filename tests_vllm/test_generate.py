@@ -17,6 +17,7 @@ from helpers import (
     compare_prompt_logprobs,
     corpus_text,
     demo_image,
+    demo_video,
     reference_logprobs,
 )
 
@@ -65,6 +66,24 @@ def test_image_logprobs_match_fp32_reference(llm, reference):
     ids, expected = reference_logprobs(model, processor, prompt, image)
     assert len(ids) > 4 * WINDOW
     out = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": image}}], TEACHER_FORCED)[0]
+    assert out.prompt_token_ids == ids
+    errors = compare_prompt_logprobs(ids, expected, out.prompt_logprobs)
+    assert errors["max"] < LOGPROB_MAX_ERROR and errors["mean"] < LOGPROB_MEAN_ERROR, errors
+    assert errors["top1_same"] == errors["top1_checked"], errors
+
+
+def test_video_logprobs_match_fp32_reference(llm, reference):
+    """A chat prompt with a 4-frame video (2 temporal grid steps, 2 fps: mRoPE time positions 0 and 2)."""
+    model, processor = reference
+    clip, metadata = demo_video()
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": corpus_text(200)}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], videos=[clip], video_metadata=[metadata], return_tensors="pt")
+    assert inputs["video_grid_thw"][0, 0] == 2
+    ids = inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        expected = model(**inputs).logits[0].float().log_softmax(-1)
+    out = llm.generate([{"prompt": prompt, "multi_modal_data": {"video": (clip, metadata)}}], TEACHER_FORCED)[0]
     assert out.prompt_token_ids == ids
     errors = compare_prompt_logprobs(ids, expected, out.prompt_logprobs)
     assert errors["max"] < LOGPROB_MAX_ERROR and errors["mean"] < LOGPROB_MEAN_ERROR, errors

@@ -48,6 +48,9 @@ class InfiniteVLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, IsH
     decoder (`InfiniteVLForCausalLM`). Everything multimodal (input parsing, feature merging, mRoPE positions)
     is inherited from vLLM's Qwen2.5-VL model."""
 
+    # Normalisation stays in the processor: the frame video processor cannot hand raw pixels to the device.
+    supports_mm_device_do_normalize = False
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         nn.Module.__init__(self)
         config = vllm_config.model_config.hf_config
@@ -65,8 +68,7 @@ class InfiniteVLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, IsH
                 vision_config=config.vision_config,
                 norm_eps=config.text_config.rms_norm_eps,
                 quant_config=self.quant_config,
-                # vLLM may leave rescale/normalise to the device (`mm_device_do_normalize`): done here then.
-                input_norm=build_mm_input_norm(self.model_config),
+                input_norm=build_mm_input_norm(self.model_config),  # the identity: normalised by the processor
                 prefix=maybe_prefix(prefix, "visual"),
             )
         with self._mark_language_model(vllm_config):

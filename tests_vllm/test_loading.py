@@ -1,0 +1,47 @@
+"""Weights load under both official namings, and a checkpoint tensor the model does not have is refused."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from safetensors.torch import load_file, save_file
+from vllm.inputs import TokensPrompt
+
+from test_errors import _engine, _message
+from test_generate import TEACHER_FORCED, _text_ids
+
+
+def _rewrite(checkpoint, target, rename):
+    import shutil
+
+    shutil.copytree(checkpoint, target)
+    tensors = load_file(target / "model.safetensors")
+    save_file({rename(k): v.contiguous() for k, v in tensors.items()}, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def _legacy(name: str) -> str:
+    """transformers 5 names -> the names transformers 4.5x wrote (`visual.*`, `model.layers.*`)."""
+    return re.sub(r"^model\.language_model\.", "model.", re.sub(r"^model\.visual\.", "visual.", name))
+
+
+def test_legacy_names_give_the_same_logprobs(llm, reference, checkpoint, tmp_path):
+    legacy = _rewrite(checkpoint, tmp_path / "legacy", _legacy)
+    assert any(k.startswith("visual.") for k in load_file(legacy / "model.safetensors"))
+    ids = [TokensPrompt(prompt_token_ids=_text_ids(reference[1]))]
+    expected = llm.generate(ids, TEACHER_FORCED)[0].prompt_logprobs
+    got = _engine(legacy).generate(ids, TEACHER_FORCED)[0].prompt_logprobs
+    assert [{t: lp.logprob for t, lp in d.items()} for d in got[1:]] == [{t: lp.logprob for t, lp in d.items()} for d in expected[1:]]
+
+
+def test_unexpected_tensor_is_refused(checkpoint, tmp_path):
+    import torch
+
+    path = _rewrite(checkpoint, tmp_path / "extra", lambda k: k)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.language_model.layers.1.self_attn.extra_proj.weight"] = torch.zeros(2, 2)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception) as info:
+        _engine(path)
+    assert "Unexpected Gated DeltaNet tensor" in _message(info.value)
