@@ -13,10 +13,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import pytest
 import torch
 
-from helpers import write_checkpoint
+from vllm_helpers import ENGINE_ARGS, write_checkpoint
 
-ENGINE_ARGS = dict(dtype="bfloat16", enforce_eager=True, max_model_len=1024, max_num_seqs=4, seed=0,
-                   enable_prefix_caching=False, limit_mm_per_prompt={"image": 1, "video": 1})
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from conftest import ENGINE_ARGS
-from helpers import write_checkpoint
+from vllm_helpers import ENGINE_ARGS, write_checkpoint
 
 
 def _engine(path, **overrides):

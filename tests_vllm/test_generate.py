@@ -8,7 +8,7 @@ import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from helpers import (
+from vllm_helpers import (
     CLEAR_MARGIN,
     LOGPROB_MAX_ERROR,
     LOGPROB_MEAN_ERROR,

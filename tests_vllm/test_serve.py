@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from helpers import CLEAR_MARGIN, LOGPROB_MAX_ERROR, demo_image, reference_logprobs
+from vllm_helpers import CLEAR_MARGIN, LOGPROB_MAX_ERROR, demo_image, reference_logprobs
 
 STARTUP_SECONDS = 240
 

@@ -25,6 +25,17 @@ VLLM_TINY = dict(
     initializer_range=0.1,
 )
 WINDOW = VLLM_TINY["sliding_window"]
+# One engine per test session (bf16: the CPU Gated DeltaNet kernels' dtype); no prefix caching, so a prompt in
+# a batch and alone are computed the same way.
+ENGINE_ARGS = dict(
+    dtype="bfloat16",
+    enforce_eager=True,
+    max_model_len=1024,
+    max_num_seqs=4,
+    seed=0,
+    enable_prefix_caching=False,
+    limit_mm_per_prompt={"image": 1, "video": 1},
+)
 # Teacher-forced log-probabilities of vLLM (bf16, the CPU kernels' dtype) against the fp32 reference. The
 # reference's own bf16 run is off by about as much (measured: vLLM max 0.058 / mean 0.014 on text, 0.078 /
 # 0.014 with an image; transformers bf16 0.065 / 0.014 with the image).
