@@ -45,3 +45,13 @@ def test_unexpected_tensor_is_refused(checkpoint, tmp_path):
     with pytest.raises(Exception) as info:
         _engine(path)
     assert "Unexpected Gated DeltaNet tensor" in _message(info.value)
+
+
+def test_missing_tensor_is_refused(checkpoint, tmp_path):
+    path = _rewrite(checkpoint, tmp_path / "missing", lambda k: k)
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.language_model.layers.1.self_attn.k_conv1d.weight"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception) as info:
+        _engine(path)
+    assert "k_conv1d.weight" in _message(info.value)

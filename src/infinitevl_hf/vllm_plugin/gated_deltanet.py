@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNormGated
 from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import QwenGatedDeltaNetAttention
 from vllm.platforms import current_platform
@@ -53,7 +54,7 @@ class GatedDeltaNetShape:
 class InfiniteVLGatedDeltaNet(QwenGatedDeltaNetAttention):
     """A `linear_attention` layer: vLLM's GDN layer with InfiniteVL's head layout and full-head output norm."""
 
-    def __init__(self, text_config, vllm_config, prefix: str) -> None:
+    def __init__(self, text_config, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__(GatedDeltaNetShape.from_text_config(text_config), vllm_config, prefix, gqa_interleaved_layout=False)
         self.value_split = gdn_value_split(text_config)
         self.model_head_v_dim = text_config.linear_value_head_dim

@@ -27,6 +27,7 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLForConditionalGeneration,
 )
 from vllm.model_executor.models.utils import maybe_prefix
+from vllm.config import VllmConfig
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.platforms import current_platform
 
@@ -35,7 +36,7 @@ from .gated_deltanet import GatedDeltaNetShape
 from .processing import InfiniteVLMultiModalProcessor, InfiniteVLProcessingInfo
 from .text_model import InfiniteVLForCausalLM
 
-# The two official namings of the checkpoint (transformers 5 / transformers 4.5x), prefix -> owner.
+# Checkpoint prefixes of the vision tower and the text model: transformers 5's naming, then transformers 4.5x's.
 VISION_PREFIXES = ("model.visual.", "visual.")
 TEXT_PREFIXES = ("model.language_model.", "model.")
 
@@ -50,8 +51,14 @@ class InfiniteVLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, IsH
 
     # Normalisation stays in the processor: the frame video processor cannot hand raw pixels to the device.
     supports_mm_device_do_normalize = False
+    # Inherited from Qwen2.5-VL but not implemented (pipeline stages) or not tested for the hybrid decoder.
+    supports_pp = False
+    supports_lora = False
+    supports_eagle = False
+    supports_eagle3 = False
+    supports_multimodal_pruning = False
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         nn.Module.__init__(self)
         config = vllm_config.model_config.hf_config
         check_servable(config, vllm_config.model_config.dtype, on_cpu=current_platform.is_cpu())
@@ -94,7 +101,7 @@ class InfiniteVLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, IsH
         return loaded
 
     @classmethod
-    def get_mamba_state_dtype_from_config(cls, vllm_config) -> tuple[torch.dtype, torch.dtype]:
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype, torch.dtype]:
         """(conv state, recurrent state) dtypes: the model dtype unless `--mamba-cache-dtype` /
         `--mamba-ssm-cache-dtype` say otherwise."""
         cache = vllm_config.cache_config
@@ -103,7 +110,7 @@ class InfiniteVLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, IsH
         )
 
     @classmethod
-    def get_mamba_state_shape_from_config(cls, vllm_config) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(conv state, recurrent state) shapes of one Gated DeltaNet layer, as served (value heads split to d_k)."""
         shape = GatedDeltaNetShape.from_text_config(vllm_config.model_config.hf_text_config)
         spec = vllm_config.speculative_config

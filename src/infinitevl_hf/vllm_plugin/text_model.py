@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -29,7 +30,7 @@ STACKED = {
 class InfiniteVLDecoderLayer(nn.Module):
     """One pre-norm block; `self_attn` (the checkpoint's name for both mixers) is chosen by `layer_types`."""
 
-    def __init__(self, vllm_config, layer_idx: int, prefix: str) -> None:
+    def __init__(self, vllm_config: VllmConfig, layer_idx: int, prefix: str) -> None:
         super().__init__()
         text = vllm_config.model_config.hf_text_config
         self.layer_type = text.layer_types[layer_idx]
@@ -64,7 +65,7 @@ class InfiniteVLDecoderLayer(nn.Module):
 class InfiniteVLTextModel(nn.Module):
     """Embeddings, decoder layers and final norm; `forward` takes vLLM's flattened tokens and (3, T) mRoPE positions."""
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         text = vllm_config.model_config.hf_text_config
         self.config = text
@@ -126,7 +127,7 @@ class InfiniteVLTextModel(nn.Module):
 class InfiniteVLForCausalLM(nn.Module):
     """The text model with its LM head (tied to the embeddings when the config says so)."""
 
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         text = vllm_config.model_config.hf_text_config
         self.config = text
