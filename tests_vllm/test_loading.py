@@ -47,11 +47,17 @@ def test_unexpected_tensor_is_refused(checkpoint, tmp_path):
     assert "Unexpected Gated DeltaNet tensor" in _message(info.value)
 
 
-def test_missing_tensor_is_refused(checkpoint, tmp_path):
+@pytest.mark.parametrize(
+    "name",
+    ["model.language_model.layers.1.self_attn.k_conv1d.weight", "model.language_model.layers.2.mlp.down_proj.weight"],
+    ids=["gdn-conv", "mlp"],
+)
+def test_missing_tensor_is_refused(checkpoint, tmp_path, name):
     path = _rewrite(checkpoint, tmp_path / "missing", lambda k: k)
     tensors = load_file(path / "model.safetensors")
-    del tensors["model.language_model.layers.1.self_attn.k_conv1d.weight"]
+    del tensors[name]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(Exception) as info:
         _engine(path)
-    assert "k_conv1d.weight" in _message(info.value)
+    message = _message(info.value)
+    assert name.split(".")[-2] in message and "layers." + name.split(".")[3] in message, message

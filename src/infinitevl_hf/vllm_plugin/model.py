@@ -84,7 +84,7 @@ class InfiniteVLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, IsH
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load a checkpoint under either official naming (`model.visual.*`/`model.language_model.*` or
-        `visual.*`/`model.*`); a tensor that belongs nowhere is refused."""
+        `visual.*`/`model.*`); a tensor that belongs nowhere, or a parameter no tensor fills, is refused."""
         vision, text = [], []
         for name, tensor in weights:
             if name.startswith(VISION_PREFIXES):
@@ -98,6 +98,9 @@ class InfiniteVLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, IsH
                 raise ValueError(f"Unexpected tensor `{name}` in the InfiniteVL checkpoint.")
         loaded = {f"visual.{n}" for n in self.visual.load_weights(vision)}
         loaded |= {f"language_model.{n}" for n in self.language_model.load_weights(text)}
+        missing = sorted({name for name, _ in self.named_parameters()} - loaded)
+        if missing:  # vLLM would leave them as allocated: refuse instead
+            raise ValueError(f"The checkpoint lacks {len(missing)} tensors of the model, e.g. {missing[:5]}.")
         return loaded
 
     @classmethod
