@@ -97,7 +97,7 @@ class InfiniteVLGatedDeltaNet(QwenGatedDeltaNetAttention):
         """Load one layer's checkpoint tensors (names relative to the layer's `self_attn.`); returns the
         parameter names (relative to this module) that were filled."""
         params = dict(self.named_parameters())
-        loaded = set()
+        loaded, shards = set(), {}
         for name, tensor in tensors.items():
             if name in self.CONV_TENSORS:
                 continue
@@ -110,11 +110,15 @@ class InfiniteVLGatedDeltaNet(QwenGatedDeltaNetAttention):
             loader = getattr(param, "weight_loader", None)
             if shard is not None:
                 loader(param, tensor, shard)
+                shards.setdefault(target, set()).add(shard)
             elif loader is not None:
                 loader(param, tensor)
             else:
                 _copy_checked(param, tensor, f"{self.prefix}.{target}")
             loaded.add(target)
+        # A fused projection counts as loaded only once all its pieces were (a missing piece is then reported).
+        expected = {t: {s for t2, s in self.CHECKPOINT_TENSORS.values() if t2 == t} for t in shards}
+        loaded -= {t for t, got in shards.items() if got != expected[t]}
         convs = [tensors.get(name) for name in self.CONV_TENSORS]
         if any(c is not None for c in convs):
             if any(c is None for c in convs):

@@ -62,6 +62,9 @@ class InfiniteVLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration, IsH
         nn.Module.__init__(self)
         config = vllm_config.model_config.hf_config
         check_servable(config, vllm_config.model_config.dtype, on_cpu=current_platform.is_cpu())
+        if vllm_config.speculative_config is not None:
+            # vLLM's speculative GDN paths fuse the output norm over the served d_k-wide heads, not InfiniteVL's d_v.
+            raise ValueError("The InfiniteVL vLLM plugin does not support speculative decoding.")
         multimodal_config = vllm_config.model_config.get_multimodal_config()
         self.config = config
         self.model_config = vllm_config.model_config

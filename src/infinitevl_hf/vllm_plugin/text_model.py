@@ -27,6 +27,10 @@ STACKED = {
 }
 
 
+def _shards_of(target: str) -> set:
+    return {shard for suffix, (fused, shard) in STACKED.items() if target.endswith(f"{fused}.weight") or target.endswith(f"{fused}.bias")}
+
+
 class InfiniteVLDecoderLayer(nn.Module):
     """One pre-norm block; `self_attn` (the checkpoint's name for both mixers) is chosen by `layer_types`."""
 
@@ -96,9 +100,12 @@ class InfiniteVLTextModel(nn.Module):
         """Load checkpoint tensors named as in `InfiniteVLTextModel` (`layers.3.self_attn.q_proj.weight`, ...)."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        shards: dict[str, set] = {}  # fused parameter -> shards filled so far
         gdn: dict[int, dict[str, torch.Tensor]] = {}
         for name, tensor in weights:
             parts = name.split(".")
+            if parts[0] == "layers" and not (parts[1].isdigit() and int(parts[1]) < len(self.layers)):
+                raise ValueError(f"Unexpected tensor `{name}`: the model has {len(self.layers)} decoder layers.")
             if parts[0] == "layers" and self.layers[int(parts[1])].layer_type == "linear_attention" and parts[2] == "self_attn":
                 gdn.setdefault(int(parts[1]), {})[".".join(parts[3:])] = tensor
                 continue
@@ -113,11 +120,14 @@ class InfiniteVLTextModel(nn.Module):
             loader = getattr(param, "weight_loader", None)
             if shard is not None:
                 loader(param, tensor, shard)
+                shards.setdefault(target, set()).add(shard)
             elif loader is not None:
                 loader(param, tensor)
             else:
                 param.data.copy_(tensor)
             loaded.add(target)
+        # A fused parameter counts as loaded only once all its pieces were (a missing piece is then reported).
+        loaded -= {target for target, got in shards.items() if got != _shards_of(target)}
         for idx, tensors in gdn.items():
             layer_loaded = self.layers[idx].self_attn.load_checkpoint_tensors(tensors)
             loaded.update(f"layers.{idx}.self_attn.{n}" for n in layer_loaded)
