@@ -12,16 +12,25 @@ from infinitevl_hf.speed import DecodeGraphs, DecodePlan, decode_graphs_of
 from infinitevl_hf.speed import generation as speed_generation
 
 
+def _weights(model):
+    return tuple(p.data_ptr() for p in model.parameters())
+
+
 class EagerStep:
-    """What a captured graph replays, run eagerly: the fused step over the graph's own cache."""
+    """What a captured graph replays, run eagerly: the fused step (joined projections, as on CUDA) over the graph's
+    own cache. Like a graph it must find the cache's buffers and the weights where they were when it was built."""
 
     built = 0
 
     def __init__(self, model, cache):
         EagerStep.built += 1
-        self.fused = FusedDecodeStep(model, cache)
+        self.fused = FusedDecodeStep(model, cache, concat_projections=True)
+        self.model, self.cache = model, cache
+        self.addresses, self.weights = cache.buffer_addresses(), _weights(model)
 
     def step(self, input_ids):
+        assert self.cache.buffer_addresses() == self.addresses, "the cache's buffers moved under a captured step"
+        assert _weights(self.model) == self.weights, "the weights moved under a captured step"
         return self.fused(input_ids)
 
 
@@ -33,8 +42,15 @@ def reference_model():
 
 
 def eager_prompt(step, cache):
-    """What a captured prompt replays, run eagerly."""
-    return lambda: step(cache)
+    """What a captured prompt replays, run eagerly; like a graph it must find the buffers and weights in place."""
+    addresses, weights = cache.buffer_addresses(), _weights(step.model)
+
+    def replay():
+        assert cache.buffer_addresses() == addresses, "the cache's buffers moved under a captured prompt"
+        assert _weights(step.model) == weights, "the weights moved under a captured prompt"
+        return step(cache)
+
+    return replay
 
 
 @pytest.fixture
@@ -225,3 +241,66 @@ def test_the_captured_paths_refuse_what_the_module_path_refuses(graph_model):
     with pytest.raises(ValueError, match="another model config"):
         graph_model.generate(input_ids=text_ids(1, 20), max_new_tokens=2, **{CACHE_KWARG: other})
     assert decode_graphs_of(graph_model).prompt_replays == 0
+
+
+def test_a_fork_whose_counter_restarts_continues_the_stream_it_holds(graph_model):
+    """What StreamingSession.ask does: a fork of a stream's cache with `seen_tokens` at 0, so that generate() takes
+    the question as the prompt; decoding over rings must continue the windows the fork holds."""
+    stream, question = text_ids(1, 40, seed=3), text_ids(1, 8, seed=4)
+
+    def answer(model):
+        cache = InfiniteVLCache(model.config)
+        with torch.no_grad():
+            model(input_ids=stream, use_cache=True, **{CACHE_KWARG: cache})
+        fork = cache.fork()
+        fork.seen_tokens = 0
+        _generate(model, input_ids=question, attention_mask=torch.ones_like(question), **{CACHE_KWARG: fork})
+        return _generate.logits
+
+    reference = reference_model()
+    one_prompt, _ = _generate(reference, input_ids=torch.cat([stream, question], 1))
+    expected = _generate.logits
+    torch.testing.assert_close(answer(graph_model), expected, rtol=1e-4, atol=1e-5)
+    assert decode_graphs_of(graph_model).replays == 11 and decode_graphs_of(graph_model).prompt_replays == 0
+
+
+def test_the_cache_generate_returns_holds_its_own_memory(graph_model):
+    _, cache = _generate(graph_model, input_ids=text_ids(1, 20))
+    graphs = decode_graphs_of(graph_model)
+    assert graphs.replays == 11
+    assert not any(slot.holds(cache) for slot in graphs.slots.values())
+    assert cache.buffer_addresses() != next(iter(graphs.slots.values())).cache.buffer_addresses()
+
+
+def test_a_first_capture_leaves_the_weights_where_later_calls_find_them(graph_model):
+    """The joined step lays the weights out once, before anything is recorded: the second call captures nothing."""
+    graph_model.warmup(batch_sizes=(1,), prompt_tokens=30)
+    captures = decode_graphs_of(graph_model).captures
+    _generate(graph_model, input_ids=text_ids(1, 25))
+    assert decode_graphs_of(graph_model).captures == captures
+
+
+def test_beam_search_through_the_graph_path_gives_the_module_path_sequences(graph_model):
+    ids = text_ids(1, 20)
+    kwargs = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert torch.equal(graph_model.generate(ids, **kwargs), reference_model().generate(ids, **kwargs))
+    assert decode_graphs_of(graph_model).replays == 7
+
+
+def test_slots_and_prompts_are_bounded(graph_model):
+    graphs = decode_graphs_of(graph_model)
+    graphs.MAX_SLOTS, graphs.MAX_PROMPTS_PER_SLOT = 1, 1
+    first, cache = _generate(graph_model, input_ids=text_ids(1, 20))
+    _generate(graph_model, input_ids=text_ids(2, 20, seed=3))  # another batch size takes the only slot
+    _generate(graph_model, input_ids=text_ids(2, 100, seed=4)[:, :60])  # another prompt length of that slot
+    assert len(graphs.slots) == 1 and all(len(slot.prompts) == 1 for slot in graphs.slots.values())
+    assert torch.equal(_generate(graph_model, input_ids=text_ids(1, 20))[0], first)
+
+
+def test_models_with_full_attention_layers_decode_dynamic():
+    from infinitevl_hf.speed import plan_for_model
+
+    model = tiny_model(layer_types=["sliding_attention", "linear_attention", "full_attention", "linear_attention",
+                                    "sliding_attention"])
+    plan = plan_for_model(model, torch.device("cuda"))
+    assert plan.path == "dynamic" and "full-attention" in plan.reason

@@ -551,7 +551,13 @@ class InfiniteVLCache(Cache):
             raise ValueError("to_static() needs a cache that a prompt already went through.")
         like = next((layer.keys for layer in self.layers if isinstance(layer, InfiniteVLAttentionLayer)), None)
         device = self.next_positions.device
-        self.device_step = torch.full((1,), self.seen_tokens, dtype=torch.long, device=device)
+        # The ring step counts the tokens the windows hold, which `seen_tokens` may not (StreamingSession.ask restarts
+        # a fork's counter so that generate() sees the question as the prompt): rings continue from the windows.
+        fed = {layer.cumulative_length for layer in self.layers if isinstance(layer, InfiniteVLAttentionLayer)}
+        if len(fed) > 1:
+            raise ValueError(f"The attention layers of this cache were fed different numbers of tokens {sorted(fed)}.")
+        step = fed.pop() if fed else self.seen_tokens
+        self.device_step = torch.full((1,), step, dtype=torch.long, device=device)
         for i, layer in enumerate(self.layers):
             if isinstance(layer, InfiniteVLAttentionLayer):
                 if layer.window is None:
@@ -564,9 +570,10 @@ class InfiniteVLCache(Cache):
         """Switch, in place, from rings back to growing window layers (e.g. to save the memory to disk)."""
         if not self.is_static:
             return self
+        fed = int(self.device_step)  # tokens the rings hold, whatever `seen_tokens` counts
         for i, layer in enumerate(self.layers):
             if isinstance(layer, InfiniteVLRingAttentionLayer):
-                self.layers[i] = layer.to_window_layer(self.seen_tokens)
+                self.layers[i] = layer.to_window_layer(fed)
         self.device_step = None
         return self
 

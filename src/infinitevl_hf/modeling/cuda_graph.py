@@ -49,10 +49,12 @@ def capture_over_cache(cache, forward, warmup_steps: int) -> tuple[torch.cuda.CU
     torch.cuda.current_stream().wait_stream(stream)
     del scratch
     graph = torch.cuda.CUDAGraph()
-    seen = cache.seen_tokens
-    with torch.cuda.graph(graph):
-        output = forward(cache)
-    cache.seen_tokens = seen  # capture recorded the call without running it
+    counters = cache.seen_tokens, cache.padded_through
+    try:
+        with torch.cuda.graph(graph):
+            output = forward(cache)
+    finally:
+        cache.seen_tokens, cache.padded_through = counters  # capture recorded the call without running it
     return graph, output
 
 
@@ -70,6 +72,7 @@ class CUDAGraphDecoder:
         if not torch.cuda.is_available() or cache.next_positions is None or not cache.next_positions.is_cuda:
             raise ValueError("CUDAGraphDecoder needs a CUDA model and a cache that a prompt already went through.")
         cache.to_static()
+        FusedDecodeStep.join_weights(model)  # before any capture: see `FusedDecodeStep.join_weights`
         # Built outside the capture (concatenating weights inside it would record the copies into the graph).
         self.fused = None
         if compile == "fused":
@@ -118,6 +121,7 @@ class CUDAGraphPrefill:
         cache.to_static()
         if length > cache.max_tokens_per_call:
             raise ValueError(f"A captured prefill takes at most one window ({cache.max_tokens_per_call} tokens), got {length}.")
+        FusedDecodeStep.join_weights(model)  # before any capture: see `FusedDecodeStep.join_weights`
         self.decoder, self.cache, self.length = model.model.language_model, cache, length
         embed = self.decoder.get_input_embeddings().weight
         self.inputs_embeds = torch.zeros(cache.batch_rows, length, embed.shape[1], dtype=embed.dtype, device=embed.device)

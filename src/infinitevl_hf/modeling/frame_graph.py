@@ -22,6 +22,7 @@ from torch import nn
 
 from .compat import CACHE_KWARG
 from .cuda_graph import capture_over_cache
+from .fused_decode import FusedDecodeStep
 from .positions import mrope_position_ids, num_vision_tokens
 
 
@@ -123,6 +124,7 @@ class CUDAGraphFrames:
                              f"got {input_ids.shape[1]}.")
         if input_ids.shape[0] != cache.batch_rows:
             raise ValueError(f"input_ids have {input_ids.shape[0]} rows, the cache {cache.batch_rows}.")
+        FusedDecodeStep.join_weights(model)  # before any capture: see `FusedDecodeStep.join_weights`
         self.step, self.cache, self.length = FrameStep(model, input_ids, **grids), cache, input_ids.shape[1]
         visual = model.model.visual
         patches = int(self.step.grid.prod(-1).sum())

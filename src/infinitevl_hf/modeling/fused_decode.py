@@ -211,6 +211,27 @@ class FusedDecodeStep:
             else:
                 raise ValueError(f"FusedDecodeStep cannot decode a {type(layer_cache).__name__} layer.")
 
+    @classmethod
+    def join_weights(cls, model) -> None:
+        """Lay out, once, each group of weights the joined step reads (a layer's input projections and convolutions,
+        the MLP's gate and up) as views of one buffer; later calls find them laid out and copy nothing. Every CUDA
+        graph builder calls this before it captures: laying the weights out later would move them from under the
+        graphs captured before (their old storage is freed)."""
+        if cls.unsupported(model) is not None:
+            return
+        for layer in model.model.language_model.layers:
+            mixer = layer.self_attn
+            cls._joined((layer.mlp.gate_proj, layer.mlp.up_proj), "weight", True)
+            if isinstance(mixer, InfiniteVLGatedDeltaNet):
+                cls._joined((mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.a_proj, mixer.b_proj, mixer.g_proj),
+                            "weight", True)
+                convs = (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d)
+                cls._joined(convs, "weight", True)
+                cls._joined(convs, "bias", True)
+            else:
+                cls._joined((mixer.q_proj, mixer.k_proj, mixer.v_proj), "weight", True)
+                cls._joined((mixer.q_proj, mixer.k_proj, mixer.v_proj), "bias", True)
+
     @staticmethod
     def unsupported(model) -> str | None:
         """Why the fused step cannot stand in for this model's decoder, or None. It reads the weights directly,

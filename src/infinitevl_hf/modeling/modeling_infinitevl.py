@@ -739,8 +739,9 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         step, kept on the model and reused by later calls (`warmup()` pays its one-time cost up front).
         `disable_compile=True` decodes through the module path; so do `output_attentions`, `output_hidden_states`,
         training mode and models the compiled step cannot read (quantized, LoRA, several devices), saying why once
-        in the log. The cache is of constant size, so `cache_implementation="static"` is the same thing."""
-        with generate_call():
+        in the log. The cache is of constant size, so on CUDA `cache_implementation="static"` changes nothing (on a
+        CPU it decodes over the static window rings instead of the growing window cache)."""
+        with generate_call(self):
             return super().generate(*args, **kwargs)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,), prompt_tokens: int = 64) -> None:

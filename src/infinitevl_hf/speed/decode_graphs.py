@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import OrderedDict
 from typing import Callable
 
 import torch
 
-from .prompt_graphs import PromptShape, PromptStep, prepare_prompt
+from .prompt_graphs import PromptShape, PromptStep, prepare_prompt, prompt_bucket
 
 
 def _weight_addresses(model) -> tuple:
@@ -29,12 +30,14 @@ class GraphSlot:
 
     def __init__(self, model, rows: int, dtype: torch.dtype, device: torch.device):
         from ..modeling.cache import InfiniteVLCache
+        from ..modeling.fused_decode import FusedDecodeStep
 
+        FusedDecodeStep.join_weights(model)  # the weights' final place, before they are recorded and captured
         self.cache = InfiniteVLCache.empty_static(model.config, rows, dtype, device)
         self.addresses = self.cache.buffer_addresses()
         self.weights = _weight_addresses(model)
         self.decoder = None  # .step(input_ids) -> logits, over self.cache
-        self.prompts: dict[PromptShape, tuple[PromptStep, Callable]] = {}
+        self.prompts: OrderedDict[PromptShape, tuple[PromptStep, Callable]] = OrderedDict()  # least recent first
         self.owner: weakref.ref | None = None
 
     def valid_for(self, model) -> bool:
@@ -78,10 +81,15 @@ class DecodeGraphs:
     callable replaying `prompt_step(static_cache)` (default: its CUDA graph).
     """
 
+    # Bounds on what is kept (each slot holds a static cache, ~135 MB per row for InfiniteVL-4B, and each captured
+    # prompt its own activation memory): the least recently used slot or prompt goes first.
+    MAX_SLOTS = 4
+    MAX_PROMPTS_PER_SLOT = 8
+
     def __init__(self, capture_decode: Callable | None = None, capture_prompt: Callable | None = None):
         self.capture_decode = capture_decode or capture_compiled_decode
         self.capture_prompt = capture_prompt or capture_prompt_graph
-        self.slots: dict[tuple, GraphSlot] = {}
+        self.slots: OrderedDict[tuple, GraphSlot] = OrderedDict()  # least recently used first
         self.lock = threading.Lock()
         self.captures = 0
         self.replays = 0
@@ -95,8 +103,19 @@ class DecodeGraphs:
             slot.release()
             slot = None
         if slot is None:
+            while len(self.slots) >= self.MAX_SLOTS:
+                _, oldest = self.slots.popitem(last=False)
+                oldest.release()
             slot = self.slots[key] = GraphSlot(model, rows, dtype, device)
+        self.slots.move_to_end(key)
         return slot
+
+    def release_cache(self, cache) -> None:
+        """If `cache` holds a slot's buffers, give it its own copy (what `generate()` does before it returns)."""
+        with self.lock:
+            for slot in self.slots.values():
+                if slot.holds(cache):
+                    slot.release()
 
     def step(self, model, cache, input_ids: torch.LongTensor) -> torch.Tensor:
         """Logits [B, 1, V] of one decode step of `cache` (a prompt went through it); the cache advances."""
@@ -122,6 +141,8 @@ class DecodeGraphs:
                ) -> torch.Tensor | None:
         """Logits [B, 1, V] of a prompt's last position fed from a fresh state into `cache` (which then holds the
         slot's buffers), or None when no captured shape serves it."""
+        if prompt_bucket(input_ids.shape[1], cache.min_window) is None:
+            return None
         with self.lock:
             slot = self._slot(model, input_ids.shape[0], input_ids.device)
             prepared = prepare_prompt(model, slot.cache, input_ids, attention_mask, image_grid_thw)
@@ -130,7 +151,11 @@ class DecodeGraphs:
             shape, inputs = prepared
             slot.release()
             entry = slot.prompts.get(shape)
-            if entry is None:
+            if entry is not None:
+                slot.prompts.move_to_end(shape)
+            else:
+                while len(slot.prompts) >= self.MAX_PROMPTS_PER_SLOT:
+                    slot.prompts.popitem(last=False)
                 step = PromptStep(model, shape, inputs, pixel_values)
                 step.load(inputs, pixel_values)
                 # what the captured call depends on from the host: a cache that nothing went through

@@ -31,13 +31,18 @@ _CURRENT = contextvars.ContextVar("infinitevl_generate_call", default=None)
 
 
 @contextlib.contextmanager
-def generate_call():
-    """Scope of one `generate()` call: the plan made for its cache applies to it alone."""
-    token = _CURRENT.set(_Call())
+def generate_call(model):
+    """Scope of one `generate()` call: the plan made for its cache applies to it alone, and the cache it returns
+    holds memory of its own (not the captured graphs' buffers, which the next call overwrites)."""
+    call = _Call()
+    token = _CURRENT.set(call)
     try:
         yield
     finally:
         _CURRENT.reset(token)
+        graphs = model.__dict__.get("_decode_graphs")
+        if graphs is not None and call.cache is not None:
+            graphs.release_cache(call.cache)
 
 
 def _triton_available() -> bool:
@@ -52,6 +57,7 @@ def plan_for_model(model, device: torch.device, generation_config=None) -> Decod
 
     flags = generation_config
     cuda = device.type == "cuda"
+    text = model.config.get_text_config()
     return decode_plan(
         device_type=device.type,
         dtype=model.lm_head.weight.dtype,
@@ -62,6 +68,8 @@ def plan_for_model(model, device: torch.device, generation_config=None) -> Decod
         triton_available=_triton_available() if cuda else True,
         model_problem=FusedDecodeStep.unsupported(model) if cuda else None,
         static_requested=getattr(flags, "cache_implementation", None) == "static",
+        static_possible=all(text.window_for_layer(i) is not None
+                            for i, kind in enumerate(text.layer_types) if kind != "linear_attention"),
     )
 
 

@@ -33,12 +33,16 @@ def decode_plan(
     triton_available: bool = True,
     model_problem: str | None = None,
     static_requested: bool = False,
+    static_possible: bool = True,
 ) -> DecodePlan:
     """The decode path for one `generate()` call.
 
     model_problem: why the compiled step cannot read this model's weights (`FusedDecodeStep.unsupported`), or None.
     static_requested: `cache_implementation="static"`, which off CUDA still decodes over the rings.
+    static_possible: False when some layer is full attention (its cache grows without bound: no static cache).
     """
+    if not static_possible:
+        return DecodePlan("dynamic", "full-attention layers keep every token, so the cache cannot be static")
     if device_type != "cuda":
         return DecodePlan("static" if static_requested else "dynamic",
                           f"the model runs on {device_type}: captured decode graphs need CUDA")
