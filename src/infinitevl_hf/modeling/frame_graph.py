@@ -5,9 +5,8 @@ A stream feeds calls of the same layout: the same placeholder tokens, the same f
 that depends only on the layout is computed once here: the tower's window order, attention segments and rotary
 positions (`vision_layout`), where the features go among the tokens, and the call's mRoPE positions relative to
 its start (a call without padding takes `relative + start` for every token, the start being where the cache
-stands). What is left touches only device tensors, so the whole call can be captured once and replayed. (On an
-H200 the eager tower was host-bound: 3.18 ms of wall time per frame for 2.72 ms of kernels at 16 frames per
-call, worse at fewer.)
+stands). What is left touches only device tensors, so the whole call can be captured once and replayed (the eager
+tower is host-bound: benchmarks/README.md, "Measurements behind the code").
 
 ```python
 >>> step = CUDAGraphFrames(model, cache, input_ids, image_grid_thw=grid)  # cache: a prompt already went through

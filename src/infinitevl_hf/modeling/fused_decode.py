@@ -166,7 +166,7 @@ class FusedDecodeStep:
     Only text tokens: positions continue on all three mRoPE axes from `cache.next_positions`.
 
     concat_projections: run the input projections of a layer (q/k/v/a/b/g or q/k/v) and the MLP's gate/up as
-    one matrix-vector product each (about 0.8 ms less per token for InfiniteVL-4B on an H200). The weights are
+    one matrix-vector product each (fewer, larger products: benchmarks/README.md). The weights are
     re-laid, once, as views into one buffer per group, so this costs no memory and the module path keeps
     reading the same numbers; training is unaffected, and a state-dict hook saves each parameter as a tensor
     of its own (safetensors and accelerate's `save_model` refuse or drop parts of a shared buffer).

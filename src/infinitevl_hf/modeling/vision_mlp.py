@@ -2,7 +2,7 @@
 
 Qwen2.5-VL's vision MLP has an intermediate size of 3,420: rows of 6,840 bytes, not a multiple of the 16
 bytes that Hopper's tensor-memory loads need, so cuBLAS falls back to its sm80 kernels for all three
-products (about half of a streamed frame's vision time on an H200). Padded to 3,456 with zero rows (gate,
+products (a large part of a streamed frame's vision time: benchmarks/README.md). Padded to 3,456 with zero rows (gate,
 up, their biases) and zero columns (down), the products take the sm90 kernels and compute the same thing:
 the extra gate/up outputs are 0, so `act(gate) * up` is 0 there and adds nothing through `down`.
 

@@ -2,8 +2,8 @@
 
 Qwen2.5-VL embeds each flattened patch (3 channels x 2 frames x 14 x 14 pixels) with a Conv3d whose stride
 equals its kernel, so every output is the dot product of one patch with one filter: a [patches, 1176] x
-[1176, 1280] product. cuDNN runs that conv as an implicit-GEMM kernel that took 2.3 ms for 16 streamed frames
-on an H200, about 30x the same product through cuBLAS. The weight stays the conv's (same name and shape).
+[1176, 1280] product. cuDNN runs that conv as an implicit-GEMM kernel many times slower than the same product
+through cuBLAS (benchmarks/README.md, "Measurements behind the code"). The weight stays the conv's (same name and shape).
 """
 
 from __future__ import annotations

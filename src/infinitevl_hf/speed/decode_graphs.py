@@ -122,7 +122,7 @@ class DecodeGraphs:
         cache.to_static()
         with self.lock:
             slot = self.slots.get((cache.batch_rows, model.lm_head.weight.dtype, cache.next_positions.device))
-            if slot is None or not slot.holds(cache):  # once per call: checking the weights costs ~1 ms
+            if slot is None or not slot.holds(cache):  # once per call: checking every weight's address is slow
                 slot = self._slot(model, cache.batch_rows, cache.next_positions.device)
                 slot.bind(cache)
             if slot.decoder is None:

@@ -1,7 +1,8 @@
 """One decode query over a ring of cached keys in two Triton kernels, split along the keys.
 
 A single query has one row per head: the batched matmuls of the torch path run as a handful of GEMM tiles
-over an 8K-key window (on an H200 the score product took 12.6 us for 4 MB of keys) plus a softmax launch.
+over an 8K-key window (far from the bandwidth of 4 MB of keys: benchmarks/README.md, "Measurements behind the
+code") plus a softmax launch.
 Here the ring is cut into blocks of keys; one program per (block, batch row, key/value head) scores its
 keys for all the query heads that share them (GQA: the heads are the rows of one small `tl.dot`), keeps a
 running max and sum (online softmax) and writes its partial output; a second kernel merges the blocks

@@ -5,8 +5,8 @@ of it are launches of their own; at one token their cost is launches, not bytes.
 one (batch row, head, block of value columns): it reads the head's q and k straight from the projection
 row, normalises them, computes beta and the decay from the raw a/b projections, and moves its [K, BV]
 slice of the float32 state through the delta rule once. Blocks of value columns let the 2 MB state of a
-layer stream through many SMs (one program per head, a whole [K, V] tile each, took 13x longer on an
-H200). `torch_gated_delta_rule_decode_step` (reference.py) is the definition.
+layer stream through many SMs (one program per head, a whole [K, V] tile each, was far slower: benchmarks/README.md,
+"Measurements behind the code"). `torch_gated_delta_rule_decode_step` (reference.py) is the definition.
 """
 
 from __future__ import annotations

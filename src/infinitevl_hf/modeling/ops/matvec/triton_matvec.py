@@ -2,7 +2,8 @@
 the small ops around it fused in.
 
 GEMM libraries run a one-row product through tiles built for many rows; at batch 1 a decode step is a
-chain of such products, and they reached about half the copy bandwidth on an H200. Here each program
+chain of such products, and they reach well under the copy bandwidth (benchmarks/README.md, "Measurements
+behind the code"). Here each program
 owns a few output rows and streams their weights along the contiguous input dim, accumulating in
 float32: a pure bandwidth kernel. The norms, gates and the short convolution between two products each
 cost a launch of their own but almost no bytes, so they ride along (`reference.py` defines each):
@@ -104,7 +105,7 @@ def _fused_matvec_kernel(
 
 
 def block_config(n: int, k: int, normed: bool) -> dict:
-    """Tile of one program, chosen by timing every tile on an H200 with weights streamed from DRAM
+    """Tile of one program, chosen by timing every tile with weights streamed from DRAM
     (`benchmarks/matvec_bench.py --sweep`): many programs with a wide input block won at every decode
     shape; with the RMSNorm prologue, which each program redoes, 4 rows per program share it. (Triton's
     autotuner would time tiles on weights sitting in the 50 MB L2, and its repeated runs would shift the
