@@ -59,3 +59,9 @@ def test_cpu_generate_says_once_why_it_decodes_through_the_module_path(caplog):
             model.generate(ids, max_new_tokens=2, do_sample=False)
     said = [r.getMessage() for r in caplog.records if "decodes through the module path" in r.getMessage()]
     assert len(said) == 1 and "cpu" in said[0]
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch_sizes=(0,)), dict(batch_sizes=()), dict(prompt_tokens=0)])
+def test_warmup_names_a_bad_argument(kwargs):
+    with pytest.raises(ValueError, match="warmup"):
+        tiny_model().warmup(**kwargs)

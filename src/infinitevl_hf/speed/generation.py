@@ -119,6 +119,10 @@ def fast_prompt(model, cache, input_ids: torch.LongTensor, attention_mask: torch
 def warmup(model, batch_sizes: tuple[int, ...] = (1,), prompt_tokens: int = 64, new_tokens: int = 2) -> None:
     """Pay a process's one-time costs (kernel autotuning, compilation, graph capture) now: one short `generate()`
     per batch size. Later calls with those batch sizes (same dtype and device) capture and compile nothing."""
+    if not batch_sizes or any(not isinstance(rows, int) or rows < 1 for rows in batch_sizes):
+        raise ValueError(f"warmup() takes batch sizes of at least 1 row, got {batch_sizes!r}.")
+    if not isinstance(prompt_tokens, int) or prompt_tokens < 1:
+        raise ValueError(f"warmup() takes a prompt of at least 1 token, got prompt_tokens={prompt_tokens!r}.")
     device = model.lm_head.weight.device
     text = model.config.get_text_config()
     special = {getattr(model.config, name, None) for name in
