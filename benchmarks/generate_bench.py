@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import build_infinitevl, build_teacher, environment, log  # noqa: E402
+from bench import build_infinitevl, build_teacher, environment, log, timed  # noqa: E402
 
 PHOTO, PAGE = (448, 448), (1792, 1344)  # (height, width)
 
@@ -86,13 +86,6 @@ def case_inputs(processor, name: str) -> dict:
     return processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True,
                                          return_tensors="pt", padding=True)
 
-
-def timed(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def measure(model, inputs: dict, new_tokens: int, steady: int, **flags) -> dict:

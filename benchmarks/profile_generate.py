@@ -16,16 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import build_infinitevl, log  # noqa: E402
+from bench import build_infinitevl, log, timed  # noqa: E402
 from generate_bench import PAGE, bench_processor, case_inputs, use_tokenizer_ids  # noqa: E402
 
-
-def timed(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def host_time(fn) -> float:

@@ -9,7 +9,7 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
 from vllm_helpers import (
-    CLEAR_MARGIN,
+    assert_greedy_tokens_match,
     LOGPROB_MAX_ERROR,
     LOGPROB_MEAN_ERROR,
     WINDOW,
@@ -102,16 +102,7 @@ def test_greedy_tokens_match_where_margin_is_clear(llm, reference):
         out = llm.generate([request], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0]
         generated = list(out.outputs[0].token_ids)
         ids, expected = reference_logprobs(model, processor, prompt, img, continuation=generated)
-        steps = expected[len(ids) - len(generated) - 1 : -1]
-        clear = 0
-        for token, logprobs in zip(generated, steps):
-            top = logprobs.topk(2)
-            if float(top.values[0] - top.values[1]) >= CLEAR_MARGIN:
-                clear += 1
-                assert token == int(top.indices[0])
-            else:
-                assert float(top.values[0] - logprobs[token]) < LOGPROB_MAX_ERROR
-        assert clear >= 8
+        assert_greedy_tokens_match(generated, expected[len(ids) - len(generated) - 1 : -1], min_clear=8)
 
 
 def test_mixed_batch_equals_prompts_alone(llm, reference):

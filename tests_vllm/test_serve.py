@@ -11,10 +11,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from vllm_helpers import CLEAR_MARGIN, LOGPROB_MAX_ERROR, demo_image, reference_logprobs
+from vllm_helpers import assert_greedy_tokens_match, demo_image, reference_logprobs
 
 STARTUP_SECONDS = 240
 
@@ -101,12 +102,4 @@ def test_chat_completion_with_an_image(server, reference):
     ids, expected = reference_logprobs(model, processor, prompt, image, continuation=generated)
     assert reply.usage.prompt_tokens == len(ids) - len(generated)
     assert answer.message.content == processor.tokenizer.decode(generated)
-    clear = 0
-    for token, logprobs in zip(generated, expected[len(ids) - len(generated) - 1 : -1]):
-        top = logprobs.topk(2)
-        if float(top.values[0] - top.values[1]) >= CLEAR_MARGIN:
-            clear += 1
-            assert token == int(top.indices[0])
-        else:
-            assert float(top.values[0] - logprobs[token]) < LOGPROB_MAX_ERROR
-    assert clear >= 4
+    assert_greedy_tokens_match(generated, expected[len(ids) - len(generated) - 1 : -1], min_clear=4)

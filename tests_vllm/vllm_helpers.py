@@ -91,6 +91,21 @@ def compare_prompt_logprobs(ids: list[int], reference: torch.Tensor, prompt_logp
     return dict(max=errors.max().item(), mean=errors.mean().item(), top1_checked=top1_checked, top1_same=top1_same)
 
 
+def assert_greedy_tokens_match(generated: list[int], steps, min_clear: int) -> None:
+    """Each generated token is the reference's argmax where its top-2 margin is clear (`CLEAR_MARGIN`), and within
+    `LOGPROB_MAX_ERROR` of it at near-ties; at least `min_clear` steps had a clear margin. steps: the reference's
+    log-probabilities [len(generated), vocab] before each generated token."""
+    clear = 0
+    for token, logprobs in zip(generated, steps):
+        top = logprobs.topk(2)
+        if float(top.values[0] - top.values[1]) >= CLEAR_MARGIN:
+            clear += 1
+            assert token == int(top.indices[0])
+        else:
+            assert float(top.values[0] - logprobs[token]) < LOGPROB_MAX_ERROR
+    assert clear >= min_clear
+
+
 def demo_video(frames: int = 4):
     """A short synthetic clip ([T, H, W, 3] uint8, the demo image panning) and its metadata (2 fps)."""
     import numpy as np

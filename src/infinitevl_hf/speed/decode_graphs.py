@@ -118,8 +118,7 @@ class DecodeGraphs:
                     slot.release()
 
     def step(self, model, cache, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Logits [B, 1, V] of one decode step of `cache` (a prompt went through it); the cache advances."""
-        cache.to_static()
+        """Logits [B, 1, V] of one decode step of `cache` (static, a prompt went through it); the cache advances."""
         with self.lock:
             slot = self.slots.get((cache.batch_rows, model.lm_head.weight.dtype, cache.next_positions.device))
             if slot is None or not slot.holds(cache):  # once per call: checking every weight's address is slow

@@ -106,15 +106,7 @@ class InfiniteVLGatedDeltaNet(QwenGatedDeltaNetAttention):
             target, shard = self.CHECKPOINT_TENSORS[name]
             if name in self.PER_HEAD:  # one row per model head -> one per served value head
                 tensor = tensor.repeat_interleave(self.value_split, dim=0)
-            param = params[target]
-            loader = getattr(param, "weight_loader", None)
-            if shard is not None:
-                loader(param, tensor, shard)
-                shards.setdefault(target, set()).add(shard)
-            elif loader is not None:
-                loader(param, tensor)
-            else:
-                _copy_checked(param, tensor, f"{self.prefix}.{target}")
+            load_tensor(params[target], tensor, shard, shards, target, f"{self.prefix}.{target}")
             loaded.add(target)
         # A fused projection counts as loaded only once all its pieces were (a missing piece is then reported).
         expected = {t: {s for t2, s in self.CHECKPOINT_TENSORS.values() if t2 == t} for t in shards}
@@ -130,7 +122,17 @@ class InfiniteVLGatedDeltaNet(QwenGatedDeltaNetAttention):
         return loaded
 
 
-def _copy_checked(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
-    if param.shape != tensor.shape:
-        raise ValueError(f"Checkpoint tensor for `{name}` has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
-    param.data.copy_(tensor)
+def load_tensor(param: torch.Tensor, tensor: torch.Tensor, shard, shards: dict, target: str, name: str) -> None:
+    """Load one checkpoint tensor into `param`: as piece `shard` of a fused parameter (recorded in `shards`, so that
+    a fused parameter counts as loaded only once all its pieces were), through the parameter's vLLM loader, or by a
+    shape-checked copy."""
+    loader = getattr(param, "weight_loader", None)
+    if shard is not None:
+        loader(param, tensor, shard)
+        shards.setdefault(target, set()).add(shard)
+    elif loader is not None:
+        loader(param, tensor)
+    else:
+        if param.shape != tensor.shape:
+            raise ValueError(f"Checkpoint tensor for `{name}` has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
+        param.data.copy_(tensor)

@@ -15,7 +15,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.qwen2 import Qwen2MLP
 
 from .attention import InfiniteVLAttention
-from .gated_deltanet import InfiniteVLGatedDeltaNet
+from .gated_deltanet import InfiniteVLGatedDeltaNet, load_tensor
 
 # Checkpoint tensor suffix -> (fused vLLM parameter, shard id) for attention and MLP weights.
 STACKED = {
@@ -116,15 +116,7 @@ class InfiniteVLTextModel(nn.Module):
                     break
             if target not in params:
                 raise ValueError(f"Unexpected tensor `{name}` in the checkpoint's text model.")
-            param = params[target]
-            loader = getattr(param, "weight_loader", None)
-            if shard is not None:
-                loader(param, tensor, shard)
-                shards.setdefault(target, set()).add(shard)
-            elif loader is not None:
-                loader(param, tensor)
-            else:
-                param.data.copy_(tensor)
+            load_tensor(params[target], tensor, shard, shards, target, name)
             loaded.add(target)
         # A fused parameter counts as loaded only once all its pieces were (a missing piece is then reported).
         loaded -= {target for target, got in shards.items() if got != _shards_of(target)}
