@@ -162,7 +162,7 @@ def event_times(fn, steps: int) -> list[float]:
 def infinitevl_context(model, length: int, steps: int, cache_kwarg: str, compile: str | None = None,
                        concat: bool = False, matvec: bool = False) -> dict:
     from infinitevl_hf import InfiniteVLCache
-    from infinitevl_hf.modeling.cuda_graph import CUDAGraphDecoder
+    from infinitevl_hf.speed.graph_capture import CUDAGraphDecoder
 
     ids = torch.randint(0, 150000, (1, length), device="cuda")
     with torch.no_grad():  # warm-up: kernels autotune and compile outside the timed region
@@ -177,7 +177,13 @@ def infinitevl_context(model, length: int, steps: int, cache_kwarg: str, compile
             lambda: InfiniteVLCache(model.config), length)
         peak = torch.cuda.max_memory_allocated() / GiB
         start = time.perf_counter()
-        decoder = CUDAGraphDecoder(model, cache, compile=compile, concat_projections=concat, triton_matvec=matvec)
+        if compile in ("modules", "layers"):  # benchmark-only variants: torch.compile the modules themselves
+            for layer in model.model.language_model.layers:
+                modules = [layer] if compile == "layers" else [layer.input_layernorm, layer.post_attention_layernorm, layer.mlp]
+                for module in modules:
+                    module.compile(dynamic=False)
+        decoder = CUDAGraphDecoder(model, cache, warmup_steps=2 if compile is None else 3, compile=compile == "fused",
+                                   concat_projections=concat, triton_matvec=matvec)
         capture_s = time.perf_counter() - start
         token = torch.randint(0, 150000, (1, 1), device="cuda")
         for _ in range(8):
@@ -252,7 +258,7 @@ def streaming(model, frames: int, cache_kwarg: str, group: int = 1, graph: bool 
     """Feed `frames` frames, `group` per call, through one cache; frames/s over the last 90% of calls.
     graph: after the first call, each call replays one captured CUDA graph (vision tower, embeddings, decoder)."""
     from infinitevl_hf import InfiniteVLCache
-    from infinitevl_hf.modeling.frame_graph import CUDAGraphFrames
+    from infinitevl_hf.speed.frame_graphs import CUDAGraphFrames
 
     ids, grid, pixels = frame_inputs(model, group)
     cache = InfiniteVLCache(model.config)
@@ -286,7 +292,7 @@ def streaming_batched(model, frames: int, streams: int, cache_kwarg: str, group:
     """`streams` streams as the rows of one batch, `group` frames per row and call; with graph, every call after the
     first replays one captured CUDA graph."""
     from infinitevl_hf import InfiniteVLCache
-    from infinitevl_hf.modeling.frame_graph import CUDAGraphFrames
+    from infinitevl_hf.speed.frame_graphs import CUDAGraphFrames
 
     ids, grid, pixels = frame_inputs(model, group)
     ids = ids.expand(streams, -1).contiguous()

@@ -18,14 +18,14 @@ def main(argv=None):
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=30)
-    parser.add_argument("--fused", action="store_true", help="profile the compiled FusedDecodeStep instead of the modules")
+    parser.add_argument("--fused", action="store_true", help="profile the compiled DecodeStep instead of the modules")
     parser.add_argument("--trace", help="also write the Chrome trace (every kernel with its grid) to this path")
     parser.add_argument("--kernels", action="store_true", help="with --fused: joined projections and the Triton kernels, as generate() runs it")
     args = parser.parse_args(argv)
 
     from infinitevl_hf import InfiniteVLCache
     from infinitevl_hf.modeling.compat import CACHE_KWARG
-    from infinitevl_hf.modeling.fused_decode import FusedDecodeStep
+    from infinitevl_hf.speed.decode_step import DecodeStep
 
     model = build_infinitevl()
     cache = InfiniteVLCache(model.config)
@@ -35,7 +35,7 @@ def main(argv=None):
         model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
         cache.to_static()
         if args.fused:
-            fused = FusedDecodeStep(model, cache, compile=True, concat_projections=args.kernels, triton_matvec=args.kernels)
+            fused = DecodeStep(model, cache, compile=True, concat_projections=args.kernels, triton_matvec=args.kernels)
             step = lambda: fused(token)  # noqa: E731
         else:
             step = lambda: model(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})  # noqa: E731

@@ -59,8 +59,8 @@ def main(argv=None):
 
     from infinitevl_hf import InfiniteVLCache
     from infinitevl_hf.modeling.compat import CACHE_KWARG
-    from infinitevl_hf.modeling.cuda_graph import CUDAGraphPrefill
-    from infinitevl_hf.modeling.frame_graph import CUDAGraphFrames
+    from infinitevl_hf.speed.graph_capture import CUDAGraphPrefill
+    from infinitevl_hf.speed.frame_graphs import CUDAGraphFrames
 
     model = build_infinitevl()
     for group in args.group:

@@ -21,7 +21,7 @@ def main(argv=None):
 
     from infinitevl_hf import InfiniteVLCache
     from infinitevl_hf.modeling.compat import CACHE_KWARG
-    from infinitevl_hf.modeling.frame_graph import CUDAGraphFrames
+    from infinitevl_hf.speed.frame_graphs import CUDAGraphFrames
 
     model = build_infinitevl()
     ids, grid, pixels = frame_inputs(model, args.group)

@@ -47,8 +47,8 @@ import torch
 
 from .modeling.cache import InfiniteVLCache
 from .modeling.compat import CACHE_KWARG
-from .modeling.cuda_graph import CUDAGraphPrefill
-from .modeling.frame_graph import CUDAGraphFrames
+from .speed.graph_capture import CUDAGraphPrefill
+from .speed.frame_graphs import CUDAGraphFrames
 from .modeling.modeling_infinitevl import text_position_ids
 from .stream_state import (
     MAX_FRAME_PIXELS,

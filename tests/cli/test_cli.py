@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from infinitevl_hf import cli
-from infinitevl_hf.modeling.cuda_graph import fused_decode_available
+from infinitevl_hf.speed.graph_capture import triton_available
 from infinitevl_hf.tiny import tiny_checkpoint
 
 
@@ -79,6 +79,6 @@ def test_export_and_env(capsys, tmp_path, tiny):
     assert "torch" in info and "fla kernels" in info
     import torch
 
-    assert info["fused decode"].startswith("unavailable") != (fused_decode_available() and torch.cuda.is_available())
+    assert info["fused decode"].startswith("unavailable") != (triton_available() and torch.cuda.is_available())
     if not torch.cuda.is_available():
         assert info["fused decode"].startswith("unavailable: no CUDA device")

@@ -82,7 +82,7 @@ def test_cuda_graph_of_the_module_path_equals_eager_for_64_tokens(model):
     """The captured graph of the module path (no compilation) replays eager decoding exactly."""
     from infinitevl_hf import InfiniteVLCache
     from infinitevl_hf.modeling.compat import CACHE_KWARG
-    from infinitevl_hf.modeling.cuda_graph import CUDAGraphDecoder
+    from infinitevl_hf.speed.graph_capture import CUDAGraphDecoder
 
     ids = torch.randint(0, 151000, (1, 1000), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_fused_compiled_graph_decode_is_as_accurate_as_eager_decode(model, conca
     same steps in fp32 as the yardstick (random weights make bf16 runs of this model differ by percents)."""
     from infinitevl_hf import InfiniteVLCache
     from infinitevl_hf.modeling.compat import CACHE_KWARG
-    from infinitevl_hf.modeling.cuda_graph import CUDAGraphDecoder
+    from infinitevl_hf.speed.graph_capture import CUDAGraphDecoder
 
     generator = torch.Generator("cuda").manual_seed(3)
     ids = torch.randint(0, 151000, (1, 1000), device="cuda", generator=generator)
@@ -130,7 +130,7 @@ def test_fused_compiled_graph_decode_is_as_accurate_as_eager_decode(model, conca
         cache = InfiniteVLCache(model.config)
         model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
         eager = eager_steps(cache.fork())
-        decoder = CUDAGraphDecoder(model, cache, compile="fused", concat_projections=concat, triton_matvec=matvec)
+        decoder = CUDAGraphDecoder(model, cache, compile=True, concat_projections=concat, triton_matvec=matvec)
         fused = [decoder.step(tokens[:, t : t + 1])[:, -1].float() for t in range(tokens.shape[1])]
         model.float()
         fp32_cache = InfiniteVLCache(model.config)

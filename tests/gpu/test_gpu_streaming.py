@@ -35,7 +35,7 @@ def test_whole_frame_calls_from_one_cuda_graph_equal_the_model():
 
     from infinitevl_hf import InfiniteVLCache
     from infinitevl_hf.modeling.compat import CACHE_KWARG
-    from infinitevl_hf.modeling.frame_graph import CUDAGraphFrames
+    from infinitevl_hf.speed.frame_graphs import CUDAGraphFrames
 
     model = tiny_model(sliding_window=64).to("cuda")
     grids = [(1, 4, 8), (1, 6, 4)]  # windows of two lengths, two images per call

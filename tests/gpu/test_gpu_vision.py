@@ -19,9 +19,9 @@ def test_fast_vision_inference_matches_the_plain_modules():
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     from infinitevl_hf import InfiniteVLConfig
-    from infinitevl_hf.modeling.vision_attention import use_batched_vision_attention
-    from infinitevl_hf.modeling.vision_mlp import use_padded_vision_mlp
-    from infinitevl_hf.modeling.vision_block import use_fused_vision_blocks
+    from infinitevl_hf.speed.vision.attention import use_batched_vision_attention
+    from infinitevl_hf.speed.vision.mlp import use_padded_vision_mlp
+    from infinitevl_hf.speed.vision.block import use_add_norm_vision_blocks
 
     config = InfiniteVLConfig(**json.loads(OFFICIAL.read_text())).vision_config
     config._attn_implementation = "sdpa"
@@ -39,7 +39,7 @@ def test_fast_vision_inference_matches_the_plain_modules():
     with torch.enable_grad():  # autograd on: every swapped module takes the plain path
         plain = tower(pixels, grid_thw=grid).pooler_output.float()
     use_padded_vision_mlp(tower)
-    use_fused_vision_blocks(tower)
+    use_add_norm_vision_blocks(tower)
     with torch.no_grad():
         fast = tower(pixels, grid_thw=grid).pooler_output.float()
         fast_again = tower(pixels, grid_thw=grid).pooler_output.float()

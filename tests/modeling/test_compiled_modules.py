@@ -9,7 +9,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPat
 from infinitevl_hf.modeling.compiled import compiled_for_inference
 from infinitevl_hf.modeling.mlp import InfiniteVLMLP
 from infinitevl_hf.modeling.rms_norm import InfiniteVLRMSNorm
-from infinitevl_hf.modeling.vision_patch_embed import InfiniteVLVisionPatchEmbed, use_linear_patch_embed
+from infinitevl_hf.speed.vision.patch_embed import InfiniteVLVisionPatchEmbed, use_linear_patch_embed
 
 
 def test_patch_embed_as_a_product_equals_the_conv():
@@ -104,7 +104,7 @@ def test_vision_block_with_the_joined_norm_equals_the_transformers_block():
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
 
     from helpers import tiny_model
-    from infinitevl_hf.modeling.vision_block import InfiniteVLVisionBlock, use_fused_vision_blocks
+    from infinitevl_hf.speed.vision.block import InfiniteVLVisionBlock, use_add_norm_vision_blocks
 
     model = tiny_model()
     visual = model.model.visual
@@ -117,9 +117,9 @@ def test_vision_block_with_the_joined_norm_equals_the_transformers_block():
         for block in visual.blocks:
             block.__class__ = Qwen2_5_VLVisionBlock
         plain = visual(pixels, grid_thw=grid).pooler_output
-        use_fused_vision_blocks(visual)  # swapping back works too
+        use_add_norm_vision_blocks(visual)  # swapping back works too
     torch.testing.assert_close(fused, plain, rtol=0, atol=0)
     assert all(type(block) is InfiniteVLVisionBlock for block in visual.blocks)
     visual.blocks[0].norm2 = torch.nn.LayerNorm(4)
     with pytest.raises(TypeError, match="expected Qwen2_5_VLRMSNorm in the vision blocks, got LayerNorm"):
-        use_fused_vision_blocks(visual)
+        use_add_norm_vision_blocks(visual)

@@ -19,7 +19,7 @@ from transformers import AutoProcessor, BitsAndBytesConfig, TorchAoConfig
 import infinitevl_hf
 from helpers import image_inputs, text_ids
 from infinitevl_hf import InfiniteVLForConditionalGeneration, StreamingSession
-from infinitevl_hf.modeling.fused_decode import FusedDecodeStep
+from infinitevl_hf.speed.decode_step import DecodeStep
 
 FULL_PRECISION = ("A_log", "dt_bias", "conv1d.weight", "norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")
 
@@ -118,8 +118,8 @@ def test_torchao_int8_linear_weights_shrink_to_about_a_quarter(reference, torcha
 
 
 def test_fused_decode_step_declines_quantized_weights_with_a_reason(reference, torchao_int8):
-    assert FusedDecodeStep.unsupported(reference) is None
-    assert "Int8Tensor (quantized" in FusedDecodeStep.unsupported(torchao_int8)
+    assert DecodeStep.unsupported(reference) is None
+    assert "Int8Tensor (quantized" in DecodeStep.unsupported(torchao_int8)
 
 
 def test_streaming_session_runs_on_torchao_int8(checkpoint, torchao_int8):
@@ -151,4 +151,4 @@ def test_bitsandbytes_on_cpu(checkpoint, reference, options, module, bound):
     assert error < bound, error  # measured 9.5e-3 (8-bit), 1.1e-1 (nf4)
     assert model.get_memory_footprint() < 0.5 * reference.get_memory_footprint()  # measured 46% (8-bit), 37% (nf4)
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 15)
-    assert FusedDecodeStep.unsupported(model) is not None  # CUDA's fused decode falls back to the module path
+    assert DecodeStep.unsupported(model) is not None  # CUDA's fused decode falls back to the module path

@@ -7,7 +7,7 @@ import torch
 from helpers import image_inputs, text_ids, tiny_model
 from infinitevl_hf import InfiniteVLCache
 from infinitevl_hf.modeling.compat import CACHE_KWARG
-from infinitevl_hf.modeling.fused_decode import FusedDecodeStep
+from infinitevl_hf.speed.decode_step import DecodeStep
 from infinitevl_hf.speed import DecodeGraphs, DecodePlan, decode_graphs_of
 from infinitevl_hf.speed import generation as speed_generation
 
@@ -24,7 +24,7 @@ class EagerStep:
 
     def __init__(self, model, cache):
         EagerStep.built += 1
-        self.fused = FusedDecodeStep(model, cache, concat_projections=True)
+        self.fused = DecodeStep(model, cache, concat_projections=True)
         self.model, self.cache = model, cache
         self.addresses, self.weights = cache.buffer_addresses(), _weights(model)
 

@@ -1,7 +1,7 @@
 """InfiniteVL: the Qwen2.5-VL vision tower feeding a decoder of sliding-window attention and Gated DeltaNet.
 
 Data flow: embed tokens -> vision tower (transformers' Qwen2.5-VL classes; its attention batches the windows,
-see vision_attention.py) -> image/video features scattered into their placeholder tokens -> 3-D mRoPE
+see `speed.vision`) -> image/video features scattered into their placeholder tokens -> 3-D mRoPE
 positions (continuing from the cache) -> decoder layers by `config.layer_types` -> norm -> lm_head.
 """
 
@@ -22,7 +22,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from .attention import InfiniteVLAttention, InfiniteVLRotaryEmbedding
 from .cache import InfiniteVLCache
 from .compat import CACHE_KWARG, pop_cache_kwarg
-from ..speed.generation import fast_decode, fast_prompt, generate_call, plan_generation, warmup
+from ..speed.generation import fast_forward, generate_call, plan_generation, warmup
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
 from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
 from .input_checks import check_vision_inputs
@@ -31,11 +31,8 @@ from .outputs import InfiniteVLCausalLMOutputWithPast, InfiniteVLModelOutputWith
 from .loading import LEGACY_KEY_MAPPING, check_loading_info
 from .positions import mrope_position_ids, num_vision_tokens, packed_mrope_position_ids
 from .remote_code import set_auto_map, write_model_card, write_remote_code
-from .vision_attention import use_batched_vision_attention
-from .vision_mlp import use_padded_vision_mlp
-from .vision_patch_embed import use_linear_patch_embed
 from .rms_norm import InfiniteVLRMSNorm
-from .vision_block import use_fused_vision_blocks
+from ..speed.vision import speed_up_vision_tower
 
 
 class InfiniteVLPreTrainedModel(PreTrainedModel):
@@ -337,10 +334,7 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
     def __init__(self, config: InfiniteVLConfig):
         super().__init__(config)
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
-        use_batched_vision_attention(self.visual)
-        use_padded_vision_mlp(self.visual)
-        use_fused_vision_blocks(self.visual)
-        use_linear_patch_embed(self.visual)
+        speed_up_vision_tower(self.visual)  # same parameters, faster modules (`speed.vision`)
         self.language_model = InfiniteVLTextModel._from_config(config.text_config)
         self.post_init()
 
@@ -561,43 +555,6 @@ class InfiniteVLModel(InfiniteVLPreTrainedModel):
 LOSS_KWARGS = ("shift_labels", "num_items_in_batch", "ignore_index")
 
 
-def _is_fresh_prompt(cache, input_ids, inputs_embeds, position_ids, pixel_values_videos, labels, logits_to_keep,
-                     kwargs) -> bool:
-    """A prompt of text (and images) into a cache nothing went through, asking for its last logits only: what a
-    captured prompt serves."""
-    return (
-        isinstance(cache, InfiniteVLCache)
-        and cache.next_positions is None
-        and input_ids is not None
-        and inputs_embeds is None
-        and position_ids is None
-        and pixel_values_videos is None
-        and labels is None
-        and isinstance(logits_to_keep, int)
-        and logits_to_keep == 1
-        and kwargs.get("second_per_grid_ts") is None
-        and kwargs.get("cu_seqlens") is None
-        and not kwargs.get("output_attentions")
-        and not kwargs.get("output_hidden_states")
-    )
-
-
-def _is_decode_step(cache, input_ids, inputs_embeds, pixel_values, pixel_values_videos, labels, kwargs) -> bool:
-    """One new text token per row after a prompt, nothing asked beyond the logits: what a captured step serves."""
-    return (
-        isinstance(cache, InfiniteVLCache)
-        and cache.seen_tokens > 0
-        and input_ids is not None
-        and input_ids.shape[1] == 1
-        and inputs_embeds is None
-        and pixel_values is None
-        and pixel_values_videos is None
-        and labels is None
-        and not kwargs.get("output_attentions")
-        and not kwargs.get("output_hidden_states")
-    )
-
-
 class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMixin):
     """InfiniteVL with its language-model head: `forward` (loss with `labels`) and `generate()`.
 
@@ -677,21 +634,19 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         `num_items_in_batch`, `ignore_index`) go to `self.loss_function`.
         """
         cache = kwargs[CACHE_KWARG] = pop_cache_kwarg(kwargs, past_key_values)
-        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                     second_per_grid_ts=second_per_grid_ts)
-        if _is_fresh_prompt(cache, input_ids, inputs_embeds, position_ids, pixel_values_videos, labels, logits_to_keep,
-                            flags):
-            logits = fast_prompt(self, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
-            if logits is not None:
-                result = CausalLMOutputWithPast(logits=logits)
-                result[CACHE_KWARG] = cache
-                return result
-        if _is_decode_step(cache, input_ids, inputs_embeds, pixel_values, pixel_values_videos, labels, flags):
-            logits = fast_decode(self, cache, input_ids)  # inside generate(): a captured graph, where it serves
-            if logits is not None:
-                result = CausalLMOutputWithPast(logits=logits)
-                result[CACHE_KWARG] = cache
-                return result
+        # Inside generate(), a prompt or decode step its planned cache can take replays a captured graph (`speed`).
+        logits = fast_forward(
+            self, cache, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, labels=labels, pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
+            second_per_grid_ts=second_per_grid_ts, logits_to_keep=logits_to_keep,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            cu_seqlens=kwargs.get("cu_seqlens"),
+        )
+        if logits is not None:
+            result = CausalLMOutputWithPast(logits=logits)
+            result[CACHE_KWARG] = cache
+            return result
         return_dict = self.config.return_dict if return_dict is None else return_dict
         loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
         wants_loss = labels is not None or loss_kwargs.get("shift_labels") is not None

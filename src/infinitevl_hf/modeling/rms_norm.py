@@ -1,16 +1,14 @@
-"""RMSNorm module of the decoder and the vision blocks whose inference on a GPU is one compiled kernel (the same
-math as Qwen2's RMSNorm, `ops.norms.rms_norm`: five float32 passes over the activations when run eagerly), also
-joined with the residual add before it (`add_then_norm`)."""
+"""RMSNorm of the decoder (and, through `speed.vision`, of the vision blocks): Qwen2's RMSNorm math
+(`ops.norms.rms_norm`), one compiled kernel for inference on a GPU instead of five float32 passes, also joined
+with the residual add before it (`add_then_norm`)."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 from .compiled import compiled_for_inference
 from .ops.norms import add_rms_norm, rms_norm
-from .retype import retype
 
 _rms_norm = compiled_for_inference(rms_norm)
 _add_rms_norm = compiled_for_inference(add_rms_norm)  # reads two activations, writes two: one pass saved
@@ -25,10 +23,3 @@ class InfiniteVLRMSNorm(Qwen2_5_VLRMSNorm):
     def add_then_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + delta, this norm of it) in one compiled kernel for CUDA inference."""
         return _add_rms_norm(residual, delta, self.weight, self.variance_epsilon)
-
-
-def use_compiled_vision_norms(visual: nn.Module) -> None:
-    """Make the two norms of every vision block `InfiniteVLRMSNorm` (only the class changes)."""
-    for block in visual.blocks:
-        for norm in (block.norm1, block.norm2):
-            retype(norm, Qwen2_5_VLRMSNorm, InfiniteVLRMSNorm, "in the vision blocks")

@@ -1,10 +1,22 @@
-"""Speed machinery applied to the model from outside: the decode path of `generate()` and its captured graphs.
+"""The speed machinery, applied to the model from outside; `modeling/` stays the reference it is tested against.
 
-The model calls in through `generation.fast_decode` only; the modules in `modeling/` stay the reference.
+The model reaches it through two calls: `speed.vision.speed_up_vision_tower` when it builds its vision tower,
+and `generation.fast_forward` at the top of `forward` (inside `generate()` only; None means "run the modules").
+
+- `plan`: which decode path a `generate()` call takes (captured graph, or the module path over a static or
+  dynamic cache), as a plain function of device, flags and model, with the reason for every fallback.
+- `generation`: the per-call scope (`generate_call`), the plan for the call's cache, `fast_forward`, `warmup`.
+- `decode_graphs` / `prompt_graphs`: graphs kept on the model (one static cache per batch size, dtype and
+  device), reused by every later call; prompts are captured in bucketed lengths.
+- `graph_capture`: capture over a cache (`capture_over_cache`), the captured decode step and captured prefill.
+- `frame_graphs`: a whole streamed call (vision tower included) captured as one graph (`StreamingSession`).
+- `decode_step`: the decoder's one-token step as plain tensor functions for `torch.compile`, the one second
+  formulation of the layer math (its docstring says why; tests pin it to the modules).
+- `vision`: faster equivalents of the vision tower's modules.
 """
 
 from .decode_graphs import DecodeGraphs, GraphSlot, decode_graphs_of
-from .generation import fast_decode, fast_prompt, generate_call, plan_for_model, plan_generation, warmup
+from .generation import fast_forward, generate_call, plan_for_model, plan_generation, warmup
 from .plan import DecodePlan, decode_plan
 
 __all__ = [
@@ -13,8 +25,7 @@ __all__ = [
     "GraphSlot",
     "decode_graphs_of",
     "decode_plan",
-    "fast_decode",
-    "fast_prompt",
+    "fast_forward",
     "generate_call",
     "plan_for_model",
     "plan_generation",

@@ -30,9 +30,9 @@ class GraphSlot:
 
     def __init__(self, model, rows: int, dtype: torch.dtype, device: torch.device):
         from ..modeling.cache import InfiniteVLCache
-        from ..modeling.fused_decode import FusedDecodeStep
+        from .decode_step import DecodeStep
 
-        FusedDecodeStep.join_weights(model)  # the weights' final place, before they are recorded and captured
+        DecodeStep.join_weights(model)  # the weights' final place, before they are recorded and captured
         self.cache = InfiniteVLCache.empty_static(model.config, rows, dtype, device)
         self.addresses = self.cache.buffer_addresses()
         self.weights = _weight_addresses(model)
@@ -181,14 +181,14 @@ class DecodeGraphs:
 
 def capture_compiled_decode(model, cache):
     """The CUDA graph of the compiled one-token step (joined projections, Triton matrix-vector kernels)."""
-    from ..modeling.cuda_graph import CUDAGraphDecoder
+    from .graph_capture import CUDAGraphDecoder
 
-    return CUDAGraphDecoder(model, cache, compile="fused", concat_projections=True, triton_matvec=True)
+    return CUDAGraphDecoder(model, cache, compile=True, concat_projections=True, triton_matvec=True)
 
 
 def capture_prompt_graph(step: PromptStep, cache) -> Callable[[], torch.Tensor]:
     """The CUDA graph of `step(cache)`: warmed up on a fork of the cache, captured over the cache itself."""
-    from ..modeling.cuda_graph import capture_over_cache
+    from .graph_capture import capture_over_cache
 
     graph, logits = capture_over_cache(cache, step, warmup_steps=2)
 

@@ -1,9 +1,10 @@
-"""The one entry point from the model into the speed machinery during `generate()`.
+"""The entry points from the model into the speed machinery during `generate()`.
 
 `generate()` runs inside `generate_call()`; when transformers prepares the call's cache, `plan_generation`
-picks its decode path (`plan.decode_plan`) and logs once why it is not the fastest. Every decode step of the
-model's `forward` asks `fast_decode` (and its prompt `fast_prompt`), which replay the model's captured graphs
-for that cache (or turn the cache static for the module path) and return None where the module path serves.
+picks its decode path (`plan.decode_plan`) and logs once why it is not the fastest. Every `forward` call asks
+`fast_forward` first: a fresh prompt (`fast_prompt`) or a decode step (`fast_decode`) of that cache replays the
+model's captured graphs (or turns the cache static for the module path); it returns None where the module path
+serves.
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ def generate_call(model):
 
 
 def _triton_available() -> bool:
-    from ..modeling.cuda_graph import fused_decode_available
+    from .graph_capture import triton_available
 
-    return fused_decode_available()
+    return triton_available()
 
 
 def plan_for_model(model, device: torch.device, generation_config=None) -> DecodePlan:
     """`decode_plan` for this model on `device` with these generation flags."""
-    from ..modeling.fused_decode import FusedDecodeStep
+    from .decode_step import DecodeStep
 
     flags = generation_config
     cuda = device.type == "cuda"
@@ -66,7 +67,7 @@ def plan_for_model(model, device: torch.device, generation_config=None) -> Decod
         output_attentions=bool(getattr(flags, "output_attentions", False)),
         output_hidden_states=bool(getattr(flags, "output_hidden_states", False)),
         triton_available=_triton_available() if cuda else True,
-        model_problem=FusedDecodeStep.unsupported(model) if cuda else None,
+        model_problem=DecodeStep.unsupported(model) if cuda else None,
         static_requested=getattr(flags, "cache_implementation", None) == "static",
         static_possible=all(text.window_for_layer(i) is not None
                             for i, kind in enumerate(text.layer_types) if kind != "linear_attention"),
@@ -114,6 +115,29 @@ def fast_prompt(model, cache, input_ids: torch.LongTensor, attention_mask: torch
 
     check_vision_inputs(model.config, input_ids, pixel_values, image_grid_thw, None, None)  # as the module path does
     return decode_graphs_of(model).prompt(model, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
+
+
+def fast_forward(model, cache, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                 labels=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None, second_per_grid_ts=None,
+                 logits_to_keep=0, output_hidden_states=None, output_attentions=None, cu_seqlens=None
+                 ) -> torch.Tensor | None:
+    """The model's one call into the speed machinery: logits of a `forward` call that a captured graph serves (a
+    fresh prompt, or a decode step, of the cache the current `generate()` call planned for), else None."""
+    if not _current_cache_is(cache) or labels is not None or output_attentions or output_hidden_states:
+        return None
+    if (cache.next_positions is None and input_ids is not None and inputs_embeds is None and position_ids is None
+            and pixel_values_videos is None and second_per_grid_ts is None and cu_seqlens is None
+            and isinstance(logits_to_keep, int) and logits_to_keep == 1):
+        return fast_prompt(model, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
+    if (cache.seen_tokens > 0 and input_ids is not None and input_ids.shape[1] == 1 and inputs_embeds is None
+            and pixel_values is None and pixel_values_videos is None):
+        return fast_decode(model, cache, input_ids)
+    return None
+
+
+def _current_cache_is(cache) -> bool:
+    call = _CURRENT.get()
+    return call is not None and cache is not None and call.cache is cache
 
 
 def warmup(model, batch_sizes: tuple[int, ...] = (1,), prompt_tokens: int = 64, new_tokens: int = 2) -> None:

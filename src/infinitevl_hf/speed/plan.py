@@ -37,7 +37,7 @@ def decode_plan(
 ) -> DecodePlan:
     """The decode path for one `generate()` call.
 
-    model_problem: why the compiled step cannot read this model's weights (`FusedDecodeStep.unsupported`), or None.
+    model_problem: why the compiled step cannot read this model's weights (`DecodeStep.unsupported`), or None.
     static_requested: `cache_implementation="static"`, which off CUDA still decodes over the rings.
     static_possible: False when some layer is full attention (its cache grows without bound: no static cache).
     """

@@ -75,7 +75,7 @@ class PromptStep:
     its last position. Reads its inputs from buffers that `load` fills (a captured graph reads the same ones)."""
 
     def __init__(self, model, shape: PromptShape, like: dict, pixel_values: torch.Tensor | None):
-        from ..modeling.frame_graph import vision_layout
+        from .frame_graphs import vision_layout
 
         self.model, self.shape = model, shape
         self.buffers = {name: torch.zeros_like(value) for name, value in like.items()}

@@ -12,7 +12,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLVisionAttention,
 )
 
-from infinitevl_hf.modeling.vision_attention import InfiniteVLVisionAttention, use_batched_vision_attention
+from infinitevl_hf.speed.vision.attention import InfiniteVLVisionAttention, use_batched_vision_attention
 
 # The tiny tower: 2x2 patches, 2x2 merge, window 8 px -> windows of 2x2 merged units (16 patches);
 # block 0 is windowed, block 1 full attention.

@@ -10,7 +10,7 @@ from helpers import tiny_config
 from safetensors.torch import load_file, save_file
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
 
-from infinitevl_hf.modeling.vision_mlp import PAD_MULTIPLE, InfiniteVLVisionMLP, use_padded_vision_mlp
+from infinitevl_hf.speed.vision.mlp import PAD_MULTIPLE, InfiniteVLVisionMLP, use_padded_vision_mlp
 
 
 def mlp(seed: int = 0, act: str | None = None) -> InfiniteVLVisionMLP:

@@ -19,7 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention, eager_attention_forward
 from transformers.utils.generic import is_flash_attention_requested
 
-from .ops.rotary import split_qkv, vision_rotary_qk
+from ...modeling.ops.rotary import split_qkv, vision_rotary_qk
 
 
 def _segments_by_length(cu_seqlens: torch.Tensor, seq_length: int) -> dict[int, torch.Tensor]:

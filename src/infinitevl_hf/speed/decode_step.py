@@ -11,24 +11,25 @@ fuses what is left, and one compiled function serves every layer of its type.
 
 The math is the module path's, op for op (`InfiniteVLGatedDeltaNet` with the torch recurrence,
 `InfiniteVLAttention` over a ring, Qwen2's RMSNorm and MLP); tests compare the two. Used by
-`CUDAGraphDecoder(..., compile="fused")`, the default of `generate(cache_implementation="static")` on CUDA.
+`CUDAGraphDecoder(..., compile=True)`, which `generate()` replays on CUDA (`speed.decode_graphs`).
 """
 
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import rotate_half
-from .cache import InfiniteVLCache, InfiniteVLLinearAttentionLayer, InfiniteVLRingAttentionLayer
-from .gated_deltanet import InfiniteVLGatedDeltaNet
-from .ops.decode_attention import decode_attention
-from .ops.gated_delta_rule import gated_delta_rule_decode_step
-from .ops.matvec import ConvUpdate, matvec, matvec_available, rms_norm_matvec
-from .ops.matvec.reference import Weight
+from ..modeling.attention import rotate_half
+from ..modeling.cache import InfiniteVLCache, InfiniteVLLinearAttentionLayer, InfiniteVLRingAttentionLayer
+from ..modeling.gated_deltanet import InfiniteVLGatedDeltaNet
+from ..modeling.ops.decode_attention import decode_attention
+from ..modeling.ops.gated_delta_rule import gated_delta_rule_decode_step
+from ..modeling.ops.matvec import ConvUpdate, matvec, matvec_available, rms_norm_matvec
+from ..modeling.ops.matvec.reference import Weight
 from .shared_storage import save_own_storage
 
 
@@ -137,6 +138,36 @@ def embed_and_rope(input_ids: torch.Tensor, embed_w: torch.Tensor, next_position
     return hidden, cos[:, 0], sin[:, 0]
 
 
+class LayerWeights(NamedTuple):
+    """The weights of a decoder layer around its mixer: the two norms and the MLP."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: Weight
+    down: torch.Tensor
+
+
+class GatedDeltaNetLayer(NamedTuple):
+    """What one Gated DeltaNet layer's step reads: its weights, the module (gates, norm, o_proj) and its cache."""
+
+    weights: LayerWeights
+    mixer: InfiniteVLGatedDeltaNet
+    in_w: Weight  # q, k, v, a, b, g projections
+    conv_w: Weight  # q/k/v short convolutions [D, W]
+    conv_b: Weight | None
+    cache: InfiniteVLLinearAttentionLayer
+
+
+class AttentionLayer(NamedTuple):
+    """What one sliding-window attention layer's step reads: its weights, the module (o_proj, heads), its ring."""
+
+    weights: LayerWeights
+    mixer: nn.Module
+    in_w: Weight  # q, k, v projections
+    in_b: Weight
+    cache: InfiniteVLRingAttentionLayer
+
+
 _STEP_FUNCTIONS = {
     "embed": embed_and_rope,
     "gdn": gated_deltanet_layer_step,
@@ -155,11 +186,11 @@ def _step_functions(compile: bool) -> dict:
     return _COMPILED
 
 
-class FusedDecodeStep:
+class DecodeStep:
     """`model(input_ids[B, 1], cache)` for a static cache as tensor functions, optionally `torch.compile`d.
 
     ```python
-    >>> step = FusedDecodeStep(model, cache, compile=True)   # cache: static, a prompt went through it
+    >>> step = DecodeStep(model, cache, compile=True)   # cache: static, a prompt went through it
     >>> logits = step(next_token_ids)                         # [B, 1] -> [B, 1, vocab]; the cache advances
     ```
     It never calls Python per-layer cache logic, so a CUDA graph can capture it (`CUDAGraphDecoder`).
@@ -180,10 +211,10 @@ class FusedDecodeStep:
     def __init__(self, model, cache: InfiniteVLCache, compile: bool = False, concat_projections: bool = False,
                  triton_matvec: bool = False):
         if not cache.is_static:
-            raise ValueError("FusedDecodeStep needs a static cache (InfiniteVLCache.to_static()).")
+            raise ValueError("DecodeStep needs a static cache (InfiniteVLCache.to_static()).")
         problem = self.unsupported(model)
         if problem is not None:
-            raise ValueError(f"FusedDecodeStep cannot run this model: {problem}.")
+            raise ValueError(f"DecodeStep cannot run this model: {problem}.")
         text = model.model.language_model
         self.model, self.text, self.cache = model, text, cache
         self.fns = _step_functions(compile)
@@ -191,25 +222,26 @@ class FusedDecodeStep:
         if triton_matvec and not matvec_available():
             raise ValueError("triton_matvec=True needs Triton (a CUDA install).")
         self.fast = triton_matvec
-        self.layers = []
+        self.layers: list[GatedDeltaNetLayer | AttentionLayer] = []
         for layer, layer_cache in zip(text.layers, cache.layers):
             mixer = layer.self_attn
             gate_up = self._joined((layer.mlp.gate_proj, layer.mlp.up_proj), "weight", concat_projections)
-            dense = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, _single(gate_up), layer.mlp.down_proj.weight)
+            weights = LayerWeights(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, _single(gate_up),
+                                   layer.mlp.down_proj.weight)
             if isinstance(layer_cache, InfiniteVLLinearAttentionLayer):
                 projections = (mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.a_proj, mixer.b_proj, mixer.g_proj)
                 convs = (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d)
                 conv_ws = tuple(w[:, 0] for w in self._joined(convs, "weight", concat_projections))  # [D, 1, W] -> [D, W]
-                conv_bs = self._joined(convs, "bias", concat_projections)
-                conv = (_single(conv_ws), _single(conv_bs))
-                self.layers.append(("gdn", dense, mixer, (_single(self._joined(projections, "weight", concat_projections)), conv), layer_cache))
+                self.layers.append(GatedDeltaNetLayer(
+                    weights, mixer, _single(self._joined(projections, "weight", concat_projections)), _single(conv_ws),
+                    _single(self._joined(convs, "bias", concat_projections)), layer_cache))
             elif isinstance(layer_cache, InfiniteVLRingAttentionLayer):
                 projections = (mixer.q_proj, mixer.k_proj, mixer.v_proj)
-                in_w = _single(self._joined(projections, "weight", concat_projections))
-                in_b = _single(self._joined(projections, "bias", concat_projections))
-                self.layers.append(("attn", dense, mixer, (in_w, in_b), layer_cache))
+                self.layers.append(AttentionLayer(
+                    weights, mixer, _single(self._joined(projections, "weight", concat_projections)),
+                    _single(self._joined(projections, "bias", concat_projections)), layer_cache))
             else:
-                raise ValueError(f"FusedDecodeStep cannot decode a {type(layer_cache).__name__} layer.")
+                raise ValueError(f"DecodeStep cannot decode a {type(layer_cache).__name__} layer.")
 
     @classmethod
     def join_weights(cls, model) -> None:
@@ -234,7 +266,7 @@ class FusedDecodeStep:
 
     @staticmethod
     def unsupported(model) -> str | None:
-        """Why the fused step cannot stand in for this model's decoder, or None. It reads the weights directly,
+        """Why the decode step cannot stand in for this model's decoder, or None. It reads the weights directly,
         so every module must be the plain one (no LoRA or quantized layers, whose forward it would skip) and
         everything must sit on one device (no accelerate dispatch hooks moving tensors between devices)."""
         text = model.model.language_model
@@ -260,13 +292,13 @@ class FusedDecodeStep:
                 return f"{name} is a {type(p.data).__name__} (quantized or sharded), whose data the step cannot read"
         return None
 
-    def with_cache(self, cache: InfiniteVLCache) -> FusedDecodeStep:
+    def with_cache(self, cache: InfiniteVLCache) -> DecodeStep:
         """The same step (same weights, concatenated ones included) over another static cache of the same shape."""
         if not cache.is_static:
-            raise ValueError("FusedDecodeStep needs a static cache (InfiniteVLCache.to_static()).")
+            raise ValueError("DecodeStep needs a static cache (InfiniteVLCache.to_static()).")
         other = copy.copy(self)
         other.cache = cache
-        other.layers = [entry[:4] + (layer_cache,) for entry, layer_cache in zip(self.layers, cache.layers)]
+        other.layers = [entry._replace(cache=layer_cache) for entry, layer_cache in zip(self.layers, cache.layers)]
         return other
 
     @staticmethod
@@ -296,20 +328,19 @@ class FusedDecodeStep:
     def __call__(self, input_ids: torch.LongTensor) -> torch.Tensor:
         cache, fns, eps, fast = self.cache, self.fns, self.eps, self.fast
         hidden, cos, sin = fns["embed"](input_ids, self.text.embed_tokens.weight, cache.next_positions, self.text.rotary_emb)
-        for kind, (norm_w, post_w, gate_up, down_w), mixer, projections, layer_cache in self.layers:
-            if kind == "gdn":
-                in_w, (conv_w, conv_b) = projections
-                states = layer_cache.conv_states
-                conv = ConvUpdate(conv_w, conv_b, (states[0], states[1], states[2]))
+        for entry in self.layers:
+            w, mixer, states = entry.weights, entry.mixer, entry.cache
+            if isinstance(entry, GatedDeltaNetLayer):
+                conv = ConvUpdate(entry.conv_w, entry.conv_b, tuple(states.conv_states[j] for j in range(3)))
                 hidden = fns["gdn"](
-                    hidden, norm_w, in_w, conv, mixer.A_log, mixer.dt_bias, layer_cache.recurrent_states[0],
-                    mixer.o_norm.weight, mixer.o_proj.weight, post_w, gate_up, down_w, eps, mixer.o_norm.eps, fast,
+                    hidden, w.input_norm, entry.in_w, conv, mixer.A_log, mixer.dt_bias, states.recurrent_states[0],
+                    mixer.o_norm.weight, mixer.o_proj.weight, w.post_norm, w.gate_up, w.down, eps, mixer.o_norm.eps, fast,
                 )
             else:
                 hidden = fns["attn"](
-                    hidden, norm_w, *projections, cos, sin, mixer.num_key_value_heads,
-                    layer_cache.keys, layer_cache.values, layer_cache.valid, layer_cache.step,
-                    mixer.o_proj.weight, post_w, gate_up, down_w, eps, fast,
+                    hidden, w.input_norm, entry.in_w, entry.in_b, cos, sin, mixer.num_key_value_heads,
+                    states.keys, states.values, states.valid, states.step,
+                    mixer.o_proj.weight, w.post_norm, w.gate_up, w.down, eps, fast,
                 )
         logits = fns["head"](hidden, self.text.norm.weight, self.model.lm_head.weight, eps, fast)
         cache.next_positions.add_(1)

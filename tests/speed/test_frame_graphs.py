@@ -7,7 +7,7 @@ from helpers import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, text_ids
 
 from infinitevl_hf import InfiniteVLCache
 from infinitevl_hf.modeling.compat import CACHE_KWARG
-from infinitevl_hf.modeling.frame_graph import FrameStep, vision_layout
+from infinitevl_hf.speed.frame_graphs import FrameStep, vision_layout
 
 
 def chunk_ids(grids, token):

@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .compat import CACHE_KWARG
-from .cuda_graph import capture_over_cache
-from .fused_decode import FusedDecodeStep
-from .positions import mrope_position_ids, num_vision_tokens
+from ..modeling.compat import CACHE_KWARG
+from .graph_capture import capture_over_cache
+from .decode_step import DecodeStep
+from ..modeling.positions import mrope_position_ids, num_vision_tokens
 
 
 def vision_layout(visual: nn.Module, grid_thw: torch.LongTensor) -> dict:
@@ -123,7 +123,7 @@ class CUDAGraphFrames:
                              f"got {input_ids.shape[1]}.")
         if input_ids.shape[0] != cache.batch_rows:
             raise ValueError(f"input_ids have {input_ids.shape[0]} rows, the cache {cache.batch_rows}.")
-        FusedDecodeStep.join_weights(model)  # before any capture: see `FusedDecodeStep.join_weights`
+        DecodeStep.join_weights(model)  # before any capture: see `DecodeStep.join_weights`
         self.step, self.cache, self.length = FrameStep(model, input_ids, **grids), cache, input_ids.shape[1]
         visual = model.model.visual
         patches = int(self.step.grid.prod(-1).sum())

@@ -7,7 +7,7 @@ up, their biases) and zero columns (down), the products take the sm90 kernels an
 the extra gate/up outputs are 0, so `act(gate) * up` is 0 there and adds nothing through `down`.
 
 No weight is copied: the first CUDA inference call re-lays the parameters as views into the padded buffers
-(gate and up stacked, so they also run as one product), the way `FusedDecodeStep` joins projections.
+(gate and up stacked, so they also run as one product), the way `DecodeStep` joins projections.
 Names, shapes and values of the parameters are unchanged; a state-dict hook saves each as a tensor of its
 own. With gradients enabled (training), or off CUDA, the module runs the parent's forward on its parameters.
 """
@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
 
-from .compiled import compiled_for_inference
-from .mlp import silu_mul
-from .retype import retype
-from .shared_storage import save_own_storage
+from ...modeling.compiled import compiled_for_inference
+from ...modeling.mlp import silu_mul
+from ..retype import retype
+from ..shared_storage import save_own_storage
 
 PAD_MULTIPLE = 128
 

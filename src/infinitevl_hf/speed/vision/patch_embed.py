@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
 
-from .retype import retype
+from ..retype import retype
 
 
 class InfiniteVLVisionPatchEmbed(Qwen2_5_VisionPatchEmbed):

@@ -1,4 +1,4 @@
-"""FusedDecodeStep: the one-token decode as tensor functions equals the module path, eager and compiled."""
+"""DecodeStep: the one-token decode as tensor functions equals the module path, eager and compiled."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from helpers import image_inputs, text_ids, tiny_model
 from infinitevl_hf import InfiniteVLCache
 from infinitevl_hf.modeling.compat import CACHE_KWARG
-from infinitevl_hf.modeling.fused_decode import FusedDecodeStep
+from infinitevl_hf.speed.decode_step import DecodeStep
 
 
 def _prompted(model, **inputs) -> InfiniteVLCache:
@@ -26,7 +26,7 @@ def _module_steps(model, cache, tokens):
 
 
 def _fused_steps(model, cache, tokens, compile=False, concat=False):
-    step = FusedDecodeStep(model, cache, compile=compile, concat_projections=concat)
+    step = DecodeStep(model, cache, compile=compile, concat_projections=concat)
     return torch.cat([step(tokens[:, t : t + 1]) for t in range(tokens.shape[1])], 1)
 
 
@@ -65,13 +65,13 @@ def test_fused_steps_continue_positions_after_an_image():
     torch.testing.assert_close(_fused_steps(model, cache, tokens), _module_steps(model, reference_cache, tokens), atol=2e-5, rtol=0)
 
 
-def test_fused_step_needs_a_static_cache():
+def test_decode_step_needs_a_static_cache():
     model = tiny_model()
     cache = InfiniteVLCache(model.config)
     with torch.no_grad():
         model(input_ids=text_ids(1, 4), use_cache=True, **{CACHE_KWARG: cache})
     with pytest.raises(ValueError, match="static cache"):
-        FusedDecodeStep(model, cache)
+        DecodeStep(model, cache)
 
 
 @pytest.mark.slow
@@ -90,23 +90,23 @@ def test_concatenated_projections_are_views_that_keep_the_weights():
     model = tiny_model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     cache = _prompted(model, input_ids=text_ids(1, 6))
-    FusedDecodeStep(model, cache, concat_projections=True)
+    DecodeStep(model, cache, concat_projections=True)
     mlp = model.model.language_model.layers[1].mlp
     assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr()
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
     # a second step over the same layout views the joined buffers instead of copying them again
-    second = FusedDecodeStep(model, cache.fork(), concat_projections=True)
-    joined = second.layers[1][1][2]
+    second = DecodeStep(model, cache.fork(), concat_projections=True)
+    joined = second.layers[1].weights.gate_up
     assert joined.untyped_storage().data_ptr() == mlp.gate_proj.weight.untyped_storage().data_ptr()
     assert torch.equal(joined, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
 
 
-def test_fused_step_refuses_models_whose_modules_it_would_bypass():
+def test_decode_step_refuses_models_whose_modules_it_would_bypass():
     from torch import nn
 
     model = tiny_model()
-    assert FusedDecodeStep.unsupported(model) is None
+    assert DecodeStep.unsupported(model) is None
     cache = _prompted(model, input_ids=text_ids(1, 6))
 
     class Wrapped(nn.Linear):  # stands for a LoRA/quantized layer whose forward differs from F.linear
@@ -115,33 +115,33 @@ def test_fused_step_refuses_models_whose_modules_it_would_bypass():
     mlp = model.model.language_model.layers[1].mlp
     plain = mlp.up_proj
     mlp.up_proj = Wrapped(plain.in_features, plain.out_features, bias=False)
-    assert "Wrapped" in FusedDecodeStep.unsupported(model)
+    assert "Wrapped" in DecodeStep.unsupported(model)
     with pytest.raises(ValueError, match="not a plain nn.Linear"):
-        FusedDecodeStep(model, cache)
+        DecodeStep(model, cache)
     mlp.up_proj = plain
     model.model.language_model.layers[0]._hf_hook = object()  # what accelerate's device_map dispatch attaches
-    assert "accelerate" in FusedDecodeStep.unsupported(model)
+    assert "accelerate" in DecodeStep.unsupported(model)
 
 
-def test_fused_step_refuses_lora_adapters():
+def test_decode_step_refuses_lora_adapters():
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj", "up_proj"])).base_model.model
-    assert "LoRA" in FusedDecodeStep.unsupported(model)
+    assert "LoRA" in DecodeStep.unsupported(model)
 
 
-def test_fused_step_refuses_lora_on_the_lm_head():
+def test_decode_step_refuses_lora_on_the_lm_head():
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["lm_head"])).base_model.model
-    assert "lm_head" in FusedDecodeStep.unsupported(model)
+    assert "lm_head" in DecodeStep.unsupported(model)
 
 
 @pytest.mark.parametrize("override", [{"use_short_conv": False}, {"use_gate": False}])
 def test_unsupported_names_gated_deltanet_variants_the_step_does_not_cover(override):
     # generate(static) on CUDA asks unsupported() before building the step: it must fall back, not raise
     model = tiny_model(**override)
-    assert "Gated DeltaNet" in FusedDecodeStep.unsupported(model)
+    assert "Gated DeltaNet" in DecodeStep.unsupported(model)
 
 
 def test_joined_weights_still_save_through_safetensors_and_accelerate(tmp_path):
@@ -149,7 +149,7 @@ def test_joined_weights_still_save_through_safetensors_and_accelerate(tmp_path):
     from safetensors.torch import load_file, save_model
 
     model = tiny_model(tie_word_embeddings=False)
-    FusedDecodeStep(model, _prompted(model, input_ids=text_ids(1, 6)), concat_projections=True)
+    DecodeStep(model, _prompted(model, input_ids=text_ids(1, 6)), concat_projections=True)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     save_model(model, str(tmp_path / "direct.safetensors"))  # refuses tensors that share a buffer
     Accelerator().save_model(model, str(tmp_path / "accelerate"))  # would drop all but one per buffer

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm, Qwen2_5_VLVisionBlock
 
-from .rms_norm import use_compiled_vision_norms
-from .retype import retype
+from ...modeling.rms_norm import InfiniteVLRMSNorm
+from ..retype import retype
 
 
 class InfiniteVLVisionBlock(Qwen2_5_VLVisionBlock):
@@ -27,7 +27,14 @@ class InfiniteVLVisionBlock(Qwen2_5_VLVisionBlock):
         return hidden_states + self.mlp(normed)
 
 
-def use_fused_vision_blocks(visual: nn.Module) -> None:
+def use_compiled_vision_norms(visual: nn.Module) -> None:
+    """Make the two norms of every vision block `InfiniteVLRMSNorm` (only the class changes)."""
+    for block in visual.blocks:
+        for norm in (block.norm1, block.norm2):
+            retype(norm, Qwen2_5_VLRMSNorm, InfiniteVLRMSNorm, "in the vision blocks")
+
+
+def use_add_norm_vision_blocks(visual: nn.Module) -> None:
     """Make every block of a Qwen2.5-VL vision tower an `InfiniteVLVisionBlock` with `InfiniteVLRMSNorm`s (only
     the classes change)."""
     use_compiled_vision_norms(visual)

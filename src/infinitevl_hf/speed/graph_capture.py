@@ -9,7 +9,7 @@ The same holds for feeding a fixed number of tokens, e.g. one video frame per ca
 `CUDAGraphPrefill` captures the decoder over `length` input embeddings (the vision tower stays eager;
 `frame_graph.CUDAGraphFrames` captures whole calls of frames, tower included).
 
-`generate()` on CUDA replays decode steps of the compiled `FusedDecodeStep` (`compile="fused"`, concatenated
+`generate()` on CUDA replays decode steps of the compiled `DecodeStep` (`compile=True`, concatenated
 projections, the Triton matvec), kept on the model by `speed.decode_graphs`; or use them directly:
 
 ```python
@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from .compat import CACHE_KWARG
-from .fused_decode import FusedDecodeStep
+from ..modeling.compat import CACHE_KWARG
+from .decode_step import DecodeStep
 
-COMPILE_MODES = (None, "fused", "modules", "layers")
-
-
-def fused_decode_available() -> bool:
-    """Whether `torch.compile` can build the fused decode step here (it emits Triton kernels on CUDA)."""
+def triton_available() -> bool:
+    """Whether `torch.compile` can build the compiled decode step here (it emits Triton kernels on CUDA)."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -61,37 +58,32 @@ def capture_over_cache(cache, forward, warmup_steps: int) -> tuple[torch.cuda.CU
 class CUDAGraphDecoder:
     """Captures `model(input_ids[B, 1], cache)` once and replays it for every following token."""
 
-    def __init__(self, model, cache, warmup_steps: int = 2, compile: str | None = None, concat_projections: bool = False,
+    def __init__(self, model, cache, warmup_steps: int = 2, compile: bool = False, concat_projections: bool = False,
                  triton_matvec: bool = False):
-        """compile: None (eager kernels in the graph), "fused" (`FusedDecodeStep`: each decoder layer one
-        `torch.compile`d function of tensors), "modules" (`torch.compile` the norms and MLPs) or "layers"
-        (whole decoder modules). Compiling fuses the many small elementwise kernels of a one-token step;
-        results then differ from eager by rounding. concat_projections, triton_matvec (with "fused"): see `FusedDecodeStep`."""
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        """compile=False captures the module path's kernels; compile=True the compiled `DecodeStep` (each decoder
+        layer one `torch.compile`d function of tensors, which fuses the many small elementwise kernels of a
+        one-token step; results then differ from the module path by rounding). concat_projections, triton_matvec
+        (with compile=True): see `DecodeStep`."""
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         if not torch.cuda.is_available() or cache.next_positions is None or not cache.next_positions.is_cuda:
             raise ValueError("CUDAGraphDecoder needs a CUDA model and a cache that a prompt already went through.")
         cache.to_static()
-        FusedDecodeStep.join_weights(model)  # before any capture: see `FusedDecodeStep.join_weights`
+        DecodeStep.join_weights(model)  # before any capture: see `DecodeStep.join_weights`
         # Built outside the capture (concatenating weights inside it would record the copies into the graph).
-        self.fused = None
-        if compile == "fused":
-            self.fused = FusedDecodeStep(model, cache, compile=True, concat_projections=concat_projections,
-                                         triton_matvec=triton_matvec)
-        if compile in ("modules", "layers"):
-            for layer in model.model.language_model.layers:
-                modules = [layer] if compile == "layers" else [layer.input_layernorm, layer.post_attention_layernorm, layer.mlp]
-                for module in modules:
-                    module.compile(dynamic=False)
-        if compile is not None:  # the first calls compile; capture only after the kernels settled
-            warmup_steps = max(warmup_steps, 3)
+        self.decode_step = None
+        if compile:
+            self.decode_step = DecodeStep(model, cache, compile=True, concat_projections=concat_projections,
+                                          triton_matvec=triton_matvec)
+            warmup_steps = max(warmup_steps, 3)  # the first calls compile; capture only after the kernels settled
         self.model, self.cache = model, cache
         self.input_ids = torch.zeros(cache.batch_rows, 1, dtype=torch.long, device=cache.next_positions.device)
         self.graph, self.logits = capture_over_cache(cache, self._forward, warmup_steps)
 
     def _forward(self, cache) -> torch.Tensor:
-        if self.fused is not None:
-            return (self.fused if cache is self.cache else self.fused.with_cache(cache))(self.input_ids)
+        if self.decode_step is not None:
+            step = self.decode_step if cache is self.cache else self.decode_step.with_cache(cache)
+            return step(self.input_ids)
         with torch.no_grad():
             return self.model(
                 input_ids=self.input_ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache}
@@ -121,7 +113,7 @@ class CUDAGraphPrefill:
         cache.to_static()
         if length > cache.max_tokens_per_call:
             raise ValueError(f"A captured prefill takes at most one window ({cache.max_tokens_per_call} tokens), got {length}.")
-        FusedDecodeStep.join_weights(model)  # before any capture: see `FusedDecodeStep.join_weights`
+        DecodeStep.join_weights(model)  # before any capture: see `DecodeStep.join_weights`
         self.decoder, self.cache, self.length = model.model.language_model, cache, length
         embed = self.decoder.get_input_embeddings().weight
         self.inputs_embeds = torch.zeros(cache.batch_rows, length, embed.shape[1], dtype=embed.dtype, device=embed.device)
