@@ -69,14 +69,29 @@ def test_generate_prints_text(capsys, tiny):
     assert isinstance(text, str) and f"{text!r}  (random weights: the text is meaningless)" in out
 
 
-def test_export_and_env(capsys, tmp_path, tiny):
+def _export(tiny, tmp_path):
     assert cli.main(["export", str(tiny), str(tmp_path / "out")]) == 0
+
+
+def test_export_writes_the_remote_code(tmp_path, tiny):
+    _export(tiny, tmp_path)
     assert (tmp_path / "out" / "modeling_infinitevl.py").is_file()
     assert (tmp_path / "out" / "processing_infinitevl.py").is_file()
+
+
+def test_export_into_a_non_empty_folder_is_one_line_naming_overwrite(capsys, tmp_path, tiny):
+    _export(tiny, tmp_path)
     assert "exists and is not empty" in _one_line_error(capsys, ["export", str(tiny), str(tmp_path / "out")])
     assert "--overwrite" in _one_line_error(capsys, ["export", str(tiny), str(tmp_path / "out")])
+
+
+def test_env_lists_torch_beside_the_fla_kernels():
     info = cli.run(["env"])
     assert "torch" in info and "fla kernels" in info
+
+
+def test_env_says_whether_fused_decode_is_available():
+    info = cli.run(["env"])
     import torch
 
     assert info["fused decode"].startswith("unavailable") != (triton_available() and torch.cuda.is_available())

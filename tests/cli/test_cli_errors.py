@@ -49,36 +49,43 @@ def _index(folder, shard_of) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {k: shard_of(i) for i, k in enumerate(keys)}}))
 
 
-def test_corrupt_and_truncated_safetensors(capsys, tiny, tmp_path):
-    garbage = _variant(tiny, tmp_path, "garbage", lambda d: (d / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{nonsense"))
-    cut = _variant(tiny, tmp_path, "cut", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:4000]))
-    for folder in (garbage, cut):
-        line = _one_line_error(capsys, ["generate", "hi", "--model", str(folder)])
-        assert "not a readable safetensors file" in line and str(folder) in line
+@pytest.mark.parametrize("name, change", [
+    ("garbage", lambda d: (d / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{nonsense")),
+    ("cut", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:4000])),
+], ids=["corrupt", "truncated"])
+def test_an_unreadable_safetensors_file_is_named(capsys, tiny, tmp_path, name, change):
+    folder = _variant(tiny, tmp_path, name, change)
+    line = _one_line_error(capsys, ["generate", "hi", "--model", str(folder)])
+    assert "not a readable safetensors file" in line and str(folder) in line
 
 
-def test_mis_indexed_and_outside_pointing_shards(capsys, tiny, tmp_path):
-    def misindexed(d):
-        _index(d, lambda i: "model.safetensors")
-        data = json.loads((d / "model.safetensors.index.json").read_text())
-        data["weight_map"]["lm_head.weight.not_there"] = "model.safetensors"
-        (d / "model.safetensors.index.json").write_text(json.dumps(data))
+def _misindexed(d):
+    _index(d, lambda i: "model.safetensors")
+    data = json.loads((d / "model.safetensors.index.json").read_text())
+    data["weight_map"]["lm_head.weight.not_there"] = "model.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(data))
 
-    def outside(d):
-        (d.parent / "elsewhere").mkdir()
-        shutil.move(d / "model.safetensors", d.parent / "elsewhere" / "model.safetensors")
-        shutil.copy(d.parent / "elsewhere" / "model.safetensors", d / "model.safetensors")  # keys readable for the index
-        _index(d, lambda i: "../elsewhere/model.safetensors")
-        (d / "model.safetensors").unlink()
 
-    folder = _variant(tiny, tmp_path, "misindexed", misindexed)
+def _outside(d):
+    (d.parent / "elsewhere").mkdir()
+    shutil.move(d / "model.safetensors", d.parent / "elsewhere" / "model.safetensors")
+    shutil.copy(d.parent / "elsewhere" / "model.safetensors", d / "model.safetensors")  # keys readable for the index
+    _index(d, lambda i: "../elsewhere/model.safetensors")
+    (d / "model.safetensors").unlink()
+
+
+def test_a_mis_indexed_shard_is_named(capsys, tiny, tmp_path):
+    folder = _variant(tiny, tmp_path, "misindexed", _misindexed)
     assert "mis-indexed" in _one_line_error(capsys, ["generate", "hi", "--model", str(folder)])
-    folder = _variant(tiny, tmp_path, "outside", outside)
+
+
+def test_a_shard_outside_the_checkpoint_folder_is_named(capsys, tiny, tmp_path):
+    folder = _variant(tiny, tmp_path, "outside", _outside)
     line = _one_line_error(capsys, ["generate", "hi", "--model", str(folder)])
     assert "'../elsewhere/model.safetensors', which is not a file in the checkpoint folder" in line
 
 
-def test_a_full_disk_is_one_line_and_leaves_nothing(capsys, tiny, tmp_path, monkeypatch):
+def _export_onto_a_full_disk(capsys, tiny, tmp_path, monkeypatch):
     real_copy = shutil.copy2
 
     def full_disk(src, dst, *args, **kwargs):
@@ -87,8 +94,16 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(capsys, tiny, tmp_path, monk
         return real_copy(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(shutil, "copy2", full_disk)
-    line = _one_line_error(capsys, ["export", str(tiny), str(tmp_path / "out")])
+    return _one_line_error(capsys, ["export", str(tiny), str(tmp_path / "out")])
+
+
+def test_a_full_disk_is_one_line_saying_free_some_space(capsys, tiny, tmp_path, monkeypatch):
+    line = _export_onto_a_full_disk(capsys, tiny, tmp_path, monkeypatch)
     assert line.startswith("error: no space left on device while writing ") and "free some space" in line
+
+
+def test_a_full_disk_leaves_nothing(capsys, tiny, tmp_path, monkeypatch):
+    _export_onto_a_full_disk(capsys, tiny, tmp_path, monkeypatch)
     assert sorted(os.listdir(tmp_path)) == []
 
 
@@ -112,14 +127,33 @@ def test_a_checkpoint_that_is_not_infinitevl(capsys, tiny, tmp_path):
     assert "not an InfiniteVL checkpoint" in _one_line_error(capsys, ["stream", str(tmp_path / "qwen"), "--video", "x.mp4"])
 
 
-def test_main_job_quiet_says_where_and_silences_load_bars(capsys):
-    cli.run(["--frames", "2", "--no-compare", "--no-plot", "--quiet"])
-    captured = capsys.readouterr()
-    assert "Tiny checkpoint: " in captured.out and "removed when the command ends" in captured.out
-    answer = next(line for line in captured.out.splitlines() if line.startswith("A: "))
+@pytest.fixture(scope="module")
+def quiet_main_job():
+    """One quiet main job (shared by the tests): what it printed to stdout and to stderr."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        cli.run(["--frames", "2", "--no-compare", "--no-plot", "--quiet"])
+    return out.getvalue(), err.getvalue()
+
+
+def test_main_job_quiet_says_where_the_tiny_checkpoint_is(quiet_main_job):
+    out, _ = quiet_main_job
+    assert "Tiny checkpoint: " in out and "removed when the command ends" in out
+
+
+def test_main_job_quiet_shows_the_answer_with_the_random_weights_note(quiet_main_job):
+    out, _ = quiet_main_job
+    answer = next(line for line in out.splitlines() if line.startswith("A: "))
     assert answer.startswith("A: '") and answer.endswith("(random weights: the text is meaningless)")  # repr and note
+
+
+def test_main_job_quiet_silences_load_bars(quiet_main_job):
+    out, err = quiet_main_job
     for bar in ("Loading weights", "Writing model shards", "streaming frames"):
-        assert bar not in captured.out + captured.err, bar
+        assert bar not in out + err, bar
 
 
 def test_standalone_stream_entry_has_one_line_errors(tmp_path):

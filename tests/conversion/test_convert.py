@@ -222,14 +222,23 @@ def test_all_attention_conversion_matches_teacher_text(converted_all, teacher, i
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_all_attention_conversion_matches_teacher_image_and_generate(converted_all, teacher):
+def _all_attention_pair_with_an_image(converted_all, teacher):
     student = load_pair(converted_all, teacher[1], "eager")
     ids, pixel_values, grid = image_inputs(grid=(1, 4, 8), prefix=4, suffix=7)
-    vision = dict(pixel_values=pixel_values, image_grid_thw=grid)
+    return student, ids, dict(pixel_values=pixel_values, image_grid_thw=grid)
+
+
+def test_all_attention_conversion_matches_teacher_image(converted_all, teacher):
+    student, ids, vision = _all_attention_pair_with_an_image(converted_all, teacher)
     with torch.no_grad():
         expected = teacher[1](input_ids=ids, mm_token_type_ids=_mm_token_types(ids), **vision).logits
         got = student(input_ids=ids, **vision).logits
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_all_attention_conversion_generates_the_teacher_tokens(converted_all, teacher):
+    student, ids, vision = _all_attention_pair_with_an_image(converted_all, teacher)
+    with torch.no_grad():
         greedy = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
         teacher_tokens = teacher[1].generate(input_ids=ids, mm_token_type_ids=_mm_token_types(ids), **vision, **greedy)
         student_tokens = student.generate(input_ids=ids, **vision, **greedy)
@@ -247,11 +256,19 @@ def test_all_attention_untied_sharded_matches_teacher(sharded_untied_teacher, tm
         torch.testing.assert_close(student(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_default_conversion_loads_with_auto_class_and_generates(converted_default):
+def test_default_conversion_loads_with_auto_class(converted_default):
     assert infinitevl_hf.InfiniteVLConfig  # the import registered the Auto classes
     model = AutoModelForImageTextToText.from_pretrained(converted_default).eval()
     assert isinstance(model, InfiniteVLForConditionalGeneration)
+
+
+def test_default_conversion_keeps_attention_in_layer_0_only(converted_default):
+    model = AutoModelForImageTextToText.from_pretrained(converted_default).eval()
     assert model.config.text_config.layer_types[:2] == ["sliding_attention", "linear_attention"]
+
+
+def test_default_conversion_generates(converted_default):
+    model = AutoModelForImageTextToText.from_pretrained(converted_default).eval()
     ids, pixel_values, grid = image_inputs()
     with torch.no_grad():
         tokens = model.generate(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid, max_new_tokens=5,
@@ -389,13 +406,15 @@ def test_rejects_pickled_weights_only(teacher, tmp_path):
     _bad(tmp_path, folder, "only pickled weights \\(\\*.bin\\)")
 
 
-def test_existing_out_needs_force_and_force_replaces_only_after_success(teacher, tmp_path, monkeypatch):
+def _earlier_conversion(teacher, tmp_path):
     parent = tmp_path / "parent"
     parent.mkdir()
     convert_teacher(teacher[0], parent / "out", window=64, **QUIET)  # an earlier conversion: ours to replace
     before = json.loads((parent / "out" / "config.json").read_text())["text_config"]["sliding_window"]
-    _bad(tmp_path, teacher[0], "already exists; pass force=True")
+    return parent, before
 
+
+def _failed_forced_conversion(teacher, parent, monkeypatch):
     def broken_verify(*args, **kwargs):
         raise ConversionError("Verification failed: simulated")
 
@@ -403,9 +422,23 @@ def test_existing_out_needs_force_and_force_replaces_only_after_success(teacher,
         m.setattr(convert_module, "_verify", broken_verify)
         with pytest.raises(ConversionError, match="simulated"):
             convert_teacher(teacher[0], parent / "out", force=True, **QUIET)
+
+
+def test_existing_out_needs_force(teacher, tmp_path):
+    _earlier_conversion(teacher, tmp_path)
+    _bad(tmp_path, teacher[0], "already exists; pass force=True")
+
+
+def test_a_failed_forced_conversion_leaves_the_earlier_output(teacher, tmp_path, monkeypatch):
+    parent, before = _earlier_conversion(teacher, tmp_path)
+    _failed_forced_conversion(teacher, parent, monkeypatch)
     assert sorted(os.listdir(parent)) == ["out"] and before == 64
     assert json.loads((parent / "out" / "config.json").read_text())["text_config"]["sliding_window"] == 64
 
+
+def test_force_replaces_the_earlier_output_after_success(teacher, tmp_path, monkeypatch):
+    parent, _ = _earlier_conversion(teacher, tmp_path)
+    _failed_forced_conversion(teacher, parent, monkeypatch)
     convert_teacher(teacher[0], parent / "out", force=True, **QUIET)
     assert sorted(os.listdir(parent)) == ["out"]
     assert json.loads((parent / "out" / "config.json").read_text())["text_config"]["sliding_window"] == 8192
@@ -433,14 +466,30 @@ def test_output_that_is_holds_or_lies_in_the_teacher_is_refused(teacher, tmp_pat
     assert (home / "sibling.txt").read_text() == "keep"
 
 
-def test_leftovers_of_a_killed_conversion_are_cleaned_and_folders_are_0755(teacher, tmp_path):
-    dead = 2**22 + 12345  # above the default pid_max: no process has it
+DEAD = 2**22 + 12345  # above the default pid_max: no process has it
+
+
+def _convert_over_a_killed_conversion(teacher, tmp_path):
     parent = tmp_path / "parent"
-    (parent / f".out.converting-{dead}-0123abcd").mkdir(parents=True)
-    (parent / f".out.converting-{dead}-0123abcd" / "model.safetensors").write_bytes(b"half")
+    (parent / f".out.converting-{DEAD}-0123abcd").mkdir(parents=True)
+    (parent / f".out.converting-{DEAD}-0123abcd" / "model.safetensors").write_bytes(b"half")
     convert_teacher(teacher[0], parent / "out", **QUIET)
+    return parent
+
+
+def test_leftovers_of_a_killed_conversion_are_cleaned(teacher, tmp_path):
+    parent = _convert_over_a_killed_conversion(teacher, tmp_path)
     assert sorted(os.listdir(parent)) == ["out"]
+
+
+def test_converted_folders_are_0755(teacher, tmp_path):
+    parent = _convert_over_a_killed_conversion(teacher, tmp_path)
     assert (parent / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_conversion_killed_mid_swap_gets_the_old_folder_back(teacher, tmp_path):
+    dead = DEAD
+    parent = _convert_over_a_killed_conversion(teacher, tmp_path)
     # Killed between "old aside" and "new in": the old folder is put back.
     (parent / "out").rename(parent / f".out.replaced-{dead}-0123abcd")
     from infinitevl_hf.staged import clean_leftovers
@@ -499,7 +548,8 @@ def test_hub_id_is_resolved_with_snapshot_download(teacher, tmp_path, monkeypatc
     assert calls == ["Qwen/Qwen2.5-VL-tiny"] and (out / "config.json").is_file()
 
 
-def test_export_and_card_hooks_are_called(teacher, tmp_path, monkeypatch):
+def _convert_with_hooks(teacher, tmp_path, monkeypatch):
+    """A conversion with stand-ins for the export and card hooks; what each stand-in was called with."""
     seen = {}
     export = types.ModuleType("infinitevl_hf.export")
     export.write_remote_code = lambda folder: seen.setdefault("code", folder)
@@ -510,7 +560,16 @@ def test_export_and_card_hooks_are_called(teacher, tmp_path, monkeypatch):
     monkeypatch.setattr(infinitevl_hf, "export", export, raising=False)
     monkeypatch.setattr(infinitevl_hf, "cards", cards, raising=False)
     out = convert_teacher(teacher[0], tmp_path / "out", **QUIET)
+    return out, seen
+
+
+def test_export_hook_is_called_before_the_rename(teacher, tmp_path, monkeypatch):
+    out, seen = _convert_with_hooks(teacher, tmp_path, monkeypatch)
     assert seen["code"].parent == out.parent  # called on the temporary folder, before the rename
+
+
+def test_card_hook_is_called_with_the_conversion_info(teacher, tmp_path, monkeypatch):
+    _, seen = _convert_with_hooks(teacher, tmp_path, monkeypatch)
     folder, kind, info = seen["card"]
     assert kind == "converted" and info["init"] == "attention-transfer" and info["attention_layers"] == [0]
 

@@ -16,16 +16,33 @@ HERE = Path(__file__).resolve().parent
 CHECKOUT_SRC = HERE.parents[1] / "src"  # the checkout under test, not whatever copy is installed
 
 
-def test_plan_splits_gated_deltanet_heads_and_attention():
+def test_plan_splits_the_output_projection_by_rows():
     assert TEXT_TP_PLAN["layers.*.self_attn.o_proj"] == "rowwise"
+
+
+def test_plan_splits_the_input_projections_by_columns():
     for proj in "qkvabg":
         assert TEXT_TP_PLAN[f"layers.*.self_attn.{proj}_proj"] == "colwise"
+
+
+def test_plan_splits_the_short_convolutions_by_heads():
     for conv in "qkv":
         assert TEXT_TP_PLAN[f"layers.*.self_attn.{conv}_conv1d"] == HEAD_STYLE
+
+
+def test_plan_splits_the_per_head_parameters_by_heads():
     assert TEXT_TP_PLAN["layers.*.self_attn"] == HEAD_STYLE  # A_log, dt_bias
+
+
+def test_model_plan_gathers_the_lm_head_output():
     model = tiny_model()
     plan = model.tp_plan
     assert plan["lm_head"] == "colwise_gather_output"
+
+
+def test_model_plan_keeps_the_shared_o_norm_whole():
+    model = tiny_model()
+    plan = model.tp_plan
     assert all(not key.endswith("o_norm") for key in plan)  # shared by the heads: kept whole on every rank
 
 

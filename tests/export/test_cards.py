@@ -28,9 +28,12 @@ def test_released_cards_name_their_base_models():
     assert "trust_remote_code=True" in render_model_card("infinitevl-4b").content
 
 
-def test_bad_kind_and_missing_info():
+def test_bad_kind_is_named():
     with pytest.raises(ValueError, match="Unknown model card kind"):
         render_model_card("nope")
+
+
+def test_missing_base_model_is_named():
     with pytest.raises(ValueError, match="base_model"):
         render_model_card("converted")
 

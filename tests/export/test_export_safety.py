@@ -47,7 +47,7 @@ def test_output_that_is_holds_or_lies_in_the_source_is_refused(source, where):
     assert _tree(source.parent) == before
 
 
-def test_foreign_code_is_left_out_and_named(source, tmp_path):
+def export_with_foreign_code(source, tmp_path):
     (source / "evil.py").write_text("import os\nos.system('echo pwned')\n")
     (source / "sub").mkdir()
     (source / "sub" / "helper.py").write_text("x = 1\n")
@@ -59,14 +59,27 @@ def test_foreign_code_is_left_out_and_named(source, tmp_path):
     (source / "preprocessor_config.json").write_text(json.dumps({"auto_map": {"AutoImageProcessor": "someone/repo--x.P"}}))
     dropped = []
     out = export.export_checkpoint(source, tmp_path / "out", dropped=dropped)
+    return out, dropped
+
+
+def test_foreign_code_files_are_left_out(source, tmp_path):
+    out, _ = export_with_foreign_code(source, tmp_path)
     assert not (out / "evil.py").exists() and not (out / "sub" / "helper.py").exists()
-    assert any("evil.py" in d for d in dropped) and any("sub/helper.py" in d for d in dropped)
-    assert any("tokenizer_config.json" in d and "evil.Tok" in d for d in dropped)
-    assert any("someone/repo--x.P" in d for d in dropped)
-    exported = json.loads((out / "config.json").read_text())["auto_map"]
-    assert exported == export.AUTO_MAP
-    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
     names = {p.name for p in out.glob("*.py")}
     from infinitevl_hf.modeling.remote_code import MODEL_ENTRIES, remote_code_files
 
     assert set(remote_code_files(MODEL_ENTRIES)) <= names and "evil.py" not in names
+
+
+def test_foreign_auto_map_entries_are_left_out(source, tmp_path):
+    out, _ = export_with_foreign_code(source, tmp_path)
+    exported = json.loads((out / "config.json").read_text())["auto_map"]
+    assert exported == export.AUTO_MAP
+    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
+
+
+def test_foreign_code_left_out_is_named(source, tmp_path):
+    _, dropped = export_with_foreign_code(source, tmp_path)
+    assert any("evil.py" in d for d in dropped) and any("sub/helper.py" in d for d in dropped)
+    assert any("tokenizer_config.json" in d and "evil.Tok" in d for d in dropped)
+    assert any("someone/repo--x.P" in d for d in dropped)

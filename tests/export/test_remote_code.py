@@ -144,14 +144,27 @@ def test_save_pretrained_writes_a_model_card(tmp_path):
     assert (tmp_path / "ckpt" / "README.md").read_text() == "mine"  # an existing card is kept
 
 
-def test_export_checkpoint_refuses_existing_output_and_missing_source(tmp_path):
+def _source_without_remote_code(tmp_path):
     source = tmp_path / "src"
     tiny_model().save_pretrained(source, remote_code_files=False)
+    return source
+
+
+def test_export_checkpoint_adds_the_remote_code_with_a_card(tmp_path):
+    source = _source_without_remote_code(tmp_path)
     assert not (source / "modeling_infinitevl.py").exists()
     out = export.export_checkpoint(source, tmp_path / "out")
     assert (out / "modeling_infinitevl.py").is_file() and (out / "README.md").is_file()
+
+
+def test_export_checkpoint_refuses_existing_output(tmp_path):
+    source = _source_without_remote_code(tmp_path)
+    out = export.export_checkpoint(source, tmp_path / "out")
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         export.export_checkpoint(source, out)
+
+
+def test_export_checkpoint_refuses_a_missing_source_writing_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         export.export_checkpoint(tmp_path / "nope", tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
@@ -177,7 +190,7 @@ def test_flatten_relative_imports(module, is_package, line, expected):
     assert expected in rewritten
 
 
-def test_flatten_leaves_docstrings_and_absolute_imports():
+def test_flatten_leaves_everything_but_relative_imports():
     source = '"""Docs:\nfrom .nothing import here\n"""\nimport torch\nfrom torch import nn\n'
     assert flatten_relative_imports(source, ("modeling", "x")) == source
 

@@ -81,11 +81,21 @@ def test_bad_config_values_name_the_field(make, field):
         make()
 
 
-def test_unbounded_attention_is_spelled_per_layer_and_generates():
+def generate_with_unbounded_attention_spelled_per_layer():
     model = tiny_model(layer_types=["full_attention", "linear_attention", "linear_attention", "full_attention", "linear_attention"],
                        use_sliding_window=False)
     ids = text_ids(1, 6)
     with torch.no_grad():
         cached = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
         plain = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=False)
-    assert torch.equal(cached, plain) and cached.shape == (1, 10)
+    return cached, plain
+
+
+def test_unbounded_attention_spelled_per_layer_generates_every_new_token():
+    cached, _ = generate_with_unbounded_attention_spelled_per_layer()
+    assert cached.shape == (1, 10)
+
+
+def test_unbounded_attention_spelled_per_layer_generates_with_the_cache_as_without():
+    cached, plain = generate_with_unbounded_attention_spelled_per_layer()
+    assert torch.equal(cached, plain)

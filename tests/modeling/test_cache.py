@@ -60,7 +60,7 @@ def test_beam_search_matches_its_uncached_run():
     assert torch.equal(cached, uncached)
 
 
-def test_sampling_and_multiple_return_sequences_run():
+def test_sampling_with_several_return_sequences_gives_every_row():
     model = tiny_model()
     torch.manual_seed(0)
     out = model.generate(text_ids(2, 5), max_new_tokens=6, do_sample=True, top_k=20, num_return_sequences=3)
@@ -106,20 +106,31 @@ def test_reset_empties_the_cache():
     assert torch.equal(a, b)
 
 
-def test_batch_select_and_repeat_keep_rows_consistent():
-    model = tiny_model()
+def _batch_and_solo(model):
+    """A cache over two rows and one over the second row alone."""
     cache = InfiniteVLCache(model.config)
     ids = text_ids(2, 12)
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, **{CACHE_KWARG: cache})
         solo = InfiniteVLCache(model.config)
         model(input_ids=ids[1:], use_cache=True, **{CACHE_KWARG: solo})
+    return cache, solo
+
+
+def test_batch_select_keeps_the_selected_row_consistent():
+    model = tiny_model()
+    cache, solo = _batch_and_solo(model)
     cache.batch_select_indices(torch.tensor([1]))
     nxt = text_ids(1, 2, seed=11)
     with torch.no_grad():
         a = model(input_ids=nxt, use_cache=True, **{CACHE_KWARG: cache}).logits
         b = model(input_ids=nxt, use_cache=True, **{CACHE_KWARG: solo}).logits
     torch.testing.assert_close(a, b)
+
+
+def test_batch_repeat_interleave_repeats_every_row_state():
+    model = tiny_model()
+    _, solo = _batch_and_solo(model)
     solo.batch_repeat_interleave(3)
     assert solo.next_positions.shape == (3,)
     assert all(layer.recurrent_states[0].shape[0] == 3 for layer, k in zip(solo.layers, solo.layer_types) if k == "linear_attention")

@@ -23,7 +23,7 @@ def _official_model_on_meta():
         return InfiniteVLForConditionalGeneration(config)
 
 
-def test_official_config_builds_with_the_official_names_and_shapes():
+def test_official_config_builds_the_official_state_dict_layout():
     model = _official_model_on_meta()
     ours = {name: list(p.shape) for name, p in model.state_dict().items()}
     official = {name: shape for name, shape, _ in json.loads((DATA / "official_state_dict_4b.json").read_text())}
@@ -48,14 +48,35 @@ def _logits(model):
         return model(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid).logits
 
 
-def test_save_and_load_round_trip_gives_identical_logits(tmp_path):
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny model and the folder it was saved to."""
     model = tiny_model()
-    model.save_pretrained(tmp_path)
-    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM, AutoModel, InfiniteVLForConditionalGeneration):
-        loaded = auto.from_pretrained(tmp_path).eval()
-        assert isinstance(loaded, InfiniteVLForConditionalGeneration)
-        assert torch.equal(_logits(loaded), _logits(model))
-    assert isinstance(AutoConfig.from_pretrained(tmp_path), InfiniteVLConfig)
+    folder = tmp_path_factory.mktemp("saved")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+LOADERS = [AutoModelForImageTextToText, AutoModelForCausalLM, AutoModel, InfiniteVLForConditionalGeneration]
+
+
+@pytest.mark.parametrize("auto", LOADERS, ids=lambda auto: auto.__name__)
+def test_every_auto_class_loads_the_saved_model_as_ours(saved, auto):
+    _, folder = saved
+    loaded = auto.from_pretrained(folder).eval()
+    assert isinstance(loaded, InfiniteVLForConditionalGeneration)
+
+
+@pytest.mark.parametrize("auto", LOADERS, ids=lambda auto: auto.__name__)
+def test_save_load_round_trip_gives_identical_logits(saved, auto):
+    model, folder = saved
+    loaded = auto.from_pretrained(folder).eval()
+    assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_auto_config_loads_the_saved_config_as_ours(saved):
+    _, folder = saved
+    assert isinstance(AutoConfig.from_pretrained(folder), InfiniteVLConfig)
 
 
 def test_official_class_name_resolves_to_the_same_model(tmp_path):

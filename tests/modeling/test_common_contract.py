@@ -14,12 +14,24 @@ from helpers import IMAGE_TOKEN, image_inputs, text_ids, tiny_model
 SWA_LAYERS, GDN_LAYERS = (0, 4), (1, 2, 3)
 
 
-def test_output_attentions_gives_window_weights_and_none_for_gated_deltanet():
+def _attentions():
     model = tiny_model(attn_implementation="eager")
     ids = text_ids(2, 12)
-    attentions = model(ids, output_attentions=True).attentions
+    return model, model(ids, output_attentions=True).attentions
+
+
+def test_output_attentions_gives_one_entry_per_layer():
+    model, attentions = _attentions()
     assert len(attentions) == model.config.text_config.num_hidden_layers
+
+
+def test_output_attentions_gives_none_for_gated_deltanet():
+    _, attentions = _attentions()
     assert all(attentions[i] is None for i in GDN_LAYERS)
+
+
+def test_output_attentions_gives_window_weights():
+    _, attentions = _attentions()
     for i in SWA_LAYERS:
         weights = attentions[i]
         assert weights.shape == (2, 4, 12, 12)
@@ -90,15 +102,31 @@ def _two_images():
     return torch.cat([pixels, pixels.flip(0)]), torch.cat([grid, grid])
 
 
-def test_get_image_features_takes_qwen_keywords_and_returns_per_image_features():
+def test_get_image_features_takes_qwen_keywords_returning_a_pooling_output():
     model = tiny_model()
     pixels, grid = _two_images()
     out = model.get_image_features(pixel_values=pixels, image_grid_thw=grid)
     assert isinstance(out, BaseModelOutputWithPooling)
+
+
+def test_get_image_features_returns_per_image_features():
+    model = tiny_model()
+    pixels, grid = _two_images()
+    out = model.get_image_features(pixel_values=pixels, image_grid_thw=grid)
     assert len(out.pooler_output) == 2 and out.pooler_output[0].shape == (4, 32)
     torch.testing.assert_close(torch.cat(out.pooler_output), model.model.vision_features(pixels, grid))
+
+
+def test_get_image_features_returns_every_hidden_state_on_request():
+    model = tiny_model()
+    pixels, grid = _two_images()
     deep = model.get_image_features(pixel_values=pixels, image_grid_thw=grid, output_hidden_states=True)
     assert len(deep.hidden_states) == model.config.vision_config.depth + 1
+
+
+def test_get_image_features_returns_a_tuple_with_return_dict_false():
+    model = tiny_model()
+    pixels, grid = _two_images()
     assert isinstance(model.get_image_features(pixel_values=pixels, image_grid_thw=grid, return_dict=False), tuple)
 
 
@@ -121,7 +149,7 @@ def test_model_outputs_carry_the_vision_outputs():
 
 
 @pytest.mark.parametrize("marker", ["mm_token_type_ids", "embeddings"])
-def test_inputs_embeds_with_images_and_no_input_ids(marker):
+def test_inputs_embeds_with_images_without_input_ids_give_the_input_ids_logits(marker):
     model = tiny_model()
     ids, pixels, grid = image_inputs()
     expected = model(ids, pixel_values=pixels, image_grid_thw=grid).logits
@@ -151,7 +179,7 @@ def test_generate_from_inputs_embeds_with_images_gives_the_input_ids_tokens():
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
-def test_generate_from_inputs_embeds_and_input_ids_together(num_beams):
+def test_generate_from_inputs_embeds_beside_input_ids_gives_the_input_ids_tokens(num_beams):
     model = tiny_model()
     ids = text_ids(1, 9)
     expected = model.generate(ids, max_new_tokens=5, do_sample=False, num_beams=num_beams)

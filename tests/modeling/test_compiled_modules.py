@@ -52,33 +52,64 @@ def test_decoder_uses_the_compiled_modules_with_the_parent_parameters():
     assert {"mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"} <= names
 
 
-def test_mlp_and_norm_equal_the_transformers_modules():
+def _mlp_and_input():
     from helpers import tiny_config
 
     config = tiny_config().text_config
     torch.manual_seed(0)
     mlp = InfiniteVLMLP(config).to(torch.bfloat16)
     x = torch.randn(2, 7, config.hidden_size, dtype=torch.bfloat16)
+    return config, mlp, x
+
+
+def test_mlp_equals_the_transformers_module():
+    _, mlp, x = _mlp_and_input()
     torch.testing.assert_close(mlp(x), Qwen2MLP.forward(mlp, x), rtol=0, atol=0)
+
+
+def test_norm_equals_the_transformers_module():
+    config, _, x = _mlp_and_input()
     norm = InfiniteVLRMSNorm(config.hidden_size, eps=1e-6).to(torch.bfloat16)
     with torch.no_grad():
         norm.weight.normal_()
     torch.testing.assert_close(norm(x), Qwen2_5_VLRMSNorm.forward(norm, x), rtol=0, atol=0)
 
 
-def test_compiled_for_inference_runs_the_function_itself_off_cuda_and_with_autograd():
+def _compiled_double():
+    """compiled_for_inference over a function that doubles its input and records each call's shape."""
     calls = []
 
     def double(x):
         calls.append(x.shape)
         return 2 * x
 
-    run = compiled_for_inference(double)
+    return compiled_for_inference(double), calls
+
+
+def test_compiled_for_inference_keeps_the_function_name():
+    run, _ = _compiled_double()
     assert run.__name__ == "double"
+
+
+def test_compiled_for_inference_computes_the_function_with_autograd():
+    run, _ = _compiled_double()
     x = torch.randn(3, 4, requires_grad=True)
     torch.testing.assert_close(run(x), 2 * x)  # autograd on, CPU: no compile, the function runs
+
+
+def test_compiled_for_inference_computes_the_function_under_no_grad_off_cuda():
+    run, _ = _compiled_double()
+    x = torch.randn(3, 4, requires_grad=True)
     with torch.no_grad():
         torch.testing.assert_close(run(x), 2 * x)
+
+
+def test_compiled_for_inference_runs_the_function_itself_off_cuda_with_autograd_or_without():
+    run, calls = _compiled_double()
+    x = torch.randn(3, 4, requires_grad=True)
+    run(x)  # autograd on, CPU: no compile, the function runs
+    with torch.no_grad():
+        run(x)
     assert calls == [(3, 4), (3, 4)]
 
 

@@ -33,7 +33,7 @@ def test_official_config_reads_as_released():
     assert config._attn_implementation in (None, "sdpa")
 
 
-def test_nested_and_flat_forms_agree_and_round_trip():
+def test_config_rebuilt_from_its_nested_dict_equals_the_flat_one():
     flat = official()
     nested = InfiniteVLConfig(**flat.to_dict())
     assert nested.text_config.to_dict() == flat.text_config.to_dict()

@@ -16,7 +16,8 @@ from infinitevl_hf.modeling.attention import InfiniteVLRotaryEmbedding
 MROPE = {"mrope_section": [1, 1, 2], "rope_theta": 10000.0}
 
 
-def test_init_weights_writes_every_parameter_and_buffer():
+def _initialised_over_nan():
+    """A model built on meta, filled with NaN on CPU, then given init_weights()."""
     with torch.device("meta"):
         model = InfiniteVLForConditionalGeneration(tiny_config())
     model.to_empty(device="cpu")
@@ -25,9 +26,18 @@ def test_init_weights_writes_every_parameter_and_buffer():
             if tensor.is_floating_point():
                 tensor.fill_(float("nan"))
     model.init_weights()
+    return model
+
+
+def test_init_weights_writes_every_parameter_buffer_included():
+    model = _initialised_over_nan()
     untouched = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
                  if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     assert untouched == []
+
+
+def test_init_weights_computes_the_buffers_of_a_fresh_model():
+    model = _initialised_over_nan()
     fresh = dict(InfiniteVLForConditionalGeneration(tiny_config()).named_buffers())
     for name, buffer in model.named_buffers():  # buffers are computed, not random: they equal a fresh model's
         torch.testing.assert_close(buffer, fresh[name], rtol=0, atol=0)
@@ -60,14 +70,32 @@ def test_from_pretrained_without_a_checkpoint_still_refuses_unexpected_tensors()
         InfiniteVLForConditionalGeneration.from_pretrained(None, config=source.config, state_dict=extra)
 
 
-def test_tied_head_and_embeddings_stay_one_tensor_across_shards(tmp_path):
+def _tied_in_shards(tmp_path):
+    """A tied model saved in 20 KB shards, and the shards' weight map."""
     source = tiny_model()
     source.save_pretrained(tmp_path, max_shard_size="20KB")
-    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    return source, json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def test_tied_head_is_saved_once_as_the_embeddings(tmp_path):
+    _, weight_map = _tied_in_shards(tmp_path)
     assert "lm_head.weight" not in weight_map and "model.language_model.embed_tokens.weight" in weight_map
+
+
+def test_tied_checkpoint_is_written_in_several_shards(tmp_path):
+    _, weight_map = _tied_in_shards(tmp_path)
     assert len(set(weight_map.values())) > 1
+
+
+def test_tied_head_loads_from_shards_as_the_embeddings_tensor(tmp_path):
+    _tied_in_shards(tmp_path)
     model = InfiniteVLForConditionalGeneration.from_pretrained(tmp_path)
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+
+
+def test_tied_checkpoint_loaded_from_shards_gives_the_same_logits(tmp_path):
+    source, _ = _tied_in_shards(tmp_path)
+    model = InfiniteVLForConditionalGeneration.from_pretrained(tmp_path)
     ids = text_ids(1, 6)
     torch.testing.assert_close(model(ids).logits, source(ids).logits, rtol=0, atol=0)
 
@@ -84,12 +112,26 @@ def test_linear_rope_scales_positions_down_by_its_factor():
         torch.testing.assert_close(got, expected)
 
 
-def test_yarn_rope_builds_its_frequencies_and_attention_factor():
-    default = _rotary(rope_type="default")
-    yarn = _rotary(rope_type="yarn", factor=4.0, original_max_position_embeddings=1024)
-    assert yarn.attention_scaling == pytest.approx(0.1 * math.log(4.0) + 1)
+def _yarn():
+    return _rotary(rope_type="yarn", factor=4.0, original_max_position_embeddings=1024)
+
+
+def test_yarn_rope_builds_its_attention_factor():
+    assert _yarn().attention_scaling == pytest.approx(0.1 * math.log(4.0) + 1)
+
+
+def test_yarn_rope_keeps_the_fastest_frequency():
+    default, yarn = _rotary(rope_type="default"), _yarn()
     assert torch.equal(yarn.inv_freq[:1], default.inv_freq[:1])  # the fastest frequency is kept
+
+
+def test_yarn_rope_interpolates_the_slowest_frequency():
+    default, yarn = _rotary(rope_type="default"), _yarn()
     assert bool((yarn.inv_freq[-1] < default.inv_freq[-1]))  # the slowest is interpolated
+
+
+def test_yarn_rope_scales_cos_by_its_attention_factor():
+    yarn = _yarn()
     cos, _ = yarn(torch.zeros(1), torch.zeros(3, 1, 1, dtype=torch.long))
     torch.testing.assert_close(cos, torch.full_like(cos, yarn.attention_scaling))
 

@@ -12,10 +12,15 @@ def _batch():
     return dict(input_ids=ids, pixel_values=pixel_values, image_grid_thw=grid, labels=labels)
 
 
-def test_loss_and_gradients_reach_every_parameter():
+def test_loss_with_labels_is_finite_positive():
     model = tiny_model().train()
     loss = model(**_batch()).loss
     assert torch.isfinite(loss) and loss > 0
+
+
+def test_gradients_reach_every_parameter():
+    model = tiny_model().train()
+    loss = model(**_batch()).loss
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
     assert not missing, f"no gradient reached: {missing}"

@@ -13,18 +13,37 @@ from infinitevl_hf import InfiniteVLForConditionalGeneration, InfiniteVLProcesso
 from infinitevl_hf.tiny import SPECIAL_TOKENS, asset_path
 
 
-def test_tiny_checkpoint_writes_fast_and_round_trips(tmp_path):
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """A tiny checkpoint written with seed 3, the seconds the write took, and its model and processor loaded."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     start = time.perf_counter()
-    path = tiny_checkpoint(tmp_path / "tiny", seed=3)
-    assert time.perf_counter() - start < 10
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja"):
-        assert (path / name).is_file(), name
+    path = tiny_checkpoint(tmp_path_factory.mktemp("seeded") / "tiny", seed=3)
+    seconds = time.perf_counter() - start
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
+    return path, seconds, model, processor
+
+
+def test_tiny_checkpoint_writes_fast(seeded):
+    _, seconds, _, _ = seeded
+    assert seconds < 10
+
+
+def test_tiny_checkpoint_writes_every_file(seeded):
+    path, _, _, _ = seeded
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja"):
+        assert (path / name).is_file(), name
+
+
+def test_tiny_checkpoint_loads_with_the_auto_classes(seeded):
+    _, _, model, processor = seeded
     assert isinstance(model, InfiniteVLForConditionalGeneration) and isinstance(processor, InfiniteVLProcessor)
 
+
+def test_tiny_checkpoint_config_names_the_tokenizer_special_tokens(seeded):
+    _, _, model, processor = seeded
     tokenizer, config = processor.tokenizer, model.config
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     assert config.image_token_id == ids["<|image_pad|>"] and config.video_token_id == ids["<|video_pad|>"]
@@ -32,6 +51,11 @@ def test_tiny_checkpoint_writes_fast_and_round_trips(tmp_path):
     assert config.text_config.eos_token_id == ids["<|im_end|>"] and config.text_config.pad_token_id == ids["<|endoftext|>"]
     assert config.text_config.vocab_size >= len(tokenizer)
 
+
+def test_tiny_checkpoint_same_seed_round_trips_to_the_same_weights(seeded, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    _, _, model, processor = seeded
     again = tiny_checkpoint(tmp_path / "again", seed=3)
     inputs = processor(text="<|vision_start|><|image_pad|><|vision_end|>hello", images=[str(asset_path("demo.png"))],
                        return_tensors="pt")
@@ -40,6 +64,9 @@ def test_tiny_checkpoint_writes_fast_and_round_trips(tmp_path):
         second = AutoModelForImageTextToText.from_pretrained(again).eval()(**inputs).logits
     torch.testing.assert_close(first, second, rtol=0, atol=0)  # same seed, same weights, after a save/load
 
+
+def test_tiny_checkpoint_refuses_a_folder_that_is_not_empty(seeded):
+    path, _, _, _ = seeded
     with pytest.raises(FileExistsError, match="not an empty folder"):
         tiny_checkpoint(path)
 

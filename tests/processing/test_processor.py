@@ -36,11 +36,19 @@ def test_single_image_token_count_matches_shared_formula(processor):
     assert inputs["pixel_values"].shape == (64, 3 * 2 * 14 * 14)
 
 
-def test_two_images_and_image_paths(processor):
+def two_images_one_a_path(processor):
     path = str(asset_path("demo.png"))
     small = demo_image().resize((100, 60))
-    inputs = processor(text=f"{IMG} and {IMG}: compare.", images=[path, small], return_tensors="pt")
+    return processor(text=f"{IMG} and {IMG}: compare.", images=[path, small], return_tensors="pt")
+
+
+def test_two_images_one_a_path_give_one_grid_each(processor):
+    inputs = two_images_one_a_path(processor)
     assert inputs["image_grid_thw"].shape == (2, 3)
+
+
+def test_two_images_one_a_path_token_count_matches_shared_formula(processor):
+    inputs = two_images_one_a_path(processor)
     assert count(inputs, processor, "<|image_pad|>") == int(num_vision_tokens(inputs["image_grid_thw"], 2).sum())
 
 
@@ -114,10 +122,15 @@ def test_empty_prompt(processor):
         processor(text=["fine", ""])
 
 
-def test_processor_and_model_agree(processor, model):
+def test_model_accepts_the_processor_placeholder_count(processor, model):
     inputs = processor(text=f"{IMG}Hi", images=[demo_image()], return_tensors="pt")
     with torch.no_grad():
         model(**inputs)  # the model checks placeholder count against features with the same formula
+
+
+def test_model_refuses_a_placeholder_count_the_processor_would_not_write(processor, model):
+    inputs = processor(text=f"{IMG}Hi", images=[demo_image()], return_tensors="pt")
+    with torch.no_grad():
         bad = dict(inputs)
         bad["input_ids"] = inputs["input_ids"].clone()
         first = int((bad["input_ids"][0] == model.config.image_token_id).nonzero()[0])
@@ -138,7 +151,7 @@ def test_generate_end_to_end_with_image(processor, model):
     assert isinstance(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])[0], str)
 
 
-def test_batched_generate_with_images_and_video(processor, model):
+def test_batched_generate_with_an_image_row_beside_a_video_row(processor, model):
     frames = [np.full((56, 56, 3), 30 * i, dtype=np.uint8) for i in range(4)]
     inputs = processor(
         text=[f"{IMG}Describe.", f"{VID}And this?"], images=[demo_image()], videos=[frames], padding=True, return_tensors="pt"

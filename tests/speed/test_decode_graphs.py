@@ -217,12 +217,22 @@ def test_concurrent_generate_calls_each_get_their_own_answer(graph_model):
         assert torch.equal(mine, theirs)
 
 
-def test_clear_frees_the_graphs_and_leaves_returned_caches_valid(graph_model):
+def _generate_then_clear(graph_model):
+    """A generate() through the graphs, a fork of the cache it returned, then clear(): cache, fork and graphs."""
     _, cache = _generate(graph_model, input_ids=text_ids(1, 20))
     kept = cache.fork()
     graphs = decode_graphs_of(graph_model)
     graphs.clear()
+    return cache, kept, graphs
+
+
+def test_clear_frees_the_graphs(graph_model):
+    _, _, graphs = _generate_then_clear(graph_model)
     assert not graphs.slots
+
+
+def test_clear_leaves_returned_caches_valid(graph_model):
+    cache, kept, _ = _generate_then_clear(graph_model)
     more = text_ids(1, 3, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(graph_model(input_ids=more, use_cache=True, **{CACHE_KWARG: cache}).logits,
@@ -287,13 +297,28 @@ def test_beam_search_through_the_graph_path_gives_the_module_path_sequences(grap
     assert decode_graphs_of(graph_model).replays == 7
 
 
-def test_slots_and_prompts_are_bounded(graph_model):
+def _bounded_to_one_slot_of_one_prompt(graph_model):
+    """Graphs limited to one slot of one prompt after three calls that each want another; the first call's tokens."""
     graphs = decode_graphs_of(graph_model)
     graphs.MAX_SLOTS, graphs.MAX_PROMPTS_PER_SLOT = 1, 1
     first, cache = _generate(graph_model, input_ids=text_ids(1, 20))
     _generate(graph_model, input_ids=text_ids(2, 20, seed=3))  # another batch size takes the only slot
     _generate(graph_model, input_ids=text_ids(2, 100, seed=4)[:, :60])  # another prompt length of that slot
-    assert len(graphs.slots) == 1 and all(len(slot.prompts) == 1 for slot in graphs.slots.values())
+    return graphs, first
+
+
+def test_slots_are_bounded(graph_model):
+    graphs, _ = _bounded_to_one_slot_of_one_prompt(graph_model)
+    assert len(graphs.slots) == 1
+
+
+def test_prompts_per_slot_are_bounded(graph_model):
+    graphs, _ = _bounded_to_one_slot_of_one_prompt(graph_model)
+    assert all(len(slot.prompts) == 1 for slot in graphs.slots.values())
+
+
+def test_an_evicted_slot_gives_the_same_tokens_again(graph_model):
+    _, first = _bounded_to_one_slot_of_one_prompt(graph_model)
     assert torch.equal(_generate(graph_model, input_ids=text_ids(1, 20))[0], first)
 
 

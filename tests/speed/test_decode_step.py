@@ -144,20 +144,32 @@ def test_unsupported_names_gated_deltanet_variants_the_step_does_not_cover(overr
     assert "Gated DeltaNet" in DecodeStep.unsupported(model)
 
 
-def test_joined_weights_still_save_through_safetensors_and_accelerate(tmp_path):
+def _joined_model_saved(tmp_path):
+    """A model whose projections a fused step joined, saved directly through safetensors and through accelerate."""
     from accelerate import Accelerator
-    from safetensors.torch import load_file, save_model
+    from safetensors.torch import save_model
 
     model = tiny_model(tie_word_embeddings=False)
     DecodeStep(model, _prompted(model, input_ids=text_ids(1, 6)), concat_projections=True)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     save_model(model, str(tmp_path / "direct.safetensors"))  # refuses tensors that share a buffer
     Accelerator().save_model(model, str(tmp_path / "accelerate"))  # would drop all but one per buffer
-    for path in (tmp_path / "direct.safetensors", tmp_path / "accelerate" / "model.safetensors"):
-        saved = load_file(str(path))
-        assert saved.keys() == expected.keys()
-        for key, value in expected.items():
-            assert torch.equal(saved[key], value), key
+    return model, expected
+
+
+@pytest.mark.parametrize("saved_as", ["direct.safetensors", "accelerate/model.safetensors"], ids=["safetensors", "accelerate"])
+def test_joined_weights_still_save(tmp_path, saved_as):
+    from safetensors.torch import load_file
+
+    _, expected = _joined_model_saved(tmp_path)
+    saved = load_file(str(tmp_path / saved_as))
+    assert saved.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(saved[key], value), key
+
+
+def test_joined_weights_stay_views_of_the_joined_buffers_after_saving(tmp_path):
+    model, _ = _joined_model_saved(tmp_path)
     # the live parameters are still views of the joined buffers
     mlp = model.model.language_model.layers[1].mlp
     assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr()

@@ -45,11 +45,16 @@ def test_padded_inference_equals_the_plain_mlp(act):
         assert torch.equal(p, before[name]) and p.shape == before[name].shape, name
 
 
-def test_padded_parameters_save_train_and_move(tmp_path):
+def mlp_laid_out_under_inference_mode():
     module = mlp()
     x = torch.randn(5, module.hidden_size)
     with torch.inference_mode():  # a first call under inference_mode must leave trainable parameters
         module.padded_forward(x)
+    return module, x
+
+
+def test_padded_parameters_save(tmp_path):
+    module, _ = mlp_laid_out_under_inference_mode()
     state = module.state_dict()
     assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in state.values())
     save_file(state, tmp_path / "mlp.safetensors")
@@ -57,10 +62,16 @@ def test_padded_parameters_save_train_and_move(tmp_path):
     for name, p in module.named_parameters():
         assert torch.equal(loaded[name], p), name
 
+
+def test_padded_parameters_train():
+    module, x = mlp_laid_out_under_inference_mode()
     loss = module(x).square().sum()  # gradients on: the parent's forward over the parameters
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
+
+def test_padded_parameters_move():
+    module, x = mlp_laid_out_under_inference_mode()
     module.to(torch.float64)  # new parameter tensors: the padded layout is laid out again
     with torch.no_grad():
         got = module.padded_forward(x.double())
@@ -68,11 +79,14 @@ def test_padded_parameters_save_train_and_move(tmp_path):
     assert module._padded_layout[0].dtype == torch.float64
 
 
-def test_use_padded_vision_mlp_swaps_every_block_and_refuses_others():
+def test_use_padded_vision_mlp_swaps_every_block():
     from helpers import tiny_model
 
     model = tiny_model()
     assert all(type(block.mlp) is InfiniteVLVisionMLP for block in model.model.visual.blocks)
+
+
+def test_use_padded_vision_mlp_refuses_other_mlps():
     other = torch.nn.Module()
     other.blocks = torch.nn.ModuleList([torch.nn.Module()])
     other.blocks[0].mlp = torch.nn.Linear(2, 2)
@@ -80,14 +94,20 @@ def test_use_padded_vision_mlp_swaps_every_block_and_refuses_others():
         use_padded_vision_mlp(other)
 
 
-def test_vision_norms_are_swapped_and_equal_qwen2_rmsnorm():
+def test_vision_norms_are_swapped():
     from helpers import tiny_model
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
     from infinitevl_hf.modeling.rms_norm import InfiniteVLRMSNorm
 
     norm = tiny_model().model.visual.blocks[0].norm1
     assert type(norm) is InfiniteVLRMSNorm
+
+
+def test_vision_norms_equal_qwen2_rmsnorm():
+    from helpers import tiny_model
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+
+    norm = tiny_model().model.visual.blocks[0].norm1
     with torch.no_grad():
         norm.weight.normal_()
     x = torch.randn(5, norm.weight.shape[0], dtype=torch.bfloat16)

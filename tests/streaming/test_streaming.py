@@ -103,28 +103,58 @@ def test_time_axis_follows_timestamps(model, processor):
     assert slow.cache.next_positions.item() == 1 + 8 + 1 + 1
 
 
-def test_ask_twice_same_answer_and_state_untouched(model, processor):
+def asked_twice(model, processor):
+    """A session with one waiting frame, its state before asking, and two answers to the same question."""
     session = StreamingSession(model, processor)
     session.add_frames(frames(7))  # one frame waits
     before = session.cache.fork()
     pending = [a.copy() for a, _ in session._pending]
     first = session.ask(QUESTION, max_new_tokens=6, skip_special_tokens=False)
     second = session.ask(QUESTION, max_new_tokens=6, skip_special_tokens=False)
+    return session, before, pending, first, second
+
+
+def test_ask_twice_gives_the_same_answer(model, processor):
+    _, _, _, first, second = asked_twice(model, processor)
     assert first == second and len(first) > 0
+
+
+def test_ask_leaves_the_cache_untouched(model, processor):
+    session, before, _, _, _ = asked_twice(model, processor)
     assert_same_state(session.cache, before)
+
+
+def test_ask_leaves_the_waiting_frames_untouched(model, processor):
+    session, _, pending, _, _ = asked_twice(model, processor)
     assert all(np.array_equal(a, b) for a, (b, _) in zip(pending, session._pending))
     assert session.stats.frames == 7 and session.stats.frames_pending == 1
+
+
+def test_ask_passes_sampling_kwargs_to_generate(model, processor):
+    session, _, _, _, _ = asked_twice(model, processor)
     # Sampling kwargs pass through to generate.
     assert isinstance(session.ask(QUESTION, max_new_tokens=3, do_sample=True, top_k=5), str)
+
+
+def test_a_sampling_ask_leaves_the_cache_untouched(model, processor):
+    session, before, _, _, _ = asked_twice(model, processor)
+    session.ask(QUESTION, max_new_tokens=3, do_sample=True, top_k=5)
     assert_same_state(session.cache, before)
 
 
-def test_fork_and_reset(model, processor):
+def test_a_fork_streams_on_without_changing_the_session(model, processor):
     session = StreamingSession(model, processor)
     session.add_frames(frames(4))
     other = session.fork()
     other.add_frames(frames(2, seed=1))
     assert session.stats.frames == 4 and other.stats.frames == 6
+
+
+def test_reset_empties_the_session(model, processor):
+    session = StreamingSession(model, processor)
+    session.add_frames(frames(4))
+    other = session.fork()
+    other.add_frames(frames(2, seed=1))
     session.reset()
     assert session.stats.tokens_seen == 0 and session.stats.frames == 0 and session.cache.next_positions is None
 
@@ -307,16 +337,34 @@ def test_a_state_resumes_in_the_model_dtype(model, processor, tmp_path):
     assert resumed.add_frames(frames(2, seed=3)).chunks == 3  # and it keeps streaming
 
 
-def test_a_session_on_static_rings_streams_and_saves_like_a_dynamic_one(model, processor, tmp_path):
-    """The CUDA-graph path feeds frames through static rings; on CPU the same rings run eagerly."""
+def ringed_and_plain(model, processor):
+    """The same frames fed to a session turned to static rings after two frames and to a dynamic one."""
     ringed, plain = StreamingSession(model, processor), StreamingSession(model, processor)
     for session in (ringed, plain):
         session.add_frames(frames(2))
     ringed.cache.to_static()
     for session in (ringed, plain):
         session.add_frames(frames(10, seed=4))
+    return ringed, plain
+
+
+def test_a_session_on_static_rings_streams_like_a_dynamic_one(model, processor):
+    """The CUDA-graph path feeds frames through static rings; on CPU the same rings run eagerly."""
+    ringed, plain = ringed_and_plain(model, processor)
     torch.testing.assert_close(ringed.question_logits(QUESTION), plain.question_logits(QUESTION), rtol=1e-4, atol=1e-5)
+
+
+def test_a_state_saved_from_static_rings_loads_as_a_dynamic_cache(model, processor, tmp_path):
+    ringed, _ = ringed_and_plain(model, processor)
+    ringed.question_logits(QUESTION)
     ringed.save(tmp_path / "state")
     resumed = StreamingSession.load(tmp_path / "state", model, processor)
     assert not resumed.cache.is_static
+
+
+def test_a_state_saved_from_static_rings_resumes_like_a_dynamic_one(model, processor, tmp_path):
+    ringed, plain = ringed_and_plain(model, processor)
+    ringed.question_logits(QUESTION)
+    ringed.save(tmp_path / "state")
+    resumed = StreamingSession.load(tmp_path / "state", model, processor)
     torch.testing.assert_close(resumed.question_logits(QUESTION), plain.question_logits(QUESTION), rtol=1e-4, atol=1e-5)

@@ -20,16 +20,26 @@ def write_clip(path, frames=16, rate=8):
     return path
 
 
-def test_stream_cli_asks_saves_and_resumes(tiny_stream_dir, tmp_path, capsys):
+def ask_and_save(tiny_stream_dir, tmp_path, capsys):
+    """A timed and a final question over a 2 s clip, saving the state; the events printed and the state folder."""
     clip = write_clip(tmp_path / "clip.mp4")
     state = tmp_path / "state"
     args = [str(tiny_stream_dir), "--video", str(clip), "--fps", "4", "--ask", "1:What now?", "--ask", "Summary?",
             "--max-new-tokens", "3", "--device", "cpu", "--save-state", str(state), "--json"]
     assert main(args) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    return events, state
+
+
+def test_stream_cli_answers_the_timed_question_on_the_way_then_saves(tiny_stream_dir, tmp_path, capsys):
+    events, _ = ask_and_save(tiny_stream_dir, tmp_path, capsys)
     kinds = [e["event"] for e in events]
     assert kinds == ["answer", "stream_end", "answer", "saved"]
     assert events[0]["question"] == "What now?" and events[1]["frames"] == 8
+
+
+def test_stream_cli_resumes_a_saved_state_where_it_ended(tiny_stream_dir, tmp_path, capsys):
+    events, state = ask_and_save(tiny_stream_dir, tmp_path, capsys)
     assert main([str(tiny_stream_dir), "--load-state", str(state), "--ask", "Again?", "--max-new-tokens", "2",
                  "--device", "cpu", "--json"]) == 0
     resumed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -57,20 +67,48 @@ def test_missing_local_model_is_folder_not_found(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "error: model folder not found: './no-such-model'"
 
 
-def test_progress_quiet_random_answers_and_a_resumed_clock(tiny_stream_dir, tmp_path, capsys):
+def stream_and_save(tiny_stream_dir, tmp_path, capsys):
+    """One plain-text run over a 2 s clip that saves its state; what it printed, the clip and the state folder."""
     clip = write_clip(tmp_path / "clip.mp4")  # 16 frames at 8/s: 2 s
     state = tmp_path / "state"
     assert main([str(tiny_stream_dir), "--video", str(clip), "--fps", "4", "--ask", "Now?", "--max-new-tokens", "2",
                  "--device", "cpu", "--save-state", str(state)]) == 0
-    captured = capsys.readouterr()
-    assert "feeding video" in captured.err  # progress while the video decodes and feeds
-    assert "A: '" in captured.out and "(random weights: the text is meaningless)" in captured.out
+    return capsys.readouterr(), clip, state
+
+
+def resume_quietly(tiny_stream_dir, tmp_path, capsys):
+    """The same clip streamed again, quietly and as JSON, after the saved state; what the second run printed."""
+    _, clip, state = stream_and_save(tiny_stream_dir, tmp_path, capsys)
     assert main([str(tiny_stream_dir), "--video", str(clip), "--load-state", str(state), "--ask", "3:Later?",
                  "--max-new-tokens", "2", "--device", "cpu", "--json", "--quiet"]) == 0
     captured = capsys.readouterr()
-    events = [json.loads(line) for line in captured.out.splitlines()]
+    return captured, [json.loads(line) for line in captured.out.splitlines()]
+
+
+def test_stream_cli_shows_progress_while_feeding(tiny_stream_dir, tmp_path, capsys):
+    captured, _, _ = stream_and_save(tiny_stream_dir, tmp_path, capsys)
+    assert "feeding video" in captured.err  # progress while the video decodes and feeds
+
+
+def test_stream_cli_answers_say_the_weights_are_random(tiny_stream_dir, tmp_path, capsys):
+    captured, _, _ = stream_and_save(tiny_stream_dir, tmp_path, capsys)
+    assert "A: '" in captured.out and "(random weights: the text is meaningless)" in captured.out
+
+
+def test_a_resumed_stream_continues_the_saved_clock(tiny_stream_dir, tmp_path, capsys):
+    _, events = resume_quietly(tiny_stream_dir, tmp_path, capsys)
     end = next(e for e in events if e["event"] == "stream_end")
     assert end["frames"] == 16 and end["seconds"] == pytest.approx(2.0 + 1.75)  # 8 frames at 4/s before, then 0..1.75
     answer = next(e for e in events if e["event"] == "answer")
-    assert answer["seconds"] == pytest.approx(2.0 + 1.0) and answer["random_weights"] is True  # --ask 3: on the stream's clock
+    assert answer["seconds"] == pytest.approx(2.0 + 1.0)  # --ask 3: on the stream's clock
+
+
+def test_stream_cli_json_answers_say_the_weights_are_random(tiny_stream_dir, tmp_path, capsys):
+    _, events = resume_quietly(tiny_stream_dir, tmp_path, capsys)
+    answer = next(e for e in events if e["event"] == "answer")
+    assert answer["random_weights"] is True
+
+
+def test_quiet_silences_the_progress_bars(tiny_stream_dir, tmp_path, capsys):
+    captured, _ = resume_quietly(tiny_stream_dir, tmp_path, capsys)
     assert "feeding video" not in captured.err and "Loading weights" not in captured.err

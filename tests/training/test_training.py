@@ -153,7 +153,9 @@ def greedy_agreement(setup, model, dataset, new_tokens=6) -> float:
     return same / total
 
 
-def test_stage1_and_stage2_distil_the_teacher(setup):
+@pytest.fixture(scope="module")
+def distilled(setup):
+    """Held-out metrics of one student before, after stage 1 and after stage 2 (one run shared by the tests)."""
     processor = setup["processor"]
     train = ConversationDataset(setup["train"], processor)
     held = ConversationDataset(setup["held"], processor)
@@ -181,8 +183,22 @@ def test_stage1_and_stage2_distil_the_teacher(setup):
         f"teacher-forced argmax agreement {agree0:.3f} -> {agree1:.3f} -> {agree2:.3f}; greedy agreement {greedy0:.3f} -> {greedy2:.3f} "
         f"(chance {1 / 576:.4f})"
     )
+    return dict(mse=(mse0, mse1, mse2), kl=(kl0, kl1, kl2), agree=(agree0, agree1, agree2), greedy=(greedy0, greedy2))
+
+
+def test_stage1_distils_the_teacher_layers(distilled):
+    mse0, mse1, _ = distilled["mse"]
     assert mse1 < mse0 / 10
+
+
+def test_each_stage_brings_the_logits_closer_to_the_teacher(distilled):
+    kl0, kl1, kl2 = distilled["kl"]
     assert kl2 < kl1 < kl0
+
+
+def test_the_two_stages_distil_the_teacher_tokens(distilled):
+    agree0, _, agree2 = distilled["agree"]
+    _, greedy2 = distilled["greedy"]
     assert agree2 > agree0 + 0.3 and greedy2 > 0.3  # chance is 1/576
 
 
@@ -234,7 +250,9 @@ def test_packed_input_is_refused_with_a_cache_or_bad_bounds(setup):
         model(input_ids=ids.expand(2, -1), cu_seqlens=torch.tensor([0, 4, 10]))
 
 
-def test_frozen_parameters_stay_and_checkpoints_resume(setup):
+@pytest.fixture(scope="module")
+def resumed_run(setup):
+    """Six stage-1 steps saving every 3, then the same run resumed from step 3 (one pair shared by the tests)."""
     processor = setup["processor"]
     train = ConversationDataset(setup["train"], processor)
     model = student(setup)
@@ -245,13 +263,6 @@ def test_frozen_parameters_stay_and_checkpoints_resume(setup):
     full.train()
     full.capture.remove()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".self_attn." in n for n in trainable)
-    assert all(f"layers.{i}." in " ".join(trainable) for i in (1, 2, 3)) and "layers.0." not in " ".join(trainable)
-    for name, param in model.named_parameters():
-        if name in trainable:
-            assert not torch.equal(param, before[name]), name
-        else:
-            assert torch.equal(param, before[name]), f"frozen {name} changed"
     losses = [log["loss"] for log in full.state.log_history if "loss" in log]
 
     resumed_model = student(setup)
@@ -261,16 +272,46 @@ def test_frozen_parameters_stay_and_checkpoints_resume(setup):
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
     resumed.capture.remove()
     again = [log["loss"] for log in resumed.state.log_history if "loss" in log]
-    assert again[-3:] == pytest.approx(losses[-3:], rel=1e-5)
     shutil.rmtree(out)
+    return dict(model=model, before=before, trainable=trainable, losses=losses, again=again)
 
 
-def test_sft_masks_prompt_and_trains_mixers_with_checkpointing_and_bf16(setup):
+def test_stage1_trains_the_gdn_mixers_only(resumed_run):
+    trainable = resumed_run["trainable"]
+    assert trainable and all(".self_attn." in n for n in trainable)
+    assert all(f"layers.{i}." in " ".join(trainable) for i in (1, 2, 3)) and "layers.0." not in " ".join(trainable)
+
+
+def test_trainable_parameters_change(resumed_run):
+    model, before, trainable = resumed_run["model"], resumed_run["before"], resumed_run["trainable"]
+    for name, param in model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(param, before[name]), name
+
+
+def test_frozen_parameters_stay(resumed_run):
+    model, before, trainable = resumed_run["model"], resumed_run["before"], resumed_run["trainable"]
+    for name, param in model.named_parameters():
+        if name not in trainable:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+
+
+def test_checkpoints_resume(resumed_run):
+    assert resumed_run["again"][-3:] == pytest.approx(resumed_run["losses"][-3:], rel=1e-5)
+
+
+def test_sft_masks_the_prompt(setup):
     processor = setup["processor"]
     train = ConversationDataset(setup["train"], processor)
     item = train[0]
     text = processor.tokenizer.decode(item["input_ids"][item["labels"] != -100])
     assert text.endswith("<|im_end|>") and "user" not in text and "<|image_pad|>" not in text
+
+
+@pytest.fixture(scope="module")
+def sft_run(setup):
+    """Four packed SFT steps in bf16 with gradient checkpointing (one run shared by the tests): model and losses."""
+    train = ConversationDataset(setup["train"], setup["processor"])
     model = student(setup)
     trainer = SFTTrainer(
         model=model, args=args(setup["root"] / "sft", 4, 1e-3, bf16=True, gradient_checkpointing=True, logging_steps=1),
@@ -278,7 +319,16 @@ def test_sft_masks_prompt_and_trains_mixers_with_checkpointing_and_bf16(setup):
     )
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return model, losses
+
+
+def test_sft_trains_with_checkpointing_in_bf16(sft_run):
+    _, losses = sft_run
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_sft_trains_the_mixers_only(sft_run):
+    model, _ = sft_run
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "model.language_model.layers.0.self_attn.q_proj.weight" in trainable
     assert not any("mlp" in n or "visual" in n or "embed" in n for n in trainable)
@@ -297,16 +347,25 @@ def test_lora_trains_only_adapters(setup):
     SFTTrainer(model=model, trainable=None, args=args(setup["root"] / "lora", 2, 1e-3), train_dataset=train, data_collator=collator(setup)).train()
 
 
-def test_select_trainable_presets_and_errors(setup):
+def test_select_trainable_gdn_preset_picks_the_gdn_mixers(setup):
     model = student(setup)
     gdn = select_trainable(model, "gdn")
     assert gdn and all(".self_attn." in n and ".layers.0." not in n for n in gdn)
+
+
+def test_select_trainable_none_preset_picks_nothing(setup):
+    model = student(setup)
     assert select_trainable(model, "none") == []
+
+
+def test_select_trainable_names_a_pattern_that_matches_nothing(setup):
+    model = student(setup)
     with pytest.raises(ValueError, match="matches no parameter"):
         select_trainable(model, "no_such_module")
 
 
-def test_bad_samples_are_reported_and_skipped_or_raised(setup, caplog):
+def _bad_samples(setup):
+    """A JSONL file of one good sample, four bad ones and a good one."""
     root = setup["root"]
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat"}]}
     bad = [
@@ -320,17 +379,38 @@ def test_bad_samples_are_reported_and_skipped_or_raised(setup, caplog):
     ]
     path = root / "bad.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in bad))
-    with caplog.at_level("WARNING"):
-        dataset = ConversationDataset(path, setup["processor"], on_bad_sample="skip")
+    return path
+
+
+def test_bad_samples_are_skipped(setup):
+    dataset = ConversationDataset(_bad_samples(setup), setup["processor"], on_bad_sample="skip")
     assert dataset.indices == [0, 5]
+
+
+def test_skipped_samples_are_reported_with_their_reason(setup):
+    dataset = ConversationDataset(_bad_samples(setup), setup["processor"], on_bad_sample="skip")
     reasons = dict(dataset.skipped)
     assert sorted(reasons) == [1, 2, 3, 4]
     assert "missing.png" in reasons[1] and "no assistant turn" in reasons[2]
     assert "2 <image> markers but 1 images" in reasons[3] and "<|image_pad|>" in reasons[4]
+
+
+def test_skipped_samples_are_logged(setup, caplog):
+    path = _bad_samples(setup)
+    with caplog.at_level("WARNING"):
+        ConversationDataset(path, setup["processor"], on_bad_sample="skip")
     assert "Skipping bad sample 3" in caplog.text
+
+
+def test_bad_samples_raise_with_their_index_on_request(setup):
+    path = _bad_samples(setup)
     with pytest.raises(BadSampleError, match="Bad sample 1: image file not found") as error:
         ConversationDataset(path, setup["processor"], on_bad_sample="raise")
     assert error.value.index == 1
+
+
+def test_an_unknown_on_bad_sample_is_refused(setup):
+    path = _bad_samples(setup)
     with pytest.raises(ValueError, match="on_bad_sample"):
         ConversationDataset(path, setup["processor"], on_bad_sample="ignore")
 
@@ -365,8 +445,12 @@ def test_cli_distill_stage1_runs(setup, capsys):
     assert InfiniteVLForConditionalGeneration.from_pretrained(out) is not None
 
 
-def test_cli_sft_runs_and_says_where(setup, capsys):
+@pytest.fixture(scope="module")
+def cli_sft(setup):
+    """One `infinitevl sft` step (shared by the tests): exit status, output folder and what it printed."""
     import argparse
+    import contextlib
+    import io
 
     from infinitevl_hf.training.cli import add_sft_arguments, run_sft
 
@@ -375,9 +459,21 @@ def test_cli_sft_runs_and_says_where(setup, capsys):
         ["--model", str(setup["student_dir"]), "--data", str(setup["train"]), "--out", str(out), "--max-steps", "1",
          "--grad-accum", "1", "--batch-size", "2"]
     )
-    assert run_sft(args) == 0
-    assert f"Wrote the trained model to {out}" in capsys.readouterr().out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = run_sft(args)
+    return status, out, printed.getvalue()
+
+
+def test_cli_sft_runs(cli_sft):
+    status, out, _ = cli_sft
+    assert status == 0
     assert InfiniteVLForConditionalGeneration.from_pretrained(out) is not None
+
+
+def test_cli_sft_says_where(cli_sft):
+    _, out, printed = cli_sft
+    assert f"Wrote the trained model to {out}" in printed
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
@@ -403,16 +499,26 @@ def test_stage1_with_gradient_checkpointing_matches_without(setup, pack):
         torch.testing.assert_close(gc_params[name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_teacher_hooks_record_nothing_outside_distillation_and_detach(setup):
-    from infinitevl_hf.training.trainers import teacher_layers
-
+def _trained_then_a_plain_teacher_forward(setup):
     train = ConversationDataset(setup["train"], setup["processor"])
     trainer = LayerDistillationTrainer(model=student(setup), teacher=setup["teacher"], train_dataset=train,
                                        data_collator=collator(setup), args=args(setup["root"] / "hooks", 1, 1e-3))
     trainer.train()
     with torch.no_grad():
         setup["teacher"](**{k: v for k, v in collator(setup)([train[0]]).items() if k != "labels"})
+    return trainer
+
+
+def test_teacher_hooks_record_nothing_outside_distillation(setup):
+    trainer = _trained_then_a_plain_teacher_forward(setup)
     assert all(not parts for parts in trainer.capture.inputs.values())  # a plain teacher forward keeps nothing
+    trainer.remove_hooks()
+
+
+def test_teacher_hooks_detach(setup):
+    from infinitevl_hf.training.trainers import teacher_layers
+
+    trainer = _trained_then_a_plain_teacher_forward(setup)
     trainer.remove_hooks()
     layer = teacher_layers(setup["teacher"])[trainer.layers[0]].self_attn
     assert not layer._forward_hooks

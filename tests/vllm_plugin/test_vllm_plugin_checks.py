@@ -23,9 +23,13 @@ def _config(**overrides):
     return tiny_config(**{**SERVABLE, **overrides})
 
 
-def test_servable_config_passes_and_splits_value_heads():
+def test_servable_config_passes():
     config = _config()
     check_servable(config, torch.bfloat16, on_cpu=True)
+
+
+def test_servable_config_splits_value_heads():
+    config = _config()
     assert gdn_value_split(config.text_config) == 2  # d_v 128 served as two 64-wide heads
 
 
