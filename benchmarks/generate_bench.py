@@ -136,6 +136,8 @@ def main(argv=None) -> None:
     parser.add_argument("--teacher-steady", type=int, default=1)
     parser.add_argument("--cases", nargs="+", default=["photo", "page", "text_1k", "photo_x8"])
     parser.add_argument("--skip-teacher", action="store_true")
+    parser.add_argument("--teacher-cases", nargs="+", default=None,
+                        help="cases to time the teacher on (default: all of --cases)")
     args = parser.parse_args(argv)
 
     results = {"environment": environment(), "new_tokens": args.new_tokens, "infinitevl": {}, "teacher": {}}
@@ -169,7 +171,7 @@ def main(argv=None) -> None:
     if not args.skip_teacher:
         teacher = build_teacher()
         use_tokenizer_ids(teacher.config, processor.tokenizer)
-        for name in args.cases:
+        for name in args.teacher_cases or args.cases:
             for label, flags in (("dynamic", {}), ("static", {"cache_implementation": "static"})):
                 log("teacher", label, name)
                 try:

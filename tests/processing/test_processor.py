@@ -125,7 +125,8 @@ def test_empty_prompt(processor):
 def test_model_accepts_the_processor_placeholder_count(processor, model):
     inputs = processor(text=f"{IMG}Hi", images=[demo_image()], return_tensors="pt")
     with torch.no_grad():
-        model(**inputs)  # the model checks placeholder count against features with the same formula
+        logits = model(**inputs).logits  # the model checks placeholder count against features with the same formula
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
 
 
 def test_model_refuses_a_placeholder_count_the_processor_would_not_write(processor, model):

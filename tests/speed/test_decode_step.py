@@ -25,7 +25,7 @@ def _module_steps(model, cache, tokens):
     return torch.stack(logits, 1)
 
 
-def _fused_steps(model, cache, tokens, compile=False, concat=False):
+def _decode_steps(model, cache, tokens, compile=False, concat=False):
     step = DecodeStep(model, cache, compile=compile, concat_projections=concat)
     return torch.cat([step(tokens[:, t : t + 1]) for t in range(tokens.shape[1])], 1)
 
@@ -45,24 +45,24 @@ def _assert_same_state(a: InfiniteVLCache, b: InfiniteVLCache, atol: float):
 
 @pytest.mark.parametrize("concat", [False, True], ids=["separate", "concat"])
 @pytest.mark.parametrize("batch,prompt", [(1, 5), (2, 19)])  # 19 > window 8: the rings have wrapped
-def test_fused_steps_equal_the_module_path(batch, prompt, concat):
+def test_decode_steps_equal_the_module_path(batch, prompt, concat):
     model = tiny_model()
     cache = _prompted(model, input_ids=text_ids(batch, prompt))
     reference_cache = cache.fork()
     tokens = text_ids(batch, 12, seed=5)
     expected = _module_steps(model, reference_cache, tokens)
-    got = _fused_steps(model, cache, tokens, concat=concat)
+    got = _decode_steps(model, cache, tokens, concat=concat)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
     _assert_same_state(cache, reference_cache, atol=2e-5)
 
 
-def test_fused_steps_continue_positions_after_an_image():
+def test_decode_steps_continue_positions_after_an_image():
     model = tiny_model()
     ids, pixels, grid = image_inputs()
     cache = _prompted(model, input_ids=ids, pixel_values=pixels, image_grid_thw=grid)
     reference_cache = cache.fork()
     tokens = text_ids(1, 6, seed=7)
-    torch.testing.assert_close(_fused_steps(model, cache, tokens), _module_steps(model, reference_cache, tokens), atol=2e-5, rtol=0)
+    torch.testing.assert_close(_decode_steps(model, cache, tokens), _module_steps(model, reference_cache, tokens), atol=2e-5, rtol=0)
 
 
 def test_decode_step_needs_a_static_cache():
@@ -75,13 +75,13 @@ def test_decode_step_needs_a_static_cache():
 
 
 @pytest.mark.slow
-def test_compiled_fused_steps_equal_the_module_path():
+def test_compiled_decode_steps_equal_the_module_path():
     model = tiny_model()
     cache = _prompted(model, input_ids=text_ids(1, 11))
     reference_cache = cache.fork()
     tokens = text_ids(1, 4, seed=5)
     expected = _module_steps(model, reference_cache, tokens)
-    got = _fused_steps(model, cache, tokens, compile=True, concat=True)
+    got = _decode_steps(model, cache, tokens, compile=True, concat=True)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     _assert_same_state(cache, reference_cache, atol=1e-4)
 
