@@ -125,3 +125,37 @@ def test_fallbacks_are_taken(model, caplog):
 def test_fallbacks_are_logged(model, caplog):
     _, _, said = _generate_asking_for_fallbacks(model, caplog)
     assert "output_attentions" in said and "disable_compile" in said
+
+
+def _quantized_or_lora(model, kind):
+    """A copy of the model with torchao int8 weight-only linear layers, or with random LoRA adapters."""
+    import copy
+
+    other = copy.deepcopy(model)
+    other.__dict__.pop("_decode_graphs", None)
+    if kind == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(other.model.language_model, Int8WeightOnlyConfig())
+        return other
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False)
+    return get_peft_model(other, lora).base_model.model.eval()
+
+
+@pytest.mark.parametrize("kind", ["torchao-int8", "lora"])
+def test_a_model_the_compiled_step_cannot_read_replays_its_modules_captured(model, kind, caplog):
+    """Quantized or LoRA layers: generate() captures the module path itself (no compiled step), gives the module
+    path's tokens and says why once."""
+    from infinitevl_hf.speed import decode_graphs_of
+
+    other = _quantized_or_lora(model, kind)
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="infinitevl_hf.speed.generation"):
+        fast = _greedy(other, _text(seed=21))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "module path captured in a CUDA graph" in said, said
+    assert decode_graphs_of(other).replays == NEW - 1
+    assert torch.equal(fast, _greedy(other, _text(seed=21), disable_compile=True))

@@ -329,3 +329,61 @@ def test_models_with_full_attention_layers_decode_dynamic():
                                     "sliding_attention"])
     plan = plan_for_model(model, torch.device("cuda"))
     assert plan.path == "dynamic" and "full-attention" in plan.reason
+
+
+class EagerModules:
+    """What the captured graph of the module path replays (models the compiled step cannot read), run eagerly over
+    the graph's own cache; like a graph it must find the cache's buffers and the weights in place."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        self.addresses, self.weights = cache.buffer_addresses(), _weights(model)
+
+    def step(self, input_ids):
+        assert self.cache.buffer_addresses() == self.addresses, "the cache's buffers moved under a captured step"
+        assert _weights(self.model) == self.weights, "the weights moved under a captured step"
+        with torch.no_grad():
+            return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: self.cache}).logits
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "up_proj"], init_lora_weights=False))
+    return wrapped.base_model.model.eval()
+
+
+@pytest.fixture
+def lora_graph_model(monkeypatch):
+    """A tiny LoRA model whose generate() replays its modules through the eager stand-in of the module graph."""
+    model = _lora(reference_model())
+    model.__dict__["_decode_graphs"] = DecodeGraphs(capture_decode=EagerModules, capture_prompt=eager_prompt)
+    module_path = speed_generation.plan_for_model
+
+    def plan(some_model, *args, **kwargs):
+        if some_model is model:
+            return DecodePlan("graph", DecodeStep.unsupported(model), step="modules")
+        return module_path(some_model, *args, **kwargs)
+
+    monkeypatch.setattr(speed_generation, "plan_for_model", plan)
+    return model
+
+
+@pytest.mark.parametrize("length", [20, 90], ids=["short", "longer-than-a-window"])
+def test_a_lora_model_through_its_captured_modules_gives_the_module_path_tokens(lora_graph_model, length):
+    tokens, _ = _generate(lora_graph_model, input_ids=text_ids(1, length))
+    logits = _generate.logits
+    expected, _ = _generate(_lora(reference_model()), input_ids=text_ids(1, length))
+    _same(tokens, logits, expected, _generate.logits)
+    assert decode_graphs_of(lora_graph_model).replays == 11
+
+
+def test_the_default_capture_records_the_module_path_for_a_model_the_compiled_step_cannot_read(monkeypatch):
+    from infinitevl_hf.speed import decode_graphs, graph_capture
+
+    built = []
+    monkeypatch.setattr(graph_capture, "CUDAGraphDecoder", lambda model, cache, **kwargs: built.append(kwargs))
+    decode_graphs.capture_decode_step(_lora(reference_model()), None)
+    decode_graphs.capture_decode_step(reference_model(), None)
+    assert [kwargs["compile"] for kwargs in built] == [False, True]

@@ -28,9 +28,10 @@ def test_cuda_with_nothing_in_the_way_decodes_through_the_graph():
         (dict(disable_compile=True), "static", "disable_compile"),
         (dict(triton_available=False), "static", "Triton"),
         (dict(dtype=torch.float64), "static", "float64"),
-        (dict(model_problem="lm_head carries LoRA adapters"), "static", "LoRA"),
+        (dict(capture_problem="its decoder spans several devices"), "static", "several devices"),
     ],
-    ids=["cpu", "cpu-static", "training", "attentions", "hidden-states", "disable-compile", "no-triton", "dtype", "model"],
+    ids=["cpu", "cpu-static", "training", "attentions", "hidden-states", "disable-compile", "no-triton", "dtype",
+         "not-capturable"],
 )
 def test_each_fallback_names_its_reason(flags, path, words):
     plan = decode_plan(**{**CUDA_OK, **flags})
@@ -38,7 +39,24 @@ def test_each_fallback_names_its_reason(flags, path, words):
     assert words in plan.reason
 
 
-def test_a_model_the_compiled_step_cannot_read_falls_back_on_cuda():
+def test_a_model_the_compiled_step_cannot_read_replays_its_modules_captured():
+    plan = decode_plan(**CUDA_OK, model_problem="lm_head carries LoRA adapters")
+    assert (plan.path, plan.step) == ("graph", "modules") and "LoRA" in plan.reason
+
+
+def test_a_model_without_graph_problems_replays_the_compiled_step():
+    assert decode_plan(**CUDA_OK).step == "compiled"
+
+
+def test_a_lora_model_replays_its_modules_captured_on_cuda():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj", "up_proj"])).base_model.model
+    plan = plan_for_model(model, torch.device("cuda"))
+    assert (plan.path, plan.step) == ("graph", "modules") and "LoRA" in plan.reason
+
+
+def test_a_layer_of_unknown_kernels_keeps_the_module_path_on_cuda():
     class Wrapped(nn.Linear):  # a LoRA or quantized layer whose forward is not F.linear
         pass
 
@@ -47,7 +65,7 @@ def test_a_model_the_compiled_step_cannot_read_falls_back_on_cuda():
     mlp = model.model.language_model.layers[1].mlp
     mlp.up_proj = Wrapped(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=False)
     plan = plan_for_model(model, torch.device("cuda"))
-    assert plan.path == "static" and "Wrapped" in plan.reason
+    assert plan.path == "static" and "Wrapped" in plan.reason and "CUDA graph" in plan.reason
 
 
 def test_cpu_generate_says_once_why_it_decodes_through_the_module_path(caplog):

@@ -77,7 +77,7 @@ class DecodeGraphs:
     `prompt(model, cache, ...)` a prompt, capturing on first use. Thread-safe: one replay at a time per model.
 
     capture_decode(model, static_cache) builds what replays a decode step over that cache (a `.step(input_ids)`
-    object; default: the CUDA graph of the compiled step); capture_prompt(prompt_step, static_cache) returns a
+    object; default: `capture_decode_step`); capture_prompt(prompt_step, static_cache) returns a
     callable replaying `prompt_step(static_cache)` (default: its CUDA graph).
     """
 
@@ -87,7 +87,7 @@ class DecodeGraphs:
     MAX_PROMPTS_PER_SLOT = 8
 
     def __init__(self, capture_decode: Callable | None = None, capture_prompt: Callable | None = None):
-        self.capture_decode = capture_decode or capture_compiled_decode
+        self.capture_decode = capture_decode or capture_decode_step
         self.capture_prompt = capture_prompt or capture_prompt_graph
         self.slots: OrderedDict[tuple, GraphSlot] = OrderedDict()  # least recently used first
         self.lock = threading.Lock()
@@ -179,11 +179,14 @@ class DecodeGraphs:
         return DecodeGraphs(self.capture_decode, self.capture_prompt)  # a copied model captures its own graphs
 
 
-def capture_compiled_decode(model, cache):
-    """The CUDA graph of the compiled one-token step (joined projections, Triton matrix-vector kernels)."""
+def capture_decode_step(model, cache):
+    """The CUDA graph of the compiled one-token step (joined projections, Triton matrix-vector kernels), or of the
+    module path for models that step cannot read (`DecodeStep.unsupported`: quantized or LoRA layers)."""
+    from .decode_step import DecodeStep
     from .graph_capture import CUDAGraphDecoder
 
-    return CUDAGraphDecoder(model, cache, compile=True, concat_projections=True, triton_matvec=True)
+    compiled = DecodeStep.unsupported(model) is None
+    return CUDAGraphDecoder(model, cache, compile=compiled, concat_projections=compiled, triton_matvec=compiled)
 
 
 def capture_prompt_graph(step: PromptStep, cache) -> Callable[[], torch.Tensor]:

@@ -125,6 +125,22 @@ def _adjacent(params: tuple[torch.Tensor, ...]) -> bool:
     return all(b == a + p.numel() for a, b, p in zip(offsets, offsets[1:], params))
 
 
+def _placement_problem(model) -> str | None:
+    """Why the decoder is not all on one device without accelerate's dispatch hooks, or None."""
+    text = model.model.language_model
+    if any(hasattr(m, "_hf_hook") for m in (text, *text.modules(), model.lm_head)):
+        return "its modules are dispatched by accelerate hooks (device_map / offloading)"
+    devices = {p.device for p in text.parameters()} | {model.lm_head.weight.device}
+    if len(devices) != 1:
+        return f"its decoder spans several devices {sorted(map(str, devices))}"
+    return None
+
+
+def _from(obj, package: str) -> bool:
+    """Whether `obj`'s class is defined in `package` (checked by name: the package need not be installed)."""
+    return type(obj).__module__.split(".")[0] == package
+
+
 def _single(tensors: tuple[torch.Tensor, ...] | None) -> Weight | None:
     """A joined group as its one tensor; separate weights stay a tuple (their outputs get concatenated)."""
     return tensors[0] if tensors is not None and len(tensors) == 1 else tensors
@@ -265,17 +281,35 @@ class DecodeStep:
                 cls._joined((mixer.q_proj, mixer.k_proj, mixer.v_proj), "bias", True)
 
     @staticmethod
-    def unsupported(model) -> str | None:
-        """Why the decode step cannot stand in for this model's decoder, or None. It reads the weights directly,
-        so every module must be the plain one (no LoRA or quantized layers, whose forward it would skip) and
-        everything must sit on one device (no accelerate dispatch hooks moving tensors between devices)."""
+    def capture_problem(model) -> str | None:
+        """Why no captured decode graph can serve this model, neither of this step nor of the module path, or None.
+
+        A graph replays fixed kernels on fixed addresses of one device: accelerate's dispatch hooks (device_map,
+        offloading), a decoder over several devices and sharded (DTensor) weights are out. Layers other than
+        nn.Linear are captured only where their kernels are known to run without host syncs: peft's LoRA layers
+        and torchao's quantized weights; others (bitsandbytes' among them) keep the module path."""
+        problem = _placement_problem(model)
+        if problem is not None:
+            return problem
         text = model.model.language_model
-        modules = [text, *text.modules(), model.lm_head]
-        if any(hasattr(m, "_hf_hook") for m in modules):
-            return "its modules are dispatched by accelerate hooks (device_map / offloading)"
-        devices = {p.device for p in text.parameters()} | {model.lm_head.weight.device}
-        if len(devices) != 1:
-            return f"its decoder spans several devices {sorted(map(str, devices))}"
+        for name, module in (*text.named_modules(), *model.lm_head.named_modules(prefix="lm_head")):
+            if isinstance(module, nn.Linear) and type(module) is not nn.Linear and not _from(module, "peft"):
+                return f"{name} is a {type(module).__name__}, whose kernels are not known to run in a CUDA graph"
+        for name, p in (*text.named_parameters(), *model.lm_head.named_parameters(prefix="lm_head")):
+            if type(p.data) is not torch.Tensor and not _from(p.data, "torchao"):
+                return f"{name} is a {type(p.data).__name__} (sharded or quantized), which is not captured"
+        return None
+
+    @staticmethod
+    def unsupported(model) -> str | None:
+        """Why this step cannot stand in for this model's decoder, or None. One device, no hooks; and it reads the
+        weights directly, so every module must be the plain one (no LoRA or quantized layers, whose forward it would
+        skip), and it covers Gated DeltaNet layers with short convolutions and the output gate. Where it returns None,
+        so does `capture_problem`."""
+        problem = _placement_problem(model)
+        if problem is not None:
+            return problem
+        text = model.model.language_model
         # lm_head too: the step reads its weight directly, so adapters or quantization on it would be skipped
         for name, module in (*text.named_modules(), *model.lm_head.named_modules(prefix="lm_head")):
             if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
@@ -287,9 +321,9 @@ class DecodeStep:
         weights = (*text.named_parameters(), *model.lm_head.named_parameters(prefix="lm_head"))
         if any(not p.is_floating_point() for _, p in weights):
             return "some decoder weights are not floating point (quantized)"
-        for name, p in weights:  # torchao's quantized tensors (and DTensor shards) report a float dtype but hold other data
+        for name, p in weights:  # torchao's quantized tensors report a float dtype but hold other data
             if type(p.data) is not torch.Tensor:
-                return f"{name} is a {type(p.data).__name__} (quantized or sharded), whose data the step cannot read"
+                return f"{name} is a {type(p.data).__name__} (quantized), whose data the step cannot read"
         return None
 
     def with_cache(self, cache: InfiniteVLCache) -> DecodeStep:

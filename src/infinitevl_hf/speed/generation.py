@@ -29,6 +29,7 @@ class _Call:
 
 
 _CURRENT = contextvars.ContextVar("infinitevl_generate_call", default=None)
+_CAPTURE_FAILED = "_decode_capture_failed"  # on a model whose modules would not be captured: why
 
 
 @contextlib.contextmanager
@@ -68,6 +69,7 @@ def plan_for_model(model, device: torch.device, generation_config=None) -> Decod
         output_hidden_states=bool(getattr(flags, "output_hidden_states", False)),
         triton_available=_triton_available() if cuda else True,
         model_problem=DecodeStep.unsupported(model) if cuda else None,
+        capture_problem=(model.__dict__.get(_CAPTURE_FAILED) or DecodeStep.capture_problem(model)) if cuda else None,
         static_requested=getattr(flags, "cache_implementation", None) == "static",
         static_possible=all(text.window_for_layer(i) is not None
                             for i, kind in enumerate(text.layer_types) if kind != "linear_attention"),
@@ -82,7 +84,11 @@ def plan_generation(model, generation_config, cache, device: torch.device) -> De
     if call is not None:
         call.plan, call.cache = plan, cache
     if plan.reason is not None:
-        message = f"InfiniteVL generate() decodes through the module path ({plan.path} cache): {plan.reason}."
+        if plan.path == "graph":
+            message = ("InfiniteVL generate() replays the module path captured in a CUDA graph, not the compiled "
+                       f"decode step: {plan.reason}.")
+        else:
+            message = f"InfiniteVL generate() decodes through the module path ({plan.path} cache): {plan.reason}."
         (logger.info_once if device.type != "cuda" else logger.warning_once)(message)
     return plan
 
@@ -97,7 +103,18 @@ def fast_decode(model, cache, input_ids: torch.LongTensor) -> torch.Tensor | Non
     cache.to_static()
     if call.plan.path == "static":
         return None
-    return decode_graphs_of(model).step(model, cache, input_ids)
+    try:
+        return decode_graphs_of(model).step(model, cache, input_ids)
+    except RuntimeError as error:
+        if call.plan.step != "modules":
+            raise
+        # Layers whose kernels were let into a graph (LoRA, torchao) but would not be captured: this model decodes
+        # through its modules from now on (the cache is untouched: a failed capture runs nothing).
+        reason = f"capturing its modules in a CUDA graph failed ({type(error).__name__}: {str(error)[:200]})"
+        model.__dict__[_CAPTURE_FAILED] = reason
+        call.plan = DecodePlan("static", reason)
+        logger.warning_once(f"InfiniteVL generate() decodes through the module path (static cache): {reason}.")
+        return None
 
 
 def fast_prompt(model, cache, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,

@@ -1,6 +1,7 @@
 """Which path a `generate()` call decodes through: a plain function of the device, the flags and the model.
 
-- "graph": each new token replays one captured CUDA graph of the compiled decode step (`decode_graphs.py`).
+- "graph": each new token replays one captured CUDA graph (`decode_graphs.py`) of the compiled decode step, or,
+  for models that step cannot read (quantized or LoRA layers), of the module path itself (`step="modules"`).
 - "static": the module path over a static cache (window rings); no per-step host work grows with the context.
 - "dynamic": the module path over the growing window cache: the reference, and what CPUs run.
 """
@@ -20,6 +21,7 @@ class DecodePlan:
 
     path: str  # "graph", "static" or "dynamic"
     reason: str | None = None
+    step: str = "compiled"  # what a "graph" replays: the compiled decode step, or the "modules" captured as they are
 
 
 def decode_plan(
@@ -32,12 +34,14 @@ def decode_plan(
     output_hidden_states: bool = False,
     triton_available: bool = True,
     model_problem: str | None = None,
+    capture_problem: str | None = None,
     static_requested: bool = False,
     static_possible: bool = True,
 ) -> DecodePlan:
     """The decode path for one `generate()` call.
 
     model_problem: why the compiled step cannot read this model's weights (`DecodeStep.unsupported`), or None.
+    capture_problem: why no decode graph can serve this model at all (`DecodeStep.capture_problem`), or None.
     static_requested: `cache_implementation="static"`, which off CUDA still decodes over the rings.
     static_possible: False when some layer is full attention (its cache grows without bound: no static cache).
     """
@@ -58,6 +62,8 @@ def decode_plan(
         return DecodePlan("static", "Triton is not installed (the compiled decode step needs it)")
     if dtype not in GRAPH_DTYPES:
         return DecodePlan("static", f"the compiled decode step does not cover {dtype}")
+    if capture_problem is not None:
+        return DecodePlan("static", capture_problem)
     if model_problem is not None:
-        return DecodePlan("static", model_problem)
+        return DecodePlan("graph", model_problem, step="modules")
     return DecodePlan("graph")
