@@ -52,17 +52,10 @@ from .modeling.frame_graph import CUDAGraphFrames
 from .modeling.modeling_infinitevl import text_position_ids
 from .stream_state import (
     MAX_FRAME_PIXELS,
-    STATE_FORMAT,
     STATE_JSON,  # noqa: F401  (the manifest name, imported from here by callers)
-    STATE_VERSION,
-    cache_from_tensors,
-    cache_to_tensors,
-    check_state,
     config_fingerprint,
-    config_summary,
-    read_state,
-    summary_diff,
-    write_state,
+    load_session_state,
+    save_session_state,
 )
 
 QUESTION_TEMPLATE = "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -310,56 +303,40 @@ class StreamingSession:
         """Write the whole memory to folder `path`: cache tensors (`state-HEX.safetensors`) and counters, waiting
         frames and a config fingerprint (`session.json`, written last). The folder then holds the old state or the
         new one, never neither; with `overwrite` only a saved state is replaced, and other files stay untouched."""
-        # A cache turned static for CUDA graphs is saved in its dynamic form (the rings laid out oldest first).
-        tensors, layers = cache_to_tensors(self.cache.fork().to_dynamic() if self.cache.is_static else self.cache)
-        for i, (array, _) in enumerate(self._pending):
-            tensors[f"pending.{i}"] = torch.from_numpy(np.ascontiguousarray(array))
-        meta = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "fingerprint": config_fingerprint(self.model.config),
-            "config": config_summary(self.model.config),
-            "seen_tokens": self.cache.seen_tokens,
-            "padded_through": self.cache.padded_through,
-            "layers": layers,
-            "session": {
-                "frames": self._frames,
-                "chunks": self._chunks,
-                "last_frame_ms": self._last_frame_ms,
-                "last_time": self._last_time,
-                "pending_timestamps": [t for _, t in self._pending],
-                "frames_per_chunk": self.frames_per_chunk,
-                "fps": self.fps,
-                "system_prompt": self.system_prompt,
-                "question_template": self.question_template,
-                "max_pixels": self.max_pixels,
-                "min_pixels": self.min_pixels,
-            },
+        # A cache turned static for CUDA graphs is saved in its dynamic form (`InfiniteVLCache.state_dict`).
+        session = {
+            "frames": self._frames,
+            "chunks": self._chunks,
+            "last_frame_ms": self._last_frame_ms,
+            "last_time": self._last_time,
+            "frames_per_chunk": self.frames_per_chunk,
+            "fps": self.fps,
+            "system_prompt": self.system_prompt,
+            "question_template": self.question_template,
+            "max_pixels": self.max_pixels,
+            "min_pixels": self.min_pixels,
         }
-        return write_state(path, meta, tensors, overwrite=overwrite)
+        return save_session_state(path, self.model.config, self.cache, session, self._pending, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model, processor, **overrides) -> StreamingSession:
         """A session resumed from `save(path)`, on `model` (which must have the config the state was saved with).
-        The state is checked whole first (`stream_state.check_state`): a changed one raises a ValueError naming
-        the field."""
-        meta, tensors = _checked_state(path, model.config)
-        settings = {k: meta["session"][k] for k in ("frames_per_chunk", "fps", "question_template", "max_pixels", "min_pixels")}
+        The state is checked whole first (`stream_state.load_session_state`): a changed one raises a ValueError
+        naming the field."""
+        session, cache, pending = load_session_state(path, model.config, next(model.parameters()).device, model.dtype)
+        settings = {k: session[k] for k in ("frames_per_chunk", "fps", "question_template", "max_pixels", "min_pixels")}
         settings.update(overrides)
-        session = cls(model, processor, **settings)
-        session.system_prompt = meta["session"].get("system_prompt")
-        session._restore(meta, tensors)
-        return session
+        resumed = cls(model, processor, **settings)
+        resumed.system_prompt = session.get("system_prompt")
+        resumed._restore(session, cache, pending)
+        return resumed
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Replace this session's memory with the one saved at `path`. Everything is read and checked first:
         a missing/corrupt folder, a changed state or one from a different model config raises and changes nothing."""
-        self._restore(*_checked_state(path, self.model.config))
+        self._restore(*load_session_state(path, self.model.config, self._device(), self.model.dtype))
 
-    def _restore(self, meta: dict, tensors: dict) -> None:
-        cache = cache_from_tensors(self.model.config, tensors, meta, self._device(), self.model.dtype)
-        session = meta["session"]
-        pending = [(tensors[f"pending.{i}"].numpy().copy(), float(t)) for i, t in enumerate(session["pending_timestamps"])]
+    def _restore(self, session: dict, cache: InfiniteVLCache, pending: list) -> None:
         self.cache, self._pending, self._graphs = cache, pending, {}
         self._frames, self._chunks, self._last_frame_ms = session["frames"], session["chunks"], session["last_frame_ms"]
         self._last_time = session.get("last_time")  # (states saved before the clock was kept: None)
@@ -515,23 +492,6 @@ def iter_video_frames(source: str | os.PathLike, fps: float | None = None, max_f
         container.close()
     if yielded == 0:
         raise ValueError(f"Cannot read video {text!r}: it has no frames.")
-
-
-def _checked_state(path: str | os.PathLike, config) -> tuple[dict, dict]:
-    """The state at `path`, read and checked whole against `config` (fingerprint first: its message says which
-    config field differs)."""
-    meta, tensors = read_state(path)
-    if meta.get("fingerprint") != config_fingerprint(config):
-        diff = summary_diff(meta.get("config") or {}, config_summary(config))
-        raise ValueError(
-            f"The stream state in {str(path)!r} was saved from a different model config ({diff}); "
-            "it can only be loaded into a model with that config."
-        )
-    try:
-        check_state(config, meta, tensors)
-    except ValueError as error:
-        raise ValueError(f"The stream state in {str(path)!r} was changed or damaged: {error}") from error
-    return meta, tensors
 
 
 __all__ = ["StreamingSession", "StreamStats", "iter_video_frames", "config_fingerprint"]
