@@ -107,12 +107,12 @@ def test_ask_twice_same_answer_and_state_untouched(model, processor):
     session = StreamingSession(model, processor)
     session.add_frames(frames(7))  # one frame waits
     before = session.cache.fork()
-    pending = [a.copy() for a, _ in session._pending]
+    pending = [a.copy() for a, _ in session._buffer.pending]
     first = session.ask(QUESTION, max_new_tokens=6, skip_special_tokens=False)
     second = session.ask(QUESTION, max_new_tokens=6, skip_special_tokens=False)
     assert first == second and len(first) > 0
     assert_same_state(session.cache, before)
-    assert all(np.array_equal(a, b) for a, (b, _) in zip(pending, session._pending))
+    assert all(np.array_equal(a, b) for a, (b, _) in zip(pending, session._buffer.pending))
     assert session.stats.frames == 7 and session.stats.frames_pending == 1
     # Sampling kwargs pass through to generate.
     assert isinstance(session.ask(QUESTION, max_new_tokens=3, do_sample=True, top_k=5), str)
