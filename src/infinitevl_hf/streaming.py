@@ -41,8 +41,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from pathlib import Path
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -227,7 +228,7 @@ class StreamingSession:
         other.cache = self.cache.fork()
         other._graphs = {}  # graphs are bound to this session's cache tensors
         other._buffer = self._buffer.copy(copy_frames=True)
-        other._timer = ChunkTimer(self._timer.chunks, self._timer.last_frame_ms)
+        other._timer = replace(self._timer)
         return other
 
     def reset(self) -> None:
@@ -288,7 +289,7 @@ class StreamingSession:
         back the memory and counters of before the call, so a retry feeds the same frames once.
         feeds: whether the block may run the decoder (only then is the cache copied)."""
         cache = self.cache.fork() if feeds else None
-        buffer, timer = self._buffer.copy(), ChunkTimer(self._timer.chunks, self._timer.last_frame_ms)
+        buffer, timer = self._buffer.copy(), replace(self._timer)
         try:
             yield
         except BaseException:
