@@ -5,9 +5,14 @@ tensor file) and that tensor file (`state-HEX.safetensors`: cache tensors and wa
 written last, with one atomic replace (`staged.staged_files`): a folder always holds the old state or the new one,
 and other files in it are never touched.
 
+The cache's part is `InfiniteVLCache.state_dict()` as it is: its counters and layer records at the top of
+`session.json` (`seen_tokens`, `padded_through`, `layers`), its tensors in the tensor file under their names. This
+module adds the session's settings (`session`) and the waiting frames (tensors `pending.{i}`, [H, W, 3] uint8, with
+`session.pending_timestamps`).
+
 Everything is checked when a state is read, before it is used: a changed or damaged state (missing or extra
 tensors, wrong shapes or dtypes, NaN/inf, negative or absurd counters, settings that would blow up memory) is
-refused with a `ValueError` naming the field.
+refused with a `ValueError` naming the field (the cache's part by `InfiniteVLCache.check_state_dict`).
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import re
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .modeling.cache import InfiniteVLAttentionLayer, InfiniteVLCache, InfiniteVLLinearAttentionLayer
+from .modeling.cache import InfiniteVLCache
+from .modeling.state_checks import check_count, check_tensor, refuse_extra
 from .staged import staged_files
 
 STATE_FORMAT = "infinitevl-stream-state"
@@ -41,10 +48,12 @@ _FINGERPRINT_SKIP = {
 
 # Tensor files a manifest may name: the fixed name of older states, or a fresh name per save.
 _TENSOR_FILE = re.compile(r"^state(-[0-9a-f]{8})?\.safetensors$")
-# Largest counter a real stream reaches (2**53: exact in JSON and float64) and largest frame a setting may ask for
-# (50 megapixels: about four 4K frames, 64K vision tokens each after merging).
-MAX_COUNT = 2**53
+# Largest frame a setting may ask for (50 megapixels: about four 4K frames, 64K vision tokens each after merging).
 MAX_FRAME_PIXELS = 50_000_000
+# The manifest's top-level fields that belong to the cache (`InfiniteVLCache.state_dict()`), and the waiting frames'
+# tensor names.
+CACHE_FIELDS = ("seen_tokens", "padded_through", "layers")
+PENDING = "pending."
 
 
 def _clean(value):
@@ -76,74 +85,7 @@ def summary_diff(saved: dict, current: dict) -> str:
     return "; ".join(diffs[:4]) if diffs else "other fields differ"
 
 
-def cache_to_tensors(cache: InfiniteVLCache) -> tuple[dict, list]:
-    tensors, layers = {}, []
-    for i, layer in enumerate(cache.layers):
-        if isinstance(layer, InfiniteVLAttentionLayer):
-            info = {"kind": "attention", "cumulative_length": layer.cumulative_length, "initialized": layer.is_initialized}
-            if layer.is_initialized:
-                tensors[f"layers.{i}.keys"] = layer.keys.detach().contiguous().cpu()
-                tensors[f"layers.{i}.values"] = layer.values.detach().contiguous().cpu()
-                if layer.valid is not None:
-                    tensors[f"layers.{i}.valid"] = layer.valid.detach().contiguous().cpu()
-        elif isinstance(layer, InfiniteVLLinearAttentionLayer):
-            info = {"kind": "linear_attention", "has_previous_state": [bool(layer.has_previous_state[j]) for j in range(layer.number_of_states)]}
-            for j in range(layer.number_of_states):
-                if layer.conv_states[j] is not None:
-                    tensors[f"layers.{i}.conv.{j}"] = layer.conv_states[j].detach().contiguous().cpu()
-                if layer.recurrent_states[j] is not None:
-                    tensors[f"layers.{i}.recurrent.{j}"] = layer.recurrent_states[j].detach().contiguous().cpu()
-        else:
-            raise ValueError(f"Cache layer {i} ({type(layer).__name__}) cannot be saved.")
-        layers.append(info)
-    if cache.next_positions is not None:
-        tensors["next_positions"] = cache.next_positions.detach().contiguous().cpu()
-    return tensors, layers
-
-
-def cache_from_tensors(config, tensors: dict, meta: dict, device, dtype: torch.dtype) -> InfiniteVLCache:
-    """Rebuild a cache on `device`; keys, values and conv states take the model's `dtype` (a state saved from a
-    bf16 model resumes in an fp32 one without mixing precisions); recurrent states stay float32."""
-    cache = InfiniteVLCache(config)
-    if len(meta["layers"]) != len(cache.layers):
-        raise ValueError(f"The saved state has {len(meta['layers'])} layers, the model {len(cache.layers)}.")
-    for i, (layer, info) in enumerate(zip(cache.layers, meta["layers"])):
-        if isinstance(layer, InfiniteVLAttentionLayer):
-            if info["kind"] != "attention":
-                raise ValueError(f"Saved layer {i} is {info['kind']}, the model's is attention.")
-            layer.cumulative_length = int(info["cumulative_length"])
-            if info["initialized"]:
-                keys = tensors[f"layers.{i}.keys"].to(device, dtype)
-                values = tensors[f"layers.{i}.values"].to(device, dtype)
-                layer.lazy_initialization(keys, values)
-                layer.keys, layer.values = keys, values
-                layer.dtype = keys.dtype
-                valid = tensors.get(f"layers.{i}.valid")
-                layer.valid = None if valid is None else valid.to(device)
-        else:
-            if info["kind"] != "linear_attention":
-                raise ValueError(f"Saved layer {i} is {info['kind']}, the model's is linear_attention.")
-            for j in range(layer.number_of_states):
-                conv, recurrent = tensors.get(f"layers.{i}.conv.{j}"), tensors.get(f"layers.{i}.recurrent.{j}")
-                if conv is not None:
-                    layer.update_conv_state(conv.to(device, dtype), state_idx=j)
-                if recurrent is not None:
-                    layer.update_recurrent_state(recurrent.to(device), state_idx=j)
-                layer.has_previous_state[j] = bool(info["has_previous_state"][j])
-    cache.seen_tokens = int(meta["seen_tokens"])
-    cache.padded_through = int(meta.get("padded_through", cache.seen_tokens))  # (unknown: as if just padded)
-    positions = tensors.get("next_positions")
-    cache.next_positions = None if positions is None else positions.to(device)
-    return cache
-
-
 # -- checks at load ----------------------------------------------------------------------------------------------
-def _count(value, field: str, low: int = 0, high: int = MAX_COUNT) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"The saved state's {field} must be a whole number in [{low}, {high}], got {value!r}.")
-    return value
-
-
 def _number(value, field: str, positive: bool = False, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -153,32 +95,15 @@ def _number(value, field: str, positive: bool = False, optional: bool = False) -
         raise ValueError(f"The saved state's {field} must be a finite {bound} number, got {value!r}.")
 
 
-def _tensor(tensors: dict, name: str, shape: tuple, dtypes: tuple, finite: bool = True) -> torch.Tensor:
-    if name not in tensors:
-        raise ValueError(f"The saved state lacks tensor {name!r}.")
-    tensor = tensors[name]
-    if tensor.dtype not in dtypes:
-        raise ValueError(f"The saved state's tensor {name!r} is {tensor.dtype}, expected {' or '.join(map(str, dtypes))}.")
-    if tensor.dim() != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
-        want = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
-        raise ValueError(f"The saved state's tensor {name!r} has shape {list(tensor.shape)}, expected {want}.")
-    if finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise ValueError(f"The saved state's tensor {name!r} holds NaN or inf.")
-    return tensor
-
-
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
 def check_settings(session: dict) -> None:
     """The saved session settings: counters, frame rate, chunking, pixel bounds (each refused by name)."""
-    frames = _count(session.get("frames"), "session.frames")
-    _count(session.get("chunks"), "session.chunks")
+    frames = check_count(session.get("frames"), "session.frames")
+    check_count(session.get("chunks"), "session.chunks")
     _number(session.get("last_frame_ms"), "session.last_frame_ms", optional=True)
     last_time = session.get("last_time")
     if last_time is not None and (isinstance(last_time, bool) or not isinstance(last_time, (int, float)) or not math.isfinite(last_time)):
         raise ValueError(f"The saved state's session.last_time must be a finite time in seconds, got {last_time!r}.")
-    _count(session.get("frames_per_chunk"), "session.frames_per_chunk", low=1, high=4096)
+    check_count(session.get("frames_per_chunk"), "session.frames_per_chunk", low=1, high=4096)
     _number(session.get("fps"), "session.fps", positive=True)
     times = session.get("pending_timestamps")
     if not isinstance(times, list) or len(times) > frames:
@@ -189,7 +114,7 @@ def check_settings(session: dict) -> None:
             raise ValueError(f"The saved state's session.pending_timestamps holds {t!r}, not a finite time.")
     for name in ("max_pixels", "min_pixels"):
         if session.get(name) is not None:
-            _count(session[name], f"session.{name}", low=1, high=MAX_FRAME_PIXELS)
+            check_count(session[name], f"session.{name}", low=1, high=MAX_FRAME_PIXELS)
     if session.get("min_pixels") and session.get("max_pixels") and session["min_pixels"] > session["max_pixels"]:
         raise ValueError(f"The saved state's session.min_pixels ({session['min_pixels']}) exceeds session.max_pixels "
                          f"({session['max_pixels']}).")
@@ -200,72 +125,34 @@ def check_settings(session: dict) -> None:
         raise ValueError("The saved state's session.system_prompt must be a string.")
 
 
-def check_state(config, meta: dict, tensors: dict) -> None:
-    """Check a saved state against the model `config` before anything uses it: every counter, every tensor's
-    presence, shape, dtype and values, and nothing extra. Raises `ValueError` naming the field."""
+def cache_state(meta: dict, tensors: dict) -> dict:
+    """The cache's part of a saved state (manifest `meta`, tensor file `tensors`), in `InfiniteVLCache.state_dict()`'s
+    form: its counters and layer records and every tensor but the waiting frames."""
+    state = {field: meta.get(field) for field in CACHE_FIELDS if field in meta}
+    state["tensors"] = {name: tensor for name, tensor in tensors.items() if not name.startswith(PENDING)}
+    return state
+
+
+def check_session(meta: dict, tensors: dict) -> None:
+    """The session's part of a saved state: its settings (`check_settings`) and one [H, W, 3] uint8 frame tensor per
+    waiting timestamp, and no other `pending.*` tensor."""
     session = meta.get("session")
     if not isinstance(session, dict):
         raise ValueError("The saved state has no session settings (session.json: 'session').")
     check_settings(session)
-    seen = _count(meta.get("seen_tokens"), "seen_tokens")
-    _count(meta.get("padded_through", seen), "padded_through", high=seen)
-    text = config.get_text_config()
-    layers = meta.get("layers")
-    if not isinstance(layers, list) or len(layers) != len(text.layer_types):
-        count = len(layers) if isinstance(layers, list) else layers
-        raise ValueError(f"The saved state has {count} layers, the model {len(text.layer_types)}.")
-    batch = tensors["next_positions"].shape[0] if "next_positions" in tensors and tensors["next_positions"].dim() == 1 else None
     expected = set()
-    if seen:
-        positions = _tensor(tensors, "next_positions", (batch,), (torch.int64,))
-        if (positions < 0).any() or (positions > MAX_COUNT).any():
-            raise ValueError("The saved state's tensor 'next_positions' holds negative or absurd positions.")
-        expected.add("next_positions")
-    head_dim = text.hidden_size // text.num_attention_heads
-    key_dim, value_dim = text.num_linear_heads * text.linear_head_dim, text.num_linear_heads * text.linear_value_head_dim
-    for i, (kind, info) in enumerate(zip(text.layer_types, layers)):
-        if not isinstance(info, dict):
-            raise ValueError(f"The saved state's layers[{i}] is not a layer record.")
-        if kind != "linear_attention":
-            if info.get("kind") != "attention":
-                raise ValueError(f"Saved layer {i} is {info.get('kind')}, the model's is attention.")
-            cumulative = _count(info.get("cumulative_length"), f"layers[{i}].cumulative_length", high=seen)
-            if not isinstance(info.get("initialized"), bool):
-                raise ValueError(f"The saved state's layers[{i}].initialized must be true or false.")
-            if not info["initialized"]:
-                continue
-            window = text.window_for_layer(i)
-            keys = _tensor(tensors, f"layers.{i}.keys", (batch, text.num_key_value_heads, None, head_dim), _FLOATS)
-            length = keys.shape[2]
-            if length > cumulative or (window is not None and length > window - 1):
-                raise ValueError(f"The saved state's tensor 'layers.{i}.keys' holds {length} tokens; layer {i} keeps at "
-                                 f"most {min(cumulative, (window or cumulative + 1) - 1)}.")
-            _tensor(tensors, f"layers.{i}.values", tuple(keys.shape), _FLOATS)
-            expected |= {f"layers.{i}.keys", f"layers.{i}.values"}
-            if f"layers.{i}.valid" in tensors:
-                _tensor(tensors, f"layers.{i}.valid", (batch, length), (torch.bool,))
-                expected.add(f"layers.{i}.valid")
-        else:
-            if info.get("kind") != "linear_attention":
-                raise ValueError(f"Saved layer {i} is {info.get('kind')}, the model's is linear_attention.")
-            flags = info.get("has_previous_state")
-            if not isinstance(flags, list) or len(flags) != 3 or not all(isinstance(f, bool) for f in flags):
-                raise ValueError(f"The saved state's layers[{i}].has_previous_state must be three true/false flags.")
-            if not seen:
-                continue
-            if text.use_short_conv:
-                for j, channels in enumerate((key_dim, key_dim, value_dim)):
-                    _tensor(tensors, f"layers.{i}.conv.{j}", (batch, channels, text.conv_size - 1), _FLOATS)
-                    expected.add(f"layers.{i}.conv.{j}")
-            shape = (batch, text.num_linear_heads, text.linear_head_dim, text.linear_value_head_dim)
-            _tensor(tensors, f"layers.{i}.recurrent.0", shape, (torch.float32,))
-            expected.add(f"layers.{i}.recurrent.0")
     for i in range(len(session["pending_timestamps"])):
-        _tensor(tensors, f"pending.{i}", (None, None, 3), (torch.uint8,))
-        expected.add(f"pending.{i}")
-    extra = sorted(set(tensors) - expected)
-    if extra:
-        raise ValueError(f"The saved state holds tensors this model's state does not have: {extra[:5]}.")
+        check_tensor(tensors, f"{PENDING}{i}", (None, None, 3), (torch.uint8,))
+        expected.add(f"{PENDING}{i}")
+    refuse_extra({name for name in tensors if name.startswith(PENDING)}, expected)
+
+
+def check_state(config, meta: dict, tensors: dict) -> None:
+    """Check a saved state against the model `config` before anything uses it: the session's settings and waiting
+    frames (`check_session`) and the cache (`InfiniteVLCache.check_state_dict`: every counter, every tensor's
+    presence, shape, dtype and values, and nothing extra). Raises `ValueError` naming the field."""
+    check_session(meta, tensors)
+    InfiniteVLCache.check_state_dict(config, cache_state(meta, tensors))
 
 
 # -- reading and writing ----------------------------------------------------------------------------------------
@@ -355,5 +242,48 @@ def write_state(path: str | os.PathLike, meta: dict, tensors: dict, overwrite: b
     return path
 
 
-__all__ = ["STATE_FORMAT", "STATE_VERSION", "STATE_JSON", "MAX_FRAME_PIXELS", "config_fingerprint", "check_state",
-           "check_settings", "check_save_target", "read_state", "write_state", "cache_to_tensors", "cache_from_tensors"]
+# -- a session's state --------------------------------------------------------------------------------------------
+def save_session_state(path: str | os.PathLike, config, cache: InfiniteVLCache, session: dict,
+                       pending: list[tuple[np.ndarray, float]], overwrite: bool = False) -> Path:
+    """Write a streaming session's state folder: `cache` (`state_dict()`: a static cache saves as its dynamic form),
+    the `session` settings and counters, and the `pending` (frame, timestamp) pairs."""
+    state = cache.state_dict()
+    tensors = state.pop("tensors")
+    for i, (array, _) in enumerate(pending):
+        tensors[f"{PENDING}{i}"] = torch.from_numpy(np.ascontiguousarray(array))
+    meta = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "fingerprint": config_fingerprint(config),
+        "config": config_summary(config),
+        **state,
+        "session": {**session, "pending_timestamps": [t for _, t in pending]},
+    }
+    return write_state(path, meta, tensors, overwrite=overwrite)
+
+
+def load_session_state(path: str | os.PathLike, config, device=None, dtype: torch.dtype | None = None
+                       ) -> tuple[dict, InfiniteVLCache, list[tuple[np.ndarray, float]]]:
+    """(session settings and counters, cache on `device` in `dtype`, pending (frame, timestamp) pairs) of the state
+    folder `path`, read and checked whole against `config` first (fingerprint first: its message says which config
+    field differs; then a ValueError names the changed or damaged field)."""
+    meta, tensors = read_state(path)
+    if meta.get("fingerprint") != config_fingerprint(config):
+        diff = summary_diff(meta.get("config") or {}, config_summary(config))
+        raise ValueError(
+            f"The stream state in {str(path)!r} was saved from a different model config ({diff}); "
+            "it can only be loaded into a model with that config."
+        )
+    try:
+        check_session(meta, tensors)
+        cache = InfiniteVLCache.from_state_dict(config, cache_state(meta, tensors), device=device, dtype=dtype)
+    except ValueError as error:
+        raise ValueError(f"The stream state in {str(path)!r} was changed or damaged: {error}") from error
+    session = meta["session"]
+    pending = [(tensors[f"{PENDING}{i}"].numpy().copy(), float(t)) for i, t in enumerate(session["pending_timestamps"])]
+    return session, cache, pending
+
+
+__all__ = ["STATE_FORMAT", "STATE_VERSION", "STATE_JSON", "MAX_FRAME_PIXELS", "config_fingerprint", "cache_state",
+           "check_session", "check_state", "check_settings", "check_save_target", "read_state", "write_state",
+           "save_session_state", "load_session_state"]

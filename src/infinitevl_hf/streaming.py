@@ -21,6 +21,10 @@ treats the question as the whole prompt (`prepare_inputs_for_generation` feeds `
 while the positions (`next_positions`) and every layer's window and state still hold the stream. So an
 answer costs O(question + answer) whatever the stream length, and the session itself is untouched.
 
+The pieces: `stream_buffer.FrameBuffer` (waiting frames, chunking, the clock), `stream_stats` (`StreamStats`, the
+chunk timer), `stream_state` (the state folder; the cache's part is `InfiniteVLCache.state_dict`), `stream_video`
+(`iter_video_frames`).
+
 Example:
 
 ```python
@@ -37,10 +41,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -50,41 +53,18 @@ from .modeling.compat import CACHE_KWARG
 from .speed.graph_capture import CUDAGraphPrefill
 from .speed.frame_graphs import CUDAGraphFrames
 from .modeling.modeling_infinitevl import text_position_ids
+from .stream_buffer import Frame, FrameBuffer, checked_frames
 from .stream_state import (
     MAX_FRAME_PIXELS,
-    STATE_FORMAT,
     STATE_JSON,  # noqa: F401  (the manifest name, imported from here by callers)
-    STATE_VERSION,
-    cache_from_tensors,
-    cache_to_tensors,
-    check_state,
     config_fingerprint,
-    config_summary,
-    read_state,
-    summary_diff,
-    write_state,
+    load_session_state,
+    save_session_state,
 )
+from .stream_stats import ChunkTimer, StreamStats
+from .stream_video import iter_video_frames
 
 QUESTION_TEMPLATE = "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-
-
-@dataclass
-class StreamStats:
-    """What a session has taken in so far.
-
-    frames: frames added (fed or waiting); frames_pending: frames waiting for a full chunk; chunks: chunks fed;
-    tokens_seen: tokens through the cache (frames and text); cache_bytes: `InfiniteVLCache.nbytes` (constant
-    once every window is full); last_frame_ms: wall time per frame of the last chunk fed (None before any)."""
-
-    frames: int
-    frames_pending: int
-    chunks: int
-    tokens_seen: int
-    cache_bytes: int
-    last_frame_ms: float | None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class StreamingSession:
@@ -143,11 +123,8 @@ class StreamingSession:
             for i, kind in enumerate(config.text_config.layer_types)
         )
         self._graphs: dict[tuple, CUDAGraphFrames | CUDAGraphPrefill] = {}
-        self._pending: list[tuple[np.ndarray, float]] = []
-        self._frames = 0
-        self._chunks = 0
-        self._last_frame_ms: float | None = None
-        self._last_time: float | None = None  # timestamp of the last frame added: the stream's clock
+        self._buffer = FrameBuffer(self.frames_per_chunk, self.fps)
+        self._timer = ChunkTimer()
         if system_prompt:
             self.add_text(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
 
@@ -157,51 +134,13 @@ class StreamingSession:
 
         Every complete chunk of `frames_per_chunk` frames is fed at once; the rest waits. All frames are
         checked before anything is fed: a bad frame raises and leaves the session unchanged."""
-        frames = _as_frame_list(frames)
-        arrays = [_check_frame(frame, i) for i, frame in enumerate(frames)]
-        if timestamps is None:
-            times = [(self._frames + i) / self.fps for i in range(len(arrays))]
-        else:
-            times = [float(t) for t in timestamps]
-            if len(times) != len(arrays):
-                raise ValueError(f"Got {len(arrays)} frames but {len(times)} timestamps.")
-        with self._unchanged_on_error(feeds=len(self._pending) + len(arrays) >= self.frames_per_chunk):
-            for array, t in zip(arrays, times):
-                self._pending.append((array, t))
-                self._frames += 1
-                self._last_time = t if self._last_time is None else max(self._last_time, t)
-                self._feed_complete_chunks()
+        arrays = checked_frames(frames)
+        times = self._buffer.timestamps(len(arrays), timestamps)
+        with self._unchanged_on_error(feeds=self._buffer.fills_chunk(len(arrays))):
+            self._buffer.add(arrays, times)
+            while (chunk := self._buffer.take_chunk()) is not None:
+                self._feed_chunk(self.cache, chunk)
         return self.stats
-
-    @property
-    def clock(self) -> float:
-        """Seconds of stream so far: one frame interval (`1 / fps`) after the last frame's timestamp (0 before any).
-        A resumed session keeps it, so a new video can continue the stream's time."""
-        return 0.0 if self._last_time is None else self._last_time + 1.0 / self.fps
-
-    @contextlib.contextmanager
-    def _unchanged_on_error(self, feeds: bool = True) -> Iterator[None]:
-        """Run a feed all or nothing: an error or Ctrl-C inside the decoder (some layers advanced, others not) puts
-        back the memory and counters of before the call, so a retry feeds the same frames once.
-        feeds: whether the block may run the decoder (only then is the cache copied)."""
-        cache = self.cache.fork() if feeds else None
-        saved = list(self._pending), self._frames, self._chunks, self._last_frame_ms, self._last_time
-        try:
-            yield
-        except BaseException:
-            self._pending, self._frames, self._chunks, self._last_frame_ms, self._last_time = saved
-            if cache is not None:
-                self.cache = cache
-                self._graphs = {}  # captured graphs write into the cache tensors that were just dropped
-            raise
-
-    def _feed_complete_chunks(self) -> None:
-        # `>=`: a state loaded with a smaller `frames_per_chunk` may hold more than one chunk's frames.
-        while len(self._pending) >= self.frames_per_chunk:
-            chunk, rest = self._pending[: self.frames_per_chunk], self._pending[self.frames_per_chunk :]
-            self._pending = chunk  # `_feed_pending` feeds what waits
-            self._feed_pending(self.cache)
-            self._pending = rest
 
     def add_video(self, source: str | os.PathLike, fps: float | None = None, max_frames: int | None = None) -> StreamStats:
         """Decode a video file or URL with PyAV, `fps` frames per second (default: the session's), and feed
@@ -236,10 +175,11 @@ class StreamingSession:
             self._flush()
         return self.stats
 
-    def _flush(self) -> None:
-        if self._pending:
-            self._feed_pending(self.cache)
-            self._pending = []
+    @property
+    def clock(self) -> float:
+        """Seconds of stream so far: one frame interval (`1 / fps`) after the last frame's timestamp (0 before any).
+        A resumed session keeps it, so a new video can continue the stream's time."""
+        return self._buffer.clock
 
     # -- questions -----------------------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int = 64, skip_special_tokens: bool = True, **generate_kwargs) -> str:
@@ -269,24 +209,16 @@ class StreamingSession:
         fork, ids = self._question_fork(question)
         return self._forward(fork, ids)
 
-    def _question_fork(self, question: str):
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("ask needs a non-empty question.")
-        fork = self.cache.fork()
-        if self._pending:
-            self._feed_pending(fork, timed=False)
-        return fork, self._encode(self.question_template.format(question=question))
-
     # -- state ---------------------------------------------------------------------------------------------
     @property
     def stats(self) -> StreamStats:
         return StreamStats(
-            frames=self._frames,
-            frames_pending=len(self._pending),
-            chunks=self._chunks,
+            frames=self._buffer.frames,
+            frames_pending=len(self._buffer),
+            chunks=self._timer.chunks,
             tokens_seen=self.cache.seen_tokens,
             cache_bytes=self.cache.nbytes,
-            last_frame_ms=self._last_frame_ms,
+            last_frame_ms=self._timer.last_frame_ms,
         )
 
     def fork(self) -> StreamingSession:
@@ -295,78 +227,92 @@ class StreamingSession:
         other.__dict__.update(self.__dict__)
         other.cache = self.cache.fork()
         other._graphs = {}  # graphs are bound to this session's cache tensors
-        other._pending = [(array.copy(), t) for array, t in self._pending]
+        other._buffer = self._buffer.copy(copy_frames=True)
+        other._timer = replace(self._timer)
         return other
 
     def reset(self) -> None:
         """Forget everything (the system prompt, if any, is fed again)."""
         self.cache.reset()
         self._graphs = {}
-        self._pending, self._frames, self._chunks, self._last_frame_ms, self._last_time = [], 0, 0, None, None
+        self._buffer, self._timer = FrameBuffer(self.frames_per_chunk, self.fps), ChunkTimer()
         if self.system_prompt:
             self.add_text(f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n")
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the whole memory to folder `path`: cache tensors (`state-HEX.safetensors`) and counters, waiting
         frames and a config fingerprint (`session.json`, written last). The folder then holds the old state or the
-        new one, never neither; with `overwrite` only a saved state is replaced, and other files stay untouched."""
-        # A cache turned static for CUDA graphs is saved in its dynamic form (the rings laid out oldest first).
-        tensors, layers = cache_to_tensors(self.cache.fork().to_dynamic() if self.cache.is_static else self.cache)
-        for i, (array, _) in enumerate(self._pending):
-            tensors[f"pending.{i}"] = torch.from_numpy(np.ascontiguousarray(array))
-        meta = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "fingerprint": config_fingerprint(self.model.config),
-            "config": config_summary(self.model.config),
-            "seen_tokens": self.cache.seen_tokens,
-            "padded_through": self.cache.padded_through,
-            "layers": layers,
-            "session": {
-                "frames": self._frames,
-                "chunks": self._chunks,
-                "last_frame_ms": self._last_frame_ms,
-                "last_time": self._last_time,
-                "pending_timestamps": [t for _, t in self._pending],
-                "frames_per_chunk": self.frames_per_chunk,
-                "fps": self.fps,
-                "system_prompt": self.system_prompt,
-                "question_template": self.question_template,
-                "max_pixels": self.max_pixels,
-                "min_pixels": self.min_pixels,
-            },
+        new one, never neither; with `overwrite` only a saved state is replaced, and other files stay untouched.
+        A cache turned static for CUDA graphs is saved in its dynamic form (`InfiniteVLCache.state_dict`)."""
+        session = {
+            "frames": self._buffer.frames,
+            "chunks": self._timer.chunks,
+            "last_frame_ms": self._timer.last_frame_ms,
+            "last_time": self._buffer.last_time,
+            "frames_per_chunk": self.frames_per_chunk,
+            "fps": self.fps,
+            "system_prompt": self.system_prompt,
+            "question_template": self.question_template,
+            "max_pixels": self.max_pixels,
+            "min_pixels": self.min_pixels,
         }
-        return write_state(path, meta, tensors, overwrite=overwrite)
+        return save_session_state(path, self.model.config, self.cache, session, self._buffer.pending, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model, processor, **overrides) -> StreamingSession:
         """A session resumed from `save(path)`, on `model` (which must have the config the state was saved with).
-        The state is checked whole first (`stream_state.check_state`): a changed one raises a ValueError naming
-        the field."""
-        meta, tensors = _checked_state(path, model.config)
-        settings = {k: meta["session"][k] for k in ("frames_per_chunk", "fps", "question_template", "max_pixels", "min_pixels")}
+        The state is checked whole first (`stream_state.load_session_state`): a changed one raises a ValueError
+        naming the field."""
+        session, cache, pending = load_session_state(path, model.config, _device(model), model.dtype)
+        settings = {k: session[k] for k in ("frames_per_chunk", "fps", "question_template", "max_pixels", "min_pixels")}
         settings.update(overrides)
-        session = cls(model, processor, **settings)
-        session.system_prompt = meta["session"].get("system_prompt")
-        session._restore(meta, tensors)
-        return session
+        resumed = cls(model, processor, **settings)
+        resumed.system_prompt = session.get("system_prompt")
+        resumed._restore(session, cache, pending)
+        return resumed
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Replace this session's memory with the one saved at `path`. Everything is read and checked first:
         a missing/corrupt folder, a changed state or one from a different model config raises and changes nothing."""
-        self._restore(*_checked_state(path, self.model.config))
-
-    def _restore(self, meta: dict, tensors: dict) -> None:
-        cache = cache_from_tensors(self.model.config, tensors, meta, self._device(), self.model.dtype)
-        session = meta["session"]
-        pending = [(tensors[f"pending.{i}"].numpy().copy(), float(t)) for i, t in enumerate(session["pending_timestamps"])]
-        self.cache, self._pending, self._graphs = cache, pending, {}
-        self._frames, self._chunks, self._last_frame_ms = session["frames"], session["chunks"], session["last_frame_ms"]
-        self._last_time = session.get("last_time")  # (states saved before the clock was kept: None)
+        self._restore(*load_session_state(path, self.model.config, self._device(), self.model.dtype))
 
     # -- internals -----------------------------------------------------------------------------------------
+    def _restore(self, session: dict, cache: InfiniteVLCache, pending: list[Frame]) -> None:
+        self.cache, self._graphs = cache, {}
+        # (states saved before the clock was kept: last_time None)
+        self._buffer.resume(pending, session["frames"], session.get("last_time"))
+        self._timer = ChunkTimer(session["chunks"], session["last_frame_ms"])
+
+    @contextlib.contextmanager
+    def _unchanged_on_error(self, feeds: bool = True) -> Iterator[None]:
+        """Run a feed all or nothing: an error or Ctrl-C inside the decoder (some layers advanced, others not) puts
+        back the memory and counters of before the call, so a retry feeds the same frames once.
+        feeds: whether the block may run the decoder (only then is the cache copied)."""
+        cache = self.cache.fork() if feeds else None
+        buffer, timer = self._buffer.copy(), replace(self._timer)
+        try:
+            yield
+        except BaseException:
+            self._buffer, self._timer = buffer, timer
+            if cache is not None:
+                self.cache = cache
+                self._graphs = {}  # captured graphs write into the cache tensors that were just dropped
+            raise
+
+    def _flush(self) -> None:
+        if len(self._buffer):
+            self._feed_chunk(self.cache, self._buffer.take_all())
+
+    def _question_fork(self, question: str):
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("ask needs a non-empty question.")
+        fork = self.cache.fork()
+        if len(self._buffer):
+            self._feed_chunk(fork, self._buffer.pending, timed=False)
+        return fork, self._encode(self.question_template.format(question=question))
+
     def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return _device(self.model)
 
     def _encode(self, text: str) -> torch.LongTensor:
         ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -397,21 +343,17 @@ class StreamingSession:
         per_frame = sum(steps) / len(steps) if steps else 1.0 / self.fps
         return self.temporal_patch_size * per_frame
 
-    def _feed_pending(self, cache: InfiniteVLCache, timed: bool = True) -> None:
-        frames = [array for array, _ in self._pending]
-        inputs = self.chunk_inputs(frames, [t for _, t in self._pending])
+    def _feed_chunk(self, cache: InfiniteVLCache, chunk: list[Frame], timed: bool = True) -> None:
+        """Feed one chunk of (frame, seconds) pairs into `cache` (the session's own through its graphs when ready);
+        `timed`: count and time it (the session's chunks, not a question's fork)."""
+        inputs = self.chunk_inputs([array for array, _ in chunk], [t for _, t in chunk])
         device = self._device()
-        start = time.perf_counter()
-        input_ids, inputs = inputs.pop("input_ids").to(device), {k: v.to(device) for k, v in inputs.items()}
-        if cache is self.cache and self._graph_ready(input_ids.shape[1], device):
-            self._graph_forward(input_ids, **inputs)
-        else:
-            self._forward(cache, input_ids, **inputs)
-        if timed:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            self._chunks += 1
-            self._last_frame_ms = (time.perf_counter() - start) * 1000.0 / len(frames)
+        with self._timer.timing(len(chunk), device) if timed else contextlib.nullcontext():
+            input_ids, inputs = inputs.pop("input_ids").to(device), {k: v.to(device) for k, v in inputs.items()}
+            if cache is self.cache and self._graph_ready(input_ids.shape[1], device):
+                self._graph_forward(input_ids, **inputs)
+            else:
+                self._forward(cache, input_ids, **inputs)
 
     def _graph_ready(self, length: int, device: torch.device) -> bool:
         if not (self.cuda_graphs and device.type == "cuda" and self.cache.seen_tokens > 0):
@@ -447,91 +389,8 @@ class StreamingSession:
             return self.model(input_ids=input_ids, use_cache=True, **inputs, **{CACHE_KWARG: cache}).logits
 
 
-# -- frames ----------------------------------------------------------------------------------------------------
-def _as_frame_list(frames) -> list:
-    if isinstance(frames, np.ndarray) and frames.ndim == 4:
-        return list(frames)
-    if isinstance(frames, (list, tuple)):
-        return list(frames)
-    return [frames]
-
-
-def _check_frame(frame, index: int) -> np.ndarray:
-    """A frame as a contiguous [H, W, 3] uint8 array; anything else is refused with its index named."""
-    from PIL import Image
-
-    if isinstance(frame, Image.Image):
-        return np.asarray(frame.convert("RGB"), dtype=np.uint8).copy()
-    if isinstance(frame, np.ndarray):
-        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3 or min(frame.shape[:2]) < 1:
-            raise ValueError(
-                f"Frame {index}: expected an [H, W, 3] uint8 array, got shape {tuple(frame.shape)} of {frame.dtype}."
-            )
-        return np.ascontiguousarray(frame).copy()
-    raise TypeError(f"Frame {index}: expected a PIL image or an [H, W, 3] uint8 numpy array, got {type(frame).__name__}.")
-
-
-def iter_video_frames(source: str | os.PathLike, fps: float | None = None, max_frames: int | None = None) -> Iterator[tuple[np.ndarray, float]]:
-    """Yield (frame [H, W, 3] uint8, seconds) from a video file or an http(s)/rtsp URL, decoded with PyAV,
-    keeping about `fps` frames per second (every frame when None). Opening fails with FileNotFoundError for a
-    missing file and ValueError for anything PyAV cannot read, before the first frame is yielded."""
-    try:
-        import av
-    except ImportError as error:
-        raise ImportError("Reading a video needs PyAV: pip install infinitevl-hf[video]") from error
-    if fps is not None and not (math.isfinite(fps) and fps > 0):
-        raise ValueError(f"fps must be a positive number, got {fps!r}.")
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"max_frames must be at least 1, got {max_frames!r}.")
-    text = str(source)
-    is_url = "://" in text
-    if not is_url and not Path(text).is_file():
-        raise FileNotFoundError(f"Video file not found: {text!r}.")
-    try:
-        container = av.open(text)
-        if not container.streams.video:
-            container.close()
-            raise ValueError("it has no video stream")
-    except ValueError as error:
-        raise ValueError(f"Cannot read video {text!r}: {error}.") from error
-    except Exception as error:  # av.error.* (InvalidDataError, HTTP errors, ...)
-        raise ValueError(f"Cannot read video {text!r}: not a readable video ({error}).") from error
-    yielded, next_time = 0, 0.0
-    try:
-        stream = container.streams.video[0]
-        for index, frame in enumerate(container.decode(stream)):
-            seconds = float(frame.time) if frame.time is not None else index / float(stream.average_rate or 30)
-            if fps is not None and seconds + 1e-6 < next_time:
-                continue
-            yield frame.to_ndarray(format="rgb24"), seconds
-            yielded += 1
-            if fps is not None:
-                next_time = max(next_time, seconds) + 1.0 / fps
-            if max_frames is not None and yielded >= max_frames:
-                return
-    except av.error.FFmpegError as error:
-        raise ValueError(f"Cannot decode video {text!r} after {yielded} frames: {error}.") from error
-    finally:
-        container.close()
-    if yielded == 0:
-        raise ValueError(f"Cannot read video {text!r}: it has no frames.")
-
-
-def _checked_state(path: str | os.PathLike, config) -> tuple[dict, dict]:
-    """The state at `path`, read and checked whole against `config` (fingerprint first: its message says which
-    config field differs)."""
-    meta, tensors = read_state(path)
-    if meta.get("fingerprint") != config_fingerprint(config):
-        diff = summary_diff(meta.get("config") or {}, config_summary(config))
-        raise ValueError(
-            f"The stream state in {str(path)!r} was saved from a different model config ({diff}); "
-            "it can only be loaded into a model with that config."
-        )
-    try:
-        check_state(config, meta, tensors)
-    except ValueError as error:
-        raise ValueError(f"The stream state in {str(path)!r} was changed or damaged: {error}") from error
-    return meta, tensors
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 __all__ = ["StreamingSession", "StreamStats", "iter_video_frames", "config_fingerprint"]

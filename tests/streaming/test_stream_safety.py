@@ -175,4 +175,4 @@ def test_waiting_frames_round_trip(model, processor, tmp_path):
     session = StreamingSession(model, processor)
     session.add_frames(frames(3))
     resumed = StreamingSession.load(session.save(tmp_path / "s"), model, processor)
-    assert len(resumed._pending) == 1 and np.array_equal(resumed._pending[0][0], session._pending[0][0])
+    assert len(resumed._buffer.pending) == 1 and np.array_equal(resumed._buffer.pending[0][0], session._buffer.pending[0][0])

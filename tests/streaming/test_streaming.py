@@ -108,7 +108,7 @@ def asked_twice(model, processor):
     session = StreamingSession(model, processor)
     session.add_frames(frames(7))  # one frame waits
     before = session.cache.fork()
-    pending = [a.copy() for a, _ in session._pending]
+    pending = [a.copy() for a, _ in session._buffer.pending]
     first = session.ask(QUESTION, max_new_tokens=6, skip_special_tokens=False)
     second = session.ask(QUESTION, max_new_tokens=6, skip_special_tokens=False)
     return session, before, pending, first, second
@@ -126,7 +126,7 @@ def test_ask_leaves_the_cache_untouched(model, processor):
 
 def test_ask_leaves_the_waiting_frames_untouched(model, processor):
     session, _, pending, _, _ = asked_twice(model, processor)
-    assert all(np.array_equal(a, b) for a, (b, _) in zip(pending, session._pending))
+    assert all(np.array_equal(a, b) for a, (b, _) in zip(pending, session._buffer.pending))
     assert session.stats.frames == 7 and session.stats.frames_pending == 1
 
 

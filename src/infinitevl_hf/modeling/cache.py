@@ -10,7 +10,8 @@ One layer object per decoder layer, chosen by `config.layer_types`:
 The cache also keeps the running mRoPE position of every row (`next_positions`) and the number of
 tokens seen, so that positions continue correctly when a prompt is fed in chunks or a stream
 frame by frame. Its size does not depend on how many tokens went through it once the window is
-full: see `nbytes`.
+full: see `nbytes`. `state_dict()` / `from_state_dict()` turn it into plain counters and tensors and
+back (each layer class owns its part), checking a state field by field before it is used.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionCacheLayerMixin
 
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
+from .state_checks import FLOAT_DTYPES, MAX_COUNT, check_count, check_tensor, refuse_extra
 
 
 def _tensor_bytes(*tensors) -> int:
@@ -106,6 +108,54 @@ class InfiniteVLAttentionLayer(DynamicLayer):
     @property
     def nbytes(self) -> int:
         return _tensor_bytes(self.keys, self.values, self.valid) if self.is_initialized else 0
+
+    # -- state (the layer's part of `InfiniteVLCache.state_dict`) ------------------------------------------------
+    def state_dict(self, prefix: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
+        """(record, tensors): record `{"kind": "attention", "cumulative_length": int, "initialized": bool}`; once
+        initialized, tensors `{prefix}keys` and `{prefix}values` [B, H_kv, L, D] and, once padding was seen,
+        `{prefix}valid` [B, L] bool (contiguous CPU copies)."""
+        record = {"kind": "attention", "cumulative_length": self.cumulative_length, "initialized": self.is_initialized}
+        tensors = {}
+        if self.is_initialized:
+            tensors[f"{prefix}keys"], tensors[f"{prefix}values"] = _saved(self.keys), _saved(self.values)
+            if self.valid is not None:
+                tensors[f"{prefix}valid"] = _saved(self.valid)
+        return record, tensors
+
+    @staticmethod
+    def check_state_dict(text_config: InfiniteVLTextConfig, index: int, record: dict, tensors: dict,
+                         batch: int | None, seen: int) -> set[str]:
+        """Check layer `index`'s record and tensors against the config; return the names of its tensors."""
+        if record.get("kind") != "attention":
+            raise ValueError(f"Saved layer {index} is {record.get('kind')}, the model's is attention.")
+        cumulative = check_count(record.get("cumulative_length"), f"layers[{index}].cumulative_length", high=seen)
+        if not isinstance(record.get("initialized"), bool):
+            raise ValueError(f"The saved state's layers[{index}].initialized must be true or false.")
+        if not record["initialized"]:
+            return set()
+        prefix, window = _prefix(index), text_config.window_for_layer(index)
+        head_dim = text_config.hidden_size // text_config.num_attention_heads
+        keys = check_tensor(tensors, f"{prefix}keys", (batch, text_config.num_key_value_heads, None, head_dim), FLOAT_DTYPES)
+        length = keys.shape[2]
+        if length > cumulative or (window is not None and length > window - 1):
+            raise ValueError(f"The saved state's tensor '{prefix}keys' holds {length} tokens; layer {index} keeps at "
+                             f"most {min(cumulative, (window or cumulative + 1) - 1)}.")
+        check_tensor(tensors, f"{prefix}values", tuple(keys.shape), FLOAT_DTYPES)
+        names = {f"{prefix}keys", f"{prefix}values"}
+        if f"{prefix}valid" in tensors:
+            check_tensor(tensors, f"{prefix}valid", (batch, length), (torch.bool,))
+            names.add(f"{prefix}valid")
+        return names
+
+    def load_state_dict(self, record: dict, tensors: dict, prefix: str = "", device=None, dtype=None) -> None:
+        """Fill this fresh layer from a checked record and tensors (keys/values in `dtype` when given)."""
+        self.cumulative_length = record["cumulative_length"]
+        if record["initialized"]:
+            keys, values = _loaded(tensors[f"{prefix}keys"], device, dtype), _loaded(tensors[f"{prefix}values"], device, dtype)
+            self.lazy_initialization(keys, values)
+            self.keys, self.values, self.dtype = keys, values, keys.dtype
+            valid = tensors.get(f"{prefix}valid")
+            self.valid = None if valid is None else _loaded(valid, device)
 
 
 class InfiniteVLRingAttentionLayer(DynamicLayer):
@@ -256,6 +306,11 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
     def nbytes(self) -> int:
         return _tensor_bytes(self.keys, self.values, self.valid)
 
+    def state_dict(self, prefix: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
+        """The state of the dynamic window layer holding the same tokens (`to_window_layer`): a ring saves as its
+        dynamic equivalent, so every state loads into a dynamic cache whatever the cache was when saved."""
+        return self.to_window_layer(int(self.step)).state_dict(prefix)
+
 
 class InfiniteVLLinearAttentionLayer(LinearAttentionCacheLayerMixin):
     """Gated DeltaNet state: conv states 0/1/2 (q/k/v, [B, D, conv_size - 1]) and recurrent state 0 ([B, H, d_k, d_v], fp32)."""
@@ -316,6 +371,53 @@ class InfiniteVLLinearAttentionLayer(LinearAttentionCacheLayerMixin):
     def nbytes(self) -> int:
         return _tensor_bytes(*self.conv_states.values(), *self.recurrent_states.values())
 
+    # -- state (the layer's part of `InfiniteVLCache.state_dict`) ------------------------------------------------
+    def state_dict(self, prefix: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
+        """(record, tensors): record `{"kind": "linear_attention", "has_previous_state": [bool, bool, bool]}`;
+        tensors `{prefix}conv.{j}` [B, C_j, conv_size - 1] (j = 0, 1, 2: q, k, v) and `{prefix}recurrent.0`
+        [B, H, d_k, d_v] float32, those that are set (contiguous CPU copies)."""
+        record = {"kind": "linear_attention",
+                  "has_previous_state": [bool(self.has_previous_state[j]) for j in range(self.number_of_states)]}
+        tensors = {}
+        for j in range(self.number_of_states):
+            if self.conv_states[j] is not None:
+                tensors[f"{prefix}conv.{j}"] = _saved(self.conv_states[j])
+            if self.recurrent_states[j] is not None:
+                tensors[f"{prefix}recurrent.{j}"] = _saved(self.recurrent_states[j])
+        return record, tensors
+
+    @staticmethod
+    def check_state_dict(text_config: InfiniteVLTextConfig, index: int, record: dict, tensors: dict,
+                         batch: int | None, seen: int) -> set[str]:
+        """Check layer `index`'s record and tensors against the config; return the names of its tensors."""
+        if record.get("kind") != "linear_attention":
+            raise ValueError(f"Saved layer {index} is {record.get('kind')}, the model's is linear_attention.")
+        flags = record.get("has_previous_state")
+        if not isinstance(flags, list) or len(flags) != 3 or not all(isinstance(f, bool) for f in flags):
+            raise ValueError(f"The saved state's layers[{index}].has_previous_state must be three true/false flags.")
+        if not seen:
+            return set()
+        text, prefix, names = text_config, _prefix(index), set()
+        if text.use_short_conv:
+            key_dim, value_dim = text.num_linear_heads * text.linear_head_dim, text.num_linear_heads * text.linear_value_head_dim
+            for j, channels in enumerate((key_dim, key_dim, value_dim)):
+                check_tensor(tensors, f"{prefix}conv.{j}", (batch, channels, text.conv_size - 1), FLOAT_DTYPES)
+                names.add(f"{prefix}conv.{j}")
+        shape = (batch, text.num_linear_heads, text.linear_head_dim, text.linear_value_head_dim)
+        check_tensor(tensors, f"{prefix}recurrent.0", shape, (torch.float32,))
+        return names | {f"{prefix}recurrent.0"}
+
+    def load_state_dict(self, record: dict, tensors: dict, prefix: str = "", device=None, dtype=None) -> None:
+        """Fill this fresh layer from a checked record and tensors (conv states in `dtype` when given; the
+        recurrent state stays float32)."""
+        for j in range(self.number_of_states):
+            conv, recurrent = tensors.get(f"{prefix}conv.{j}"), tensors.get(f"{prefix}recurrent.{j}")
+            if conv is not None:
+                self.update_conv_state(_loaded(conv, device, dtype), state_idx=j)
+            if recurrent is not None:
+                self.update_recurrent_state(_loaded(recurrent, device), state_idx=j)
+            self.has_previous_state[j] = record["has_previous_state"][j]
+
 
 def _layer_tensors(layer) -> list[torch.Tensor]:
     """The state tensors of one cache layer, in a fixed order."""
@@ -326,6 +428,21 @@ def _layer_tensors(layer) -> list[torch.Tensor]:
     if isinstance(layer, InfiniteVLRingAttentionLayer):
         return [layer.keys, layer.values, layer.valid]
     return [t for t in (layer.keys, layer.values, layer.valid) if isinstance(t, torch.Tensor)]
+
+
+def _prefix(index: int) -> str:
+    """Name prefix of layer `index`'s tensors in a cache state."""
+    return f"layers.{index}."
+
+
+def _saved(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy: a state shares no memory with the cache it came from."""
+    return tensor.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+
+def _loaded(tensor: torch.Tensor, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A copy on `device` in `dtype` (each kept when None): a cache shares no memory with the state it came from."""
+    return tensor.to(device=device if device is not None else tensor.device, dtype=dtype or tensor.dtype, copy=True)
 
 
 def _store(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -439,6 +556,89 @@ class InfiniteVLCache(Cache):
             valid = torch.zeros(batch, window, dtype=torch.bool, device=device)
             cache.layers[i] = InfiniteVLRingAttentionLayer(keys, torch.zeros_like(keys), valid, cache.device_step,
                                                            cache.chunk_masks)
+        return cache
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything the cache holds, as plain data: counters and per-layer records (JSON-able) and tensors.
+
+        ```
+        {"seen_tokens": int, "padded_through": int,
+         "layers": [one record per layer: {"kind": "attention", "cumulative_length": int, "initialized": bool}
+                                       or {"kind": "linear_attention", "has_previous_state": [bool, bool, bool]}],
+         "tensors": {"next_positions": [B] int64                         (once a token went through),
+                     "layers.{i}.keys", "layers.{i}.values": [B, H_kv, L, D]  (L <= window - 1),
+                     "layers.{i}.valid": [B, L] bool                      (once padding was seen),
+                     "layers.{i}.conv.{j}": [B, C_j, conv_size - 1]      (j = 0, 1, 2: q, k, v),
+                     "layers.{i}.recurrent.0": [B, H, d_k, d_v] float32}}
+        ```
+
+        Tensors are contiguous CPU copies: feeding the cache afterwards leaves the state as it was. A static
+        cache saves as its dynamic equivalent (the rings' tokens oldest first) and stays static. Everything but
+        `tensors` is what a saved stream's `session.json` holds (`stream_state`); `from_state_dict` reads it back.
+        """
+        layers, tensors = [], {}
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, (InfiniteVLAttentionLayer, InfiniteVLRingAttentionLayer, InfiniteVLLinearAttentionLayer)):
+                raise ValueError(f"Cache layer {i} ({type(layer).__name__}) cannot be saved.")
+            record, own = layer.state_dict(_prefix(i))
+            layers.append(record)
+            tensors.update(own)
+        if self.next_positions is not None:
+            tensors["next_positions"] = _saved(self.next_positions)
+        return {"seen_tokens": self.seen_tokens, "padded_through": self.padded_through, "layers": layers, "tensors": tensors}
+
+    @staticmethod
+    def check_state_dict(config: InfiniteVLConfig | InfiniteVLTextConfig, state: dict) -> None:
+        """Check a state (`state_dict()`'s form) against `config` before anything uses it: every counter, the layer
+        kinds, every tensor's presence, shape, dtype and values, and nothing extra. Raises a ValueError naming the
+        field. A state without `padded_through` (written before it was kept) counts as padded through its end."""
+        if not isinstance(state, dict) or not isinstance(state.get("tensors"), dict):
+            raise ValueError("A cache state is a dict with counters, 'layers' and 'tensors' (InfiniteVLCache.state_dict()).")
+        tensors = state["tensors"]
+        seen = check_count(state.get("seen_tokens"), "seen_tokens")
+        check_count(state.get("padded_through", seen), "padded_through", high=seen)
+        text = config.text_config if hasattr(config, "text_config") else config
+        layers = state.get("layers")
+        if not isinstance(layers, list) or len(layers) != len(text.layer_types):
+            count = len(layers) if isinstance(layers, list) else layers
+            raise ValueError(f"The saved state has {count} layers, the model {len(text.layer_types)}.")
+        positions = tensors.get("next_positions")
+        batch = positions.shape[0] if isinstance(positions, torch.Tensor) and positions.dim() == 1 else None
+        expected = set()
+        if seen:
+            positions = check_tensor(tensors, "next_positions", (batch,), (torch.int64,))
+            if (positions < 0).any() or (positions > MAX_COUNT).any():
+                raise ValueError("The saved state's tensor 'next_positions' holds negative or absurd positions.")
+            expected.add("next_positions")
+        for i, (kind, record) in enumerate(zip(text.layer_types, layers)):
+            if not isinstance(record, dict):
+                raise ValueError(f"The saved state's layers[{i}] is not a layer record.")
+            layer_class = InfiniteVLLinearAttentionLayer if kind == "linear_attention" else InfiniteVLAttentionLayer
+            expected |= layer_class.check_state_dict(text, i, record, tensors, batch, seen)
+        refuse_extra(tensors, expected)
+
+    @classmethod
+    def from_state_dict(cls, config: InfiniteVLConfig | InfiniteVLTextConfig, state: dict,
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> InfiniteVLCache:
+        """A dynamic cache holding `state` (`state_dict()`'s form), checked whole first (`check_state_dict`: a
+        ValueError names the bad field). Tensors are copied to `device`; keys, values and conv states take `dtype`
+        when given (a state saved from a bf16 model resumes in an fp32 one without mixing precisions); recurrent
+        states stay float32. Each kept as saved when None.
+
+        ```python
+        >>> state = cache.state_dict()
+        >>> same = InfiniteVLCache.from_state_dict(model.config, state, device=model.device, dtype=model.dtype)
+        ```
+        """
+        cls.check_state_dict(config, state)
+        cache = cls(config)
+        for i, (layer, record) in enumerate(zip(cache.layers, state["layers"])):
+            layer.load_state_dict(record, state["tensors"], _prefix(i), device, dtype)
+        cache.seen_tokens = state["seen_tokens"]
+        cache.padded_through = state.get("padded_through", cache.seen_tokens)
+        positions = state["tensors"].get("next_positions")
+        cache.next_positions = None if positions is None else _loaded(positions, device)
         return cache
 
     def start_fresh_(self, start: torch.Tensor) -> None:
