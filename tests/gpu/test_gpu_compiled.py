@@ -10,9 +10,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_one_compiled_graph_serves_every_length_and_matches_eager():
     from torch._dynamo.utils import counters
 
-    from infinitevl_hf.modeling.attention import apply_rotary
-    from infinitevl_hf.modeling.compiled import compiled_for_inference
-    from infinitevl_hf.modeling.ops.norms import gated_rms_norm, rms_norm
+    from infinitevl_hf.modeling.ops.dispatch import cuda_inference_op
+    from infinitevl_hf.modeling.ops.elementwise import torch_apply_rotary as apply_rotary
+    from infinitevl_hf.modeling.ops.norms import torch_gated_rms_norm as gated_rms_norm
+    from infinitevl_hf.modeling.ops.norms import torch_rms_norm as rms_norm
 
     def norm_then_rotary(x, gate, weight, cos, sin):  # its own code object: a compile cache of its own
         q = gated_rms_norm(x, weight, gate, 1e-6)
@@ -21,7 +22,7 @@ def test_one_compiled_graph_serves_every_length_and_matches_eager():
     def rel(a, b):
         return ((a.float() - b).norm() / b.norm()).item()
 
-    run = compiled_for_inference(norm_then_rotary)
+    run = cuda_inference_op(norm_then_rotary)
     weight = torch.randn(128, device="cuda")
     before = counters["stats"]["unique_graphs"]
     with torch.no_grad():

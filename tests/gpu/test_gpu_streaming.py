@@ -67,7 +67,7 @@ def test_long_chunks_skip_the_keys_outside_the_window_and_the_static_rings_equal
     from helpers import text_ids, tiny_model
 
     from infinitevl_hf import InfiniteVLCache
-    from infinitevl_hf.modeling import attention
+    from infinitevl_hf.modeling import attention_paths as attention
     from infinitevl_hf.modeling.compat import CACHE_KWARG
 
     window = 2048

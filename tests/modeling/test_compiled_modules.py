@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed, Qwen2_5_VLRMSNorm, Qwen2MLP
 
-from infinitevl_hf.modeling.compiled import compiled_for_inference
+from infinitevl_hf.modeling.ops.dispatch import cuda_inference_op
 from infinitevl_hf.modeling.mlp import InfiniteVLMLP
 from infinitevl_hf.modeling.rms_norm import InfiniteVLRMSNorm
 from infinitevl_hf.speed.vision.patch_embed import InfiniteVLVisionPatchEmbed, use_linear_patch_embed
@@ -73,7 +73,7 @@ def test_compiled_for_inference_runs_the_function_itself_off_cuda_and_with_autog
         calls.append(x.shape)
         return 2 * x
 
-    run = compiled_for_inference(double)
+    run = cuda_inference_op(double)
     assert run.__name__ == "double"
     x = torch.randn(3, 4, requires_grad=True)
     torch.testing.assert_close(run(x), 2 * x)  # autograd on, CPU: no compile, the function runs
@@ -83,7 +83,7 @@ def test_compiled_for_inference_runs_the_function_itself_off_cuda_and_with_autog
 
 
 def test_silu_mul_matches_the_activation():
-    from infinitevl_hf.modeling.mlp import silu_mul
+    from infinitevl_hf.modeling.ops.elementwise import silu_mul
 
     g, u = torch.randn(4, 6), torch.randn(4, 6)
     torch.testing.assert_close(silu_mul(g, u), F.silu(g) * u)
