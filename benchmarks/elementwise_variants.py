@@ -13,8 +13,9 @@ import torch.nn.functional as F
 import triton.testing
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
-from infinitevl_hf.modeling.compiled import compiled_for_inference
-from infinitevl_hf.modeling.ops.norms import add_rms_norm, rms_norm
+from infinitevl_hf.modeling.ops.dispatch import cuda_inference_op
+from infinitevl_hf.modeling.ops.norms import torch_add_rms_norm as add_rms_norm
+from infinitevl_hf.modeling.ops.norms import torch_rms_norm as rms_norm
 
 
 def ms(fn) -> float:
@@ -44,7 +45,7 @@ def rotary_variants(tokens=16384, heads=16, dim=80):
     def split():
         return qkv.reshape(tokens, 3, heads, dim).unbind(1)
 
-    current = compiled_for_inference(apply_rotary_pos_emb_vision)
+    current = cuda_inference_op(apply_rotary_pos_emb_vision)
     static = torch.compile(apply_rotary_pos_emb_vision, dynamic=False)
     with torch.no_grad():
         q, k, _ = split()
@@ -78,9 +79,9 @@ def norm_variants(tokens: int, width: int, inner: int, bias: bool):
     b = torch.randn(width, device=dev, dtype=dt) if bias else None
     norm_w = torch.randn(width, device=dev, dtype=dt)
     eps = 1e-6
-    fused = compiled_for_inference(add_rms_norm)
-    fused_bias = compiled_for_inference(add_bias_rms_norm)
-    rms = compiled_for_inference(rms_norm)
+    fused = cuda_inference_op(add_rms_norm)
+    fused_bias = cuda_inference_op(add_bias_rms_norm)
+    rms = cuda_inference_op(rms_norm)
     with torch.no_grad():
         ref_h = residual + F.linear(act, w, b)
         ref_n = rms_norm(ref_h, norm_w, eps)

@@ -13,7 +13,7 @@ import torch
 import triton.testing
 from torch.nn.attention.flex_attention import flex_attention
 
-from infinitevl_hf.modeling.attention import _window_block_mask, window_flex_attention
+from infinitevl_hf.modeling.ops.window_attention.flex import _window_block_mask, window_flex_attention
 
 
 def ms(fn) -> float:

@@ -182,7 +182,7 @@ def env(args):
         info["cuda devices"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     kernels, reason = load_fla_gated_delta_rule()
     info["fla kernels"] = "importable" if kernels is not None else f"unavailable ({reason})"
-    from .speed.graph_capture import triton_available
+    from .modeling.ops.dispatch import triton_available
 
     if not torch.cuda.is_available():
         info["fused decode"] = "unavailable: no CUDA device (generate decodes on the module path; the fused step needs CUDA)"

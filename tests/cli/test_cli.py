@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from infinitevl_hf import cli
-from infinitevl_hf.speed.graph_capture import triton_available
+from infinitevl_hf.modeling.ops.dispatch import triton_available
 from infinitevl_hf.tiny import tiny_checkpoint
 
 

@@ -16,15 +16,16 @@ def compiled_runs():
     """The compiled and eager bf16 outputs and the float32 ones at three lengths, and the graphs compiled meanwhile."""
     from torch._dynamo.utils import counters
 
-    from infinitevl_hf.modeling.attention import apply_rotary
-    from infinitevl_hf.modeling.compiled import compiled_for_inference
-    from infinitevl_hf.modeling.ops.norms import gated_rms_norm, rms_norm
+    from infinitevl_hf.modeling.ops.dispatch import cuda_inference_op
+    from infinitevl_hf.modeling.ops.elementwise import torch_apply_rotary as apply_rotary
+    from infinitevl_hf.modeling.ops.norms import torch_gated_rms_norm as gated_rms_norm
+    from infinitevl_hf.modeling.ops.norms import torch_rms_norm as rms_norm
 
     def norm_then_rotary(x, gate, weight, cos, sin):  # its own code object: a compile cache of its own
         q = gated_rms_norm(x, weight, gate, 1e-6)
         return apply_rotary(q, rms_norm(q, weight, 1e-6), cos, sin)
 
-    run = compiled_for_inference(norm_then_rotary)
+    run = cuda_inference_op(norm_then_rotary)
     weight = torch.randn(128, device="cuda")
     before = counters["stats"]["unique_graphs"]
     outputs = []

@@ -37,10 +37,10 @@ def model():
 
 
 def _fla_available() -> bool:
-    from infinitevl_hf.modeling.ops.backend import select_backend
+    from infinitevl_hf.modeling.ops import dispatch
 
     probe = torch.zeros(1, device="cuda")
-    return select_backend("chunk_gated_delta_rule", probe) == "fla"
+    return dispatch.select("chunk_gated_delta_rule", probe) == "fla"
 
 
 def test_fla_path_matches_torch_reference_on_4k_tokens(model, monkeypatch):
@@ -184,7 +184,8 @@ def test_fla_kernels_match_the_torch_reference(dtype):
 
 
 def test_compiled_window_flex_attention_matches_sdpa_on_a_full_chunk():
-    from infinitevl_hf.modeling.attention import window_attention_mask, window_flex_attention
+    from infinitevl_hf.modeling.attention_paths import window_attention_mask
+    from infinitevl_hf.modeling.ops.window_attention.flex import window_flex_attention
 
     torch.manual_seed(0)
     window, past, length = 8192, 8191, 8192

@@ -68,7 +68,7 @@ def long_chunks(request):
     from helpers import text_ids, tiny_model
 
     from infinitevl_hf import InfiniteVLCache
-    from infinitevl_hf.modeling import attention
+    from infinitevl_hf.modeling import attention_paths as attention
     from infinitevl_hf.modeling.compat import CACHE_KWARG
 
     dtype, path = request.param

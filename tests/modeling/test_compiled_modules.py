@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed, Qwen2_5_VLRMSNorm, Qwen2MLP
 
-from infinitevl_hf.modeling.compiled import compiled_for_inference
+from infinitevl_hf.modeling.ops.dispatch import cuda_inference_op
 from infinitevl_hf.modeling.mlp import InfiniteVLMLP
 from infinitevl_hf.modeling.rms_norm import InfiniteVLRMSNorm
 from infinitevl_hf.speed.vision.patch_embed import InfiniteVLVisionPatchEmbed, use_linear_patch_embed
@@ -76,35 +76,35 @@ def test_norm_equals_the_transformers_module():
 
 
 def _compiled_double():
-    """compiled_for_inference over a function that doubles its input and records each call's shape."""
+    """cuda_inference_op over a function that doubles its input and records each call's shape."""
     calls = []
 
     def double(x):
         calls.append(x.shape)
         return 2 * x
 
-    return compiled_for_inference(double), calls
+    return cuda_inference_op(double), calls
 
 
-def test_compiled_for_inference_keeps_the_function_name():
+def test_cuda_inference_op_keeps_the_function_name():
     run, _ = _compiled_double()
     assert run.__name__ == "double"
 
 
-def test_compiled_for_inference_computes_the_function_with_autograd():
+def test_cuda_inference_op_computes_the_function_with_autograd():
     run, _ = _compiled_double()
     x = torch.randn(3, 4, requires_grad=True)
     torch.testing.assert_close(run(x), 2 * x)  # autograd on, CPU: no compile, the function runs
 
 
-def test_compiled_for_inference_computes_the_function_under_no_grad_off_cuda():
+def test_cuda_inference_op_computes_the_function_under_no_grad_off_cuda():
     run, _ = _compiled_double()
     x = torch.randn(3, 4, requires_grad=True)
     with torch.no_grad():
         torch.testing.assert_close(run(x), 2 * x)
 
 
-def test_compiled_for_inference_runs_the_function_itself_off_cuda_with_autograd_or_without():
+def test_cuda_inference_op_runs_the_function_itself_off_cuda_with_autograd_or_without():
     run, calls = _compiled_double()
     x = torch.randn(3, 4, requires_grad=True)
     run(x)  # autograd on, CPU: no compile, the function runs
@@ -114,7 +114,7 @@ def test_compiled_for_inference_runs_the_function_itself_off_cuda_with_autograd_
 
 
 def test_silu_mul_matches_the_activation():
-    from infinitevl_hf.modeling.mlp import silu_mul
+    from infinitevl_hf.modeling.ops.elementwise import silu_mul
 
     g, u = torch.randn(4, 6), torch.randn(4, 6)
     torch.testing.assert_close(silu_mul(g, u), F.silu(g) * u)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infinitevl_hf.modeling.attention import window_attention_mask, window_flex_attention
+from infinitevl_hf.modeling.attention_paths import window_attention_mask
+from infinitevl_hf.modeling.ops.window_attention.flex import window_flex_attention
 
 
 @pytest.mark.parametrize("past,length,window", [(7, 8, 8), (7, 5, 8), (15, 16, 16), (3, 9, 4)])
@@ -60,7 +61,7 @@ def test_long_chunk_paths_in_the_model_equal_the_dense_mask(monkeypatch, path):
     from helpers import text_ids, tiny_model
 
     from infinitevl_hf import InfiniteVLCache
-    from infinitevl_hf.modeling.attention import InfiniteVLAttention
+    from infinitevl_hf.modeling import attention_paths
     from infinitevl_hf.modeling.compat import CACHE_KWARG
 
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
@@ -82,11 +83,11 @@ def test_long_chunk_paths_in_the_model_equal_the_dense_mask(monkeypatch, path):
     expected = {static: run(static) for static in (False, True)}
     taken = []
 
-    def forced(self, query, implementation, token_valid):
+    def forced(query, implementation, window, training, token_valid):
         taken.append(path)
         return path
 
-    monkeypatch.setattr(InfiniteVLAttention, "_long_chunk_path", forced)
+    monkeypatch.setattr(attention_paths, "long_chunk_path", forced)
     for static in (False, True):
         for got, want in zip(run(static), expected[static]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from infinitevl_hf.modeling.ops import causal_conv1d, torch_causal_conv1d
-from infinitevl_hf.modeling.ops import backend as backend_mod
+from infinitevl_hf.modeling.ops import dispatch as backend_mod
 
 
 def make(B, T, D, W, seed=0, dtype=torch.float32):
@@ -119,10 +119,10 @@ def test_bad_inputs_are_named():
 
 
 def test_dispatcher_uses_torch_on_cpu(monkeypatch):
-    monkeypatch.setitem(backend_mod._LOADERS, "causal_conv1d", lambda: (object(), None))
+    monkeypatch.setitem(backend_mod._FLA_LOADERS, "causal_conv1d", lambda: (object(), None))
     x, conv = make(2, 10, 8, 4)
     h0 = torch.randn(2, 8, 3)
-    assert backend_mod.select_backend("causal_conv1d", x, conv.weight) == "torch"
+    assert backend_mod.select("causal_conv1d", x, conv.weight) == "torch"
     y, s = causal_conv1d(x, conv.weight[:, 0], conv.bias, initial_state=h0, output_final_state=True)
     y_ref, s_ref = torch_causal_conv1d(x, conv.weight[:, 0], conv.bias, initial_state=h0, output_final_state=True)
     torch.testing.assert_close(y, y_ref)

@@ -11,7 +11,7 @@ from infinitevl_hf.modeling.ops import (
     torch_fused_recurrent_gated_delta_rule,
     torch_naive_gated_delta_rule,
 )
-from infinitevl_hf.modeling.ops import backend as backend_mod
+from infinitevl_hf.modeling.ops import dispatch as backend_mod
 
 
 def rel(a, b):
@@ -190,10 +190,10 @@ def test_chunk_gradcheck_float64():
 def test_dispatchers_use_torch_on_cpu_even_if_fla_loads(monkeypatch):
     # Pretend fla imported fine: CPU tensors must still take the torch path.
     sentinel = object()
-    monkeypatch.setitem(backend_mod._LOADERS, "chunk_gated_delta_rule", lambda: (sentinel, None))
-    monkeypatch.setitem(backend_mod._LOADERS, "fused_recurrent_gated_delta_rule", lambda: (sentinel, None))
+    monkeypatch.setitem(backend_mod._FLA_LOADERS, "chunk_gated_delta_rule", lambda: (sentinel, None))
+    monkeypatch.setitem(backend_mod._FLA_LOADERS, "fused_recurrent_gated_delta_rule", lambda: (sentinel, None))
     (q, k, v, g, beta), h0 = make_inputs(1, 20, 2, 8, 8)
-    assert backend_mod.select_backend("chunk_gated_delta_rule", q, k, v, g, beta) == "torch"
+    assert backend_mod.select("chunk_gated_delta_rule", q, k, v, g, beta) == "torch"
     for disp, ref in [(chunk_gated_delta_rule, torch_chunk_gated_delta_rule),
                       (fused_recurrent_gated_delta_rule, torch_fused_recurrent_gated_delta_rule)]:
         o, ht = disp(q, k, v, g, beta, initial_state=h0, output_final_state=True)
@@ -213,27 +213,27 @@ class _FakeCuda:
 def test_training_avoids_an_unreliable_fla_backward(monkeypatch):
     op = "chunk_gated_delta_rule"
     monkeypatch.delenv(backend_mod.DISABLE_ENV, raising=False)
-    monkeypatch.setitem(backend_mod._LOADERS, op, lambda: (object(), None))
+    monkeypatch.setitem(backend_mod._FLA_LOADERS, op, lambda: (object(), None))
     monkeypatch.setattr(backend_mod, "fla_backward_problem", lambda device: "fla's backward is unreliable here")
-    assert backend_mod.select_backend(op, _FakeCuda(requires_grad=False)) == "fla"  # inference is unaffected
-    backend, reason = backend_mod._decide(op, (_FakeCuda(requires_grad=True),))
+    assert backend_mod.select(op, _FakeCuda(requires_grad=False)) == "fla"  # inference is unaffected
+    backend, reason = backend_mod.decide(op, _FakeCuda(requires_grad=True))
     assert backend == "torch" and "unreliable" in reason
     with torch.no_grad():
-        assert backend_mod.select_backend(op, _FakeCuda(requires_grad=True)) == "fla"
+        assert backend_mod.select(op, _FakeCuda(requires_grad=True)) == "fla"
 
 
 def test_backend_choice_rules(monkeypatch):
     op = "chunk_gated_delta_rule"
     cuda = _FakeCuda()
     monkeypatch.delenv(backend_mod.DISABLE_ENV, raising=False)
-    monkeypatch.setitem(backend_mod._LOADERS, op, lambda: (object(), None))
-    assert backend_mod.select_backend(op, cuda, None, cuda) == "fla"
-    assert backend_mod.select_backend(op, cuda, torch.zeros(1)) == "torch"  # one CPU tensor is enough
+    monkeypatch.setitem(backend_mod._FLA_LOADERS, op, lambda: (object(), None))
+    assert backend_mod.select(op, cuda, None, cuda) == "fla"
+    assert backend_mod.select(op, cuda, torch.zeros(1)) == "torch"  # one CPU tensor is enough
     monkeypatch.setenv(backend_mod.DISABLE_ENV, "1")
-    assert backend_mod.select_backend(op, cuda) == "torch"
-    assert backend_mod._decide(op, (cuda,))[1] == f"{backend_mod.DISABLE_ENV} is set"
+    assert backend_mod.select(op, cuda) == "torch"
+    assert backend_mod.decide(op, cuda)[1] == f"{backend_mod.DISABLE_ENV} is set"
     monkeypatch.setenv(backend_mod.DISABLE_ENV, "0")
-    assert backend_mod.select_backend(op, cuda) == "fla"
-    monkeypatch.setitem(backend_mod._LOADERS, op, lambda: (None, "cannot import fla: boom"))
-    backend, reason = backend_mod._decide(op, (cuda,))
+    assert backend_mod.select(op, cuda) == "fla"
+    monkeypatch.setitem(backend_mod._FLA_LOADERS, op, lambda: (None, "cannot import fla: boom"))
+    backend, reason = backend_mod.decide(op, cuda)
     assert backend == "torch" and "boom" in reason

@@ -8,12 +8,12 @@ from infinitevl_hf.modeling.ops import (
     causal_conv1d,
     chunk_gated_delta_rule,
     fused_recurrent_gated_delta_rule,
-    select_backend,
     torch_causal_conv1d,
     torch_chunk_gated_delta_rule,
     torch_fused_recurrent_gated_delta_rule,
 )
-from infinitevl_hf.modeling.ops.backend import fla_disabled
+from infinitevl_hf.modeling.ops.dispatch import fla_disabled
+from infinitevl_hf.modeling.ops.dispatch import select as select_backend
 from infinitevl_hf.modeling.ops.causal_conv1d.cuda import load_fla_causal_conv1d
 from infinitevl_hf.modeling.ops.gated_delta_rule.cuda import load_fla_gated_delta_rule
 

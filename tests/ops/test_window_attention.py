@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infinitevl_hf.modeling.attention import window_attention_mask
+from infinitevl_hf.modeling.attention_paths import window_attention_mask
 from infinitevl_hf.modeling.ops.window_attention import (
     merge_pieces,
     piece_attention_reference,

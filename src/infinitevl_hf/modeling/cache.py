@@ -17,12 +17,32 @@ back (each layer class owns its part), checking a state field by field before it
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionCacheLayerMixin
 
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
 from .state_checks import FLOAT_DTYPES, MAX_COUNT, check_count, check_tensor, refuse_extra
+
+
+class AttentionKeys(NamedTuple):
+    """What an attention layer's cache update hands its attention call (`attention_paths.attend`).
+
+    keys/values: [B, H_kv, past_length + T, D], the cached keys followed by the chunk's own. in_token_order:
+    the cached ones oldest first (a dynamic window, or a ring read in order); False: a ring in slot order, whose
+    `visible` [B, 1, T, window + T] mask (a chunk) or `past_valid` flags (one token) say what each query sees.
+    past_valid: [B, past_length] (False: padding or a slot never written; None: every cached key holds a
+    token, or, for a ring in token order, the window is known full). key_valid: [B, past_length + T] flags of a
+    ring read in token order, else None."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    past_length: int
+    past_valid: torch.Tensor | None = None
+    in_token_order: bool = True
+    key_valid: torch.Tensor | None = None
+    visible: torch.Tensor | None = None
 
 
 def _tensor_bytes(*tensors) -> int:
@@ -64,6 +84,12 @@ class InfiniteVLAttentionLayer(DynamicLayer):
         if full_valid is not None:
             self.valid = full_valid[:, start:].clone() if start else full_valid
         return full_keys, full_values
+
+    def attention_keys(self, key_states, value_states, valid=None, token_order=False, window_full=False) -> AttentionKeys:
+        """`update`, with what the attention call needs to know of the cached keys (always in token order)."""
+        past_valid, past = self.valid, self.past_length()
+        keys, values = self.update(key_states, value_states, valid=valid)
+        return AttentionKeys(keys, values, past, past_valid)
 
     def past_length(self) -> int:
         return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
@@ -240,6 +266,17 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
         flags = torch.cat([self.valid.index_select(1, order), new_valid], dim=1)
         self._write_chunk(key_states, value_states, new_valid)
         return keys, values, flags
+
+    def attention_keys(self, key_states, value_states, valid=None, token_order=False, window_full=False) -> AttentionKeys:
+        """`update_in_order` when the attention asks for token order (a long chunk; `window_full`: every slot
+        known to hold a token, so the cached keys need no flags), else `update` (the ring in slot order)."""
+        if token_order:
+            keys, values, flags = self.update_in_order(key_states, value_states, valid=valid)
+            past = self.window - 1
+            return AttentionKeys(keys, values, past, None if window_full else flags[:, :past], True, flags)
+        keys, values = self.update(key_states, value_states, valid=valid)
+        visible = self.chunk_mask if key_states.shape[-2] > 1 else None
+        return AttentionKeys(keys, values, self.window, self.valid, False, None, visible)
 
     def _chunk_flags(self, key_states: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """[B, T] validity of a chunk of T <= window new tokens (all True without padding)."""
@@ -776,6 +813,13 @@ class InfiniteVLCache(Cache):
                 self.layers[i] = layer.to_window_layer(fed)
         self.device_step = None
         return self
+
+    def attention_keys(self, layer_idx: int, key_states, value_states, valid=None, token_order=False) -> AttentionKeys:
+        """Layer `layer_idx`'s update for its attention call: its keys/values, flags and their order (see
+        `AttentionKeys`); token_order asks a ring for its keys oldest first (a long chunk's kernels)."""
+        layer = self.layers[layer_idx]
+        full = token_order and self.window_is_full(layer.window)
+        return layer.attention_keys(key_states, value_states, valid=valid, token_order=token_order, window_full=full)
 
     def window_is_full(self, window: int) -> bool:
         """Whether the `window - 1` tokens before the next one are all real: that many were fed since the last

@@ -26,13 +26,10 @@ from torch import nn
 
 from .configuration_infinitevl import InfiniteVLTextConfig
 from .ops import causal_conv1d, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-from .compiled import compiled_for_inference
 from .ops.norms import gated_rms_norm
 
 # Prompts up to this many tokens use the recurrent kernel, as the official release does.
 RECURRENT_MAX_TOKENS = 64
-
-_gated_rms_norm = compiled_for_inference(gated_rms_norm)  # one kernel instead of ~9 float32 passes
 
 
 def initial_decay_parameters(num_heads: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +68,7 @@ class InfiniteVLGatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        return _gated_rms_norm(x, self.weight, gate, self.eps)
+        return gated_rms_norm(x, self.weight, gate, self.eps)
 
 
 class InfiniteVLGatedDeltaNet(nn.Module):

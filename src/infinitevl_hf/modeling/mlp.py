@@ -4,17 +4,9 @@ bf16 passes and a temporary eagerly; over a 4K-token prefill call that is 90 MB 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2MLP
 
-from .compiled import compiled_for_inference
-
-
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
-_silu_mul = compiled_for_inference(silu_mul)
+from .ops.elementwise import silu_mul
 
 
 class InfiniteVLMLP(Qwen2MLP):
@@ -27,4 +19,4 @@ class InfiniteVLMLP(Qwen2MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hidden_act != "silu":
             return super().forward(x)
-        return self.down_proj(_silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))

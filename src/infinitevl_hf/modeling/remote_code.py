@@ -5,7 +5,7 @@ follows only single-dot relative imports of files at the folder root. This packa
 lives in nested sub-packages (`ops/gated_delta_rule/reference.py`), so each file is written under a
 flat name made of its path parts (`ops_gated_delta_rule_reference.py`; a package's `__init__.py`
 takes the package's name: `ops.py`) and its relative imports are rewritten to match, e.g.
-``..backend`` inside `ops/gated_delta_rule/__init__.py` becomes ``.ops_backend``.
+``..dispatch`` inside `ops/gated_delta_rule/__init__.py` becomes ``.ops_dispatch``.
 
 The files to write are found by following relative imports from the entry files
 (`configuration_infinitevl.py` and `modeling_infinitevl.py` for the model,
@@ -26,7 +26,7 @@ from pathlib import Path
 # Entry modules, as path parts under the package root (`infinitevl_hf/`), and the files they need.
 MODEL_ENTRIES = (("modeling", "configuration_infinitevl"), ("modeling", "modeling_infinitevl"))
 PROCESSOR_ENTRIES = (("processing", "processing_infinitevl"),)
-# Leading folders dropped from flat names: `modeling/ops/backend.py` -> `ops_backend.py`.
+# Leading folders dropped from flat names: `modeling/ops/dispatch.py` -> `ops_dispatch.py`.
 _FLAT_DROPS = ("modeling", "processing")
 
 # The class names resolvable through `auto_map`. The official release names its model class
@@ -49,7 +49,7 @@ _LOADER_PATTERN = re.compile(r"^\s*from\s+\.(\S+)\s+import", flags=re.MULTILINE)
 
 def flat_name(parts: tuple[str, ...]) -> str:
     """Flat module name of a module given by its path parts under the package root
-    (`("modeling", "ops", "backend")` -> `ops_backend`, `("modeling", "ops", "__init__")` -> `ops`)."""
+    (`("modeling", "ops", "dispatch")` -> `ops_dispatch`, `("modeling", "ops", "__init__")` -> `ops`)."""
     parts = tuple(p for p in parts if p != "__init__")
     if parts and parts[0] in _FLAT_DROPS:
         parts = parts[1:]

@@ -7,19 +7,15 @@ from __future__ import annotations
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
-from .compiled import compiled_for_inference
 from .ops.norms import add_rms_norm, rms_norm
-
-_rms_norm = compiled_for_inference(rms_norm)
-_add_rms_norm = compiled_for_inference(add_rms_norm)  # reads two activations, writes two: one pass saved
 
 
 class InfiniteVLRMSNorm(Qwen2_5_VLRMSNorm):
     """`Qwen2_5_VLRMSNorm` (same parameter) through `ops.norms.rms_norm`, compiled for CUDA inference."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return _rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def add_then_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + delta, this norm of it) in one compiled kernel for CUDA inference."""
-        return _add_rms_norm(residual, delta, self.weight, self.variance_epsilon)
+        return add_rms_norm(residual, delta, self.weight, self.variance_epsilon)

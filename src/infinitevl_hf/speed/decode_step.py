@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.attention import rotate_half
+from ..modeling.ops.elementwise import rotate_half
 from ..modeling.cache import InfiniteVLCache, InfiniteVLLinearAttentionLayer, InfiniteVLRingAttentionLayer
 from ..modeling.gated_deltanet import InfiniteVLGatedDeltaNet
 from ..modeling.ops.decode_attention import decode_attention

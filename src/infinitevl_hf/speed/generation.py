@@ -47,8 +47,8 @@ def generate_call(model):
             graphs.release_cache(call.cache)
 
 
-def _triton_available() -> bool:
-    from .graph_capture import triton_available
+def _triton_available() -> bool:  # whether `torch.compile` can build the compiled decode step (Triton on CUDA)
+    from ..modeling.ops.dispatch import triton_available
 
     return triton_available()
 

@@ -25,15 +25,6 @@ import torch
 from ..modeling.compat import CACHE_KWARG
 from .decode_step import DecodeStep
 
-def triton_available() -> bool:
-    """Whether `torch.compile` can build the compiled decode step here (it emits Triton kernels on CUDA)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def capture_over_cache(cache, forward, warmup_steps: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Warm `forward(cache)` up on a fork of the cache (kernels pick their configs and allocate outside the
     capture, the real state untouched), then capture one call over the real cache: (graph, its output)."""

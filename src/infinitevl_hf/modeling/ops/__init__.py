@@ -1,7 +1,8 @@
-"""Numerical ops of the Gated DeltaNet layer: torch reference everywhere, fla kernels on CUDA."""
+"""Numerical ops of the decoder and vision tower: torch reference everywhere, kernels where they fit
+(`dispatch.py` chooses, one registry for every op)."""
 
-from .backend import fla_disabled, select_backend
 from .causal_conv1d import causal_conv1d, torch_causal_conv1d
+from .dispatch import fla_disabled, prefer_reference, torch_ops_forced, triton_available
 from .gated_delta_rule import (
     chunk_gated_delta_rule,
     fused_recurrent_gated_delta_rule,
@@ -18,9 +19,11 @@ __all__ = [
     "fla_disabled",
     "fused_recurrent_gated_delta_rule",
     "l2norm",
-    "select_backend",
+    "prefer_reference",
     "torch_causal_conv1d",
     "torch_chunk_gated_delta_rule",
     "torch_fused_recurrent_gated_delta_rule",
     "torch_naive_gated_delta_rule",
+    "torch_ops_forced",
+    "triton_available",
 ]

@@ -19,20 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
 
-from ...modeling.compiled import compiled_for_inference
-from ...modeling.mlp import silu_mul
+from ...modeling.ops.elementwise import silu_glu
 from ..retype import retype
 from ..shared_storage import save_own_storage
 
 PAD_MULTIPLE = 128
-
-
-def silu_glu(gate_up: torch.Tensor) -> torch.Tensor:
-    """`silu(gate) * up` of the joined [..., gate | up] product."""
-    return silu_mul(*gate_up.chunk(2, dim=-1))
-
-
-_silu_glu = compiled_for_inference(silu_glu)
 
 
 class InfiniteVLVisionMLP(Qwen2_5_VLMLP):
@@ -51,7 +42,7 @@ class InfiniteVLVisionMLP(Qwen2_5_VLMLP):
         gate_up, gate_up_bias, down = self._padded()
         both = F.linear(hidden_state, gate_up, gate_up_bias)
         if self.config_act == "silu":
-            return F.linear(_silu_glu(both), down, self.down_proj.bias)  # one fused kernel on CUDA
+            return F.linear(silu_glu(both), down, self.down_proj.bias)  # one fused kernel on CUDA
         gate, up = both.chunk(2, dim=-1)
         return F.linear(self.act_fn(gate) * up, down, self.down_proj.bias)
 

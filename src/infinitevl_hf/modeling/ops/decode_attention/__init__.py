@@ -1,34 +1,39 @@
-"""One decode query over a ring of cached keys: a split-keys Triton kernel on CUDA, torch otherwise."""
+"""One decode query over a ring of cached keys: a split-keys Triton kernel on CUDA, torch otherwise
+(`dispatch.py` chooses)."""
 
 from __future__ import annotations
 
 import torch
 
+from ..dispatch import register_op, triton_available
 from .reference import ring_decode_attention
 
-try:
+if triton_available():
     from .triton_decode_attention import triton_ring_decode_attention
-except ImportError:  # no Triton (CPU-only installs)
-    triton_ring_decode_attention = None
+
+
+def _kernel_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
+                 scaling: float) -> str | None:
+    if not query.is_cuda:
+        return "inputs are not on CUDA"
+    dim = query.shape[-1]
+    if dim & (dim - 1):
+        return f"the kernel needs a power-of-two head dim, got {dim}"
+    if not query.is_contiguous() or key.stride(-1) != 1 or value.stride(-1) != 1 or valid.stride(-1) != 1:
+        return "the query is not contiguous or a last dim is strided"
+    return None
+
+
+_decode_attention = register_op("decode_attention", ring_decode_attention)
+if triton_available():
+    _decode_attention.register("triton", triton_ring_decode_attention, _kernel_fits)
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, scaling: float,
                      fast: bool = True) -> torch.Tensor:
     """`ring_decode_attention` (query [B, H, 1, D], key/value [B, H_kv, S, D], valid [B, S] -> [B, 1, H, D]);
-    the Triton kernels for CUDA tensors with a power-of-two head dim when fast=True."""
-    dim = query.shape[-1]
-    if (
-        fast
-        and triton_ring_decode_attention is not None
-        and query.is_cuda
-        and dim & (dim - 1) == 0
-        and query.is_contiguous()
-        and key.stride(-1) == 1
-        and value.stride(-1) == 1
-        and valid.stride(-1) == 1
-    ):
-        return triton_ring_decode_attention(query, key, value, valid, scaling)
-    return ring_decode_attention(query, key, value, valid, scaling)
+    the Triton kernels for CUDA tensors with a power-of-two head dim unless fast=False."""
+    return _decode_attention(query, key, value, valid, scaling, reference=not fast)
 
 
 __all__ = ["decode_attention", "ring_decode_attention"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import FLA, register_fla_op, select_backend
+from ..dispatch import FLA, fla_problem, register_fla_loader, register_op, triton_available
 from .cuda import fla_chunk_gated_delta_rule, fla_fused_recurrent_gated_delta_rule, load_fla_gated_delta_rule
 from .reference import (
     gated_output_norm,
@@ -20,14 +20,45 @@ from .reference import (
     torch_naive_gated_delta_rule,
 )
 
-try:
+if triton_available():
     from .triton_decode import triton_gated_delta_rule_decode_step
-except ImportError:  # no Triton (CPU-only installs)
-    triton_gated_delta_rule_decode_step = None
 
 
-register_fla_op("chunk_gated_delta_rule", load_fla_gated_delta_rule)
-register_fla_op("fused_recurrent_gated_delta_rule", load_fla_gated_delta_rule)
+def _fla_fits(name: str):
+    def fits(q, k=None, v=None, g=None, beta=None, scale=None, initial_state=None, *args, **kwargs) -> str | None:
+        return fla_problem(name, q, k, v, g, beta, initial_state)
+
+    return fits
+
+
+_ops = {}
+for _name, _reference, _kernel in (
+    ("chunk_gated_delta_rule", torch_chunk_gated_delta_rule, fla_chunk_gated_delta_rule),
+    ("fused_recurrent_gated_delta_rule", torch_fused_recurrent_gated_delta_rule, fla_fused_recurrent_gated_delta_rule),
+):
+    register_fla_loader(_name, load_fla_gated_delta_rule)
+    _ops[_name] = register_op(_name, _reference)
+    _ops[_name].register(FLA, _kernel, _fla_fits(_name))
+
+
+def _decode_step_fits(q, k, v, a, b, A_log, dt_bias, state, scale=None) -> str | None:
+    if not triton_available():
+        return "Triton is not installed"
+    if not state.is_cuda:
+        return "inputs are not on CUDA"
+    _, _, d_k, d_v = state.shape
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        return "the state is not contiguous float32"
+    if d_k & (d_k - 1) or d_v % 32:
+        return f"the kernel needs a power-of-two key dim and value dims in multiples of 32, got {d_k} and {d_v}"
+    if not all(t.stride(-1) == 1 and t.stride(0) == q.stride(0) for t in (q, k, v, a, b)):
+        return "q, k, v, a, b are not unit-stride views with one row stride"
+    return None
+
+
+_decode_step = register_op("gated_delta_rule_decode_step", torch_gated_delta_rule_decode_step)
+if triton_available():
+    _decode_step.register("triton", triton_gated_delta_rule_decode_step, _decode_step_fits)
 
 
 def chunk_gated_delta_rule(
@@ -56,10 +87,8 @@ def chunk_gated_delta_rule(
     Returns:
         ``(o [B, T, H, V] in v.dtype, final_state or None)``.
     """
-    fn = fla_chunk_gated_delta_rule if select_backend(
-        "chunk_gated_delta_rule", q, k, v, g, beta, initial_state) == FLA else torch_chunk_gated_delta_rule
-    return fn(q, k, v, g, beta, scale, initial_state, output_final_state,
-              cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    return _ops["chunk_gated_delta_rule"](q, k, v, g, beta, scale, initial_state, output_final_state,
+                                          cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
 
 
 def fused_recurrent_gated_delta_rule(
@@ -80,11 +109,9 @@ def fused_recurrent_gated_delta_rule(
     Same arguments, shapes and returns as :func:`chunk_gated_delta_rule`. fla's kernel has no
     backward pass; use :func:`chunk_gated_delta_rule` for training.
     """
-    fn = fla_fused_recurrent_gated_delta_rule if select_backend(
-        "fused_recurrent_gated_delta_rule", q, k, v, g, beta, initial_state
-    ) == FLA else torch_fused_recurrent_gated_delta_rule
-    return fn(q, k, v, g, beta, scale, initial_state, output_final_state,
-              cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    return _ops["fused_recurrent_gated_delta_rule"](
+        q, k, v, g, beta, scale, initial_state, output_final_state,
+        cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
 
 
 def gated_delta_rule_decode_step(
@@ -106,22 +133,7 @@ def gated_delta_rule_decode_step(
     :func:`torch_gated_delta_rule_decode_step`): on CUDA the delta rule with its gates is one Triton kernel
     (the norm stays torch, which `torch.compile` fuses into one kernel); the torch definition otherwise or
     with fast=False."""
-    _, _, d_k, d_v = state.shape
-    inputs = (q, k, v, a, b)
-    if (
-        fast
-        and triton_gated_delta_rule_decode_step is not None
-        and state.is_cuda
-        and state.dtype == torch.float32
-        and state.is_contiguous()
-        and d_k & (d_k - 1) == 0
-        and d_v % 32 == 0
-        and all(t.stride(-1) == 1 and t.stride(0) == q.stride(0) for t in inputs)
-    ):
-        step = triton_gated_delta_rule_decode_step
-    else:
-        step = torch_gated_delta_rule_decode_step
-    o = step(q, k, v, a, b, A_log, dt_bias, state, scale)
+    o = _decode_step(q, k, v, a, b, A_log, dt_bias, state, scale, reference=not fast)
     return o if gate is None else gated_output_norm(o, gate, norm_weight, norm_eps)
 
 

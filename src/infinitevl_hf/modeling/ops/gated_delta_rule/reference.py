@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..norms import gated_rms_norm
+from ..norms import torch_gated_rms_norm
 
 
 L2NORM_EPS = 1e-6  # fla's l2norm: x / sqrt(sum(x^2) + eps)
@@ -302,4 +302,4 @@ def torch_gated_delta_rule_decode_step(
 def gated_output_norm(o: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The layer's output norm `gated_rms_norm` per head: o and gate [B, H*V], norm_weight [V]."""
     batch, head_dim = o.shape[0], norm_weight.shape[0]
-    return gated_rms_norm(o.view(batch, -1, head_dim), norm_weight, gate.reshape(batch, -1, head_dim), eps).view(batch, -1)
+    return torch_gated_rms_norm(o.view(batch, -1, head_dim), norm_weight, gate.reshape(batch, -1, head_dim), eps).view(batch, -1)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..norms import rms_norm
+from ..norms import torch_rms_norm
 
 Weight = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -73,7 +73,7 @@ def rms_norm_matvec_reference(x, norm_weight, eps: float, weight: Weight, bias: 
                               conv: ConvUpdate | None = None, glu: bool = False) -> torch.Tensor:
     """`linear(rms_norm(x), weight, bias)`, then `conv` over its first channels; with glu=True the output
     halves are [gate | up] and the result is silu(gate) * up (the MLP's input to its down projection)."""
-    y = linear(rms_norm(x, norm_weight, eps), weight, bias)
+    y = linear(torch_rms_norm(x, norm_weight, eps), weight, bias)
     if conv is not None:
         y = apply_conv(y, conv)
     if glu:

@@ -1,33 +1,41 @@
 """The vision tower's rotary embedding on its joined qkv product: a Triton kernel for CUDA inference, the
-torch definition (`reference.py`, transformers' function) otherwise."""
+torch definition (`reference.py`, transformers' function) otherwise (`dispatch.py` chooses)."""
 
 from __future__ import annotations
 
 import torch
 
+from ..dispatch import register_op, triton_available
 from .reference import split_qkv, vision_rotary_qk_reference
 
-try:
+if triton_available():
     from .triton_rotary import triton_vision_rotary_qk
-except ImportError:  # no Triton (CPU-only installs)
-    triton_vision_rotary_qk = None
 
 
-def _kernel_fits(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    if triton_vision_rotary_qk is None or not qkv.is_cuda or torch.is_grad_enabled() or qkv.dim() != 2:
-        return False
+def _kernel_fits(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> str | None:
+    if not qkv.is_cuda:
+        return "inputs are not on CUDA"
+    if torch.is_grad_enabled():
+        return "autograd is on"
+    if qkv.dim() != 2:
+        return "qkv is not [tokens, 3 * heads * dim]"
     dim = qkv.shape[1] // (3 * heads)
     if qkv.shape[1] != 3 * heads * dim or dim % 2 or qkv.stride(1) != 1:
-        return False
-    return all(a.shape == (qkv.shape[0], dim) and a.stride(1) == 1 and a.device == qkv.device for a in (cos, sin))
+        return "the head dim is odd or qkv's last dim is strided"
+    if not all(a.shape == (qkv.shape[0], dim) and a.stride(1) == 1 and a.device == qkv.device for a in (cos, sin)):
+        return "cos/sin are not [tokens, dim] with unit stride on qkv's device"
+    return None
+
+
+_vision_rotary_qk = register_op("vision_rotary_qk", vision_rotary_qk_reference)
+if triton_available():
+    _vision_rotary_qk.register("triton", triton_vision_rotary_qk, _kernel_fits)
 
 
 def vision_rotary_qk(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, fast: bool = True):
     """Rotated (query, key), each [tokens, heads, dim], of the tower's [tokens, 3 * heads * dim] qkv product;
     cos, sin [tokens, dim]."""
-    if fast and _kernel_fits(qkv, heads, cos, sin):
-        return triton_vision_rotary_qk(qkv, heads, cos, sin)
-    return vision_rotary_qk_reference(qkv, heads, cos, sin)
+    return _vision_rotary_qk(qkv, heads, cos, sin, reference=not fast)
 
 
 __all__ = ["split_qkv", "vision_rotary_qk", "vision_rotary_qk_reference"]

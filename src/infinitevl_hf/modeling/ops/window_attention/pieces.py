@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ...compiled import compiled_for_inference
+from ..dispatch import cuda_inference_op
 
 PieceFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -41,7 +41,7 @@ def merge_pieces(*pieces: torch.Tensor) -> torch.Tensor:
     return (merged / total).to(outputs[0].dtype).transpose(1, 2)
 
 
-def merge_pieces_reversed_first(output: torch.Tensor, lse: torch.Tensor, *pieces: torch.Tensor) -> torch.Tensor:
+def torch_merge_pieces_reversed_first(output: torch.Tensor, lse: torch.Tensor, *pieces: torch.Tensor) -> torch.Tensor:
     """`merge_pieces` with the first piece as the anti-causal piece comes out of its kernel: in reversed query
     order and covering only the first n <= T queries. Compiled, the flip and the padding become indexing in the
     merge's loads instead of four copies of the piece."""
@@ -51,7 +51,7 @@ def merge_pieces_reversed_first(output: torch.Tensor, lse: torch.Tensor, *pieces
     return merge_pieces(output, lse, *pieces)
 
 
-_merge_pieces_reversed_first = compiled_for_inference(merge_pieces_reversed_first)
+merge_pieces_reversed_first = cuda_inference_op(torch_merge_pieces_reversed_first, "merge_pieces_reversed_first")
 
 
 def window_attention_by_pieces(
@@ -87,4 +87,4 @@ def window_attention_by_pieces(
         pieces += piece(query, key[:, :, oldest:past], value[:, :, oldest:past],
                         None if bias is None else bias[..., oldest:], False, scale)
     pieces += piece(query, key[:, :, past:], value[:, :, past:], None, True, scale)
-    return _merge_pieces_reversed_first(*pieces)
+    return merge_pieces_reversed_first(*pieces)
