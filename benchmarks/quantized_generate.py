@@ -2,11 +2,12 @@
 
 Random bf16 weights of the released config are saved once and loaded back the way a user loads them:
 `from_pretrained(folder, dtype=bfloat16, device_map="cuda")`, and the same with `quantization_config=` (torchao
-int8 weight-only; bitsandbytes 8-bit and 4-bit where bitsandbytes is installed). The compiled, captured decode
-step reads plain weights, so a quantized model decodes through the module path; the reason `generate()` logs for
-it is recorded. Per model: the photo case of `generate_bench.py` (448x448 photo + 32-token question, 128 new
-tokens): first call, time to first token, the answer (median of the steady calls), decode ms/token, weight
-memory, and how many greedy tokens equal the bf16 model's.
+int8 weight-only; bitsandbytes 8-bit and 4-bit where bitsandbytes is installed). The compiled decode step reads
+plain weights, so a quantized model decodes another way (torchao: its module path captured in a CUDA graph;
+bitsandbytes: the module path); what `generate()` logs about it is recorded, and quantized models are also timed
+with `disable_compile=True` (the module path as it is). Per model: the photo case of `generate_bench.py`
+(448x448 photo + 32-token question, 128 new tokens): first call, time to first token, the answer (median of the
+steady calls), decode ms/token, weight memory, and how many greedy tokens equal the bf16 model's.
 
     python benchmarks/quantized_generate.py --out benchmarks/results
 """
@@ -75,6 +76,8 @@ def run_one(folder: str, inputs: dict, new_tokens: int, steady: int, reference: 
                                                                    **load).eval()
         result = {"weights_gib": (torch.cuda.memory_allocated() - before) / 2**30}
         result.update(measure(model, inputs, new_tokens, steady))
+        if reference is not None:  # the module path uncaptured, beside what generate() does by default
+            result["module_path"] = measure(model, inputs, new_tokens, 1, disable_compile=True)
         with torch.no_grad():
             cuda_inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             out = model.generate(**cuda_inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -147,6 +150,10 @@ def markdown(results: dict) -> str:
         same = r.get("tokens_equal_to_bf16_before_first_difference", "-")
         lines.append(f"| {name} | {r['weights_gib']:.2f} | {r['first_call_s']:.2f} | {r['ttft_s']:.3f} | "
                      f"{r['answer_s']:.3f} | {r['decode_ms_per_token']:.2f} | {same} | {path} |")
+        m = r.get("module_path")
+        if m:
+            lines.append(f"| {name}, disable_compile=True | - | {m['first_call_s']:.2f} | {m['ttft_s']:.3f} | "
+                         f"{m['answer_s']:.3f} | {m['decode_ms_per_token']:.2f} | - | the module path, uncaptured |")
     return "\n".join(lines) + "\n"
 
 

@@ -134,10 +134,12 @@ def _quantized_or_lora(model, kind):
     other = copy.deepcopy(model)
     other.__dict__.pop("_decode_graphs", None)
     if kind == "torchao-int8":
+        pytest.importorskip("torchao")  # in the `test` extra; optional beside CUDA
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         quantize_(other.model.language_model, Int8WeightOnlyConfig())
         return other
+    pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(3)

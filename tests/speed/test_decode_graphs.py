@@ -387,3 +387,53 @@ def test_the_default_capture_records_the_module_path_for_a_model_the_compiled_st
     decode_graphs.capture_decode_step(_lora(reference_model()), None)
     decode_graphs.capture_decode_step(reference_model(), None)
     assert [kwargs["compile"] for kwargs in built] == [False, True]
+
+
+def test_moved_torchao_weights_are_seen_as_moved():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from infinitevl_hf.speed.decode_graphs import _weight_addresses
+
+    model = reference_model()
+    quantize_(model.model.language_model, Int8WeightOnlyConfig())
+    before = _weight_addresses(model)
+    assert all(all(address != 0 for address in addresses) for addresses, _ in before)  # inner tensors, not 0
+    up = model.model.language_model.layers[1].mlp.up_proj
+    up.weight = torch.nn.Parameter(up.weight.detach().clone(), requires_grad=False)  # e.g. a reload
+    assert _weight_addresses(model) != before
+
+
+def _failing_capture(*args, **kwargs):
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.fixture
+def failing_lora_model(lora_graph_model):
+    lora_graph_model.__dict__["_decode_graphs"] = DecodeGraphs(capture_decode=_failing_capture,
+                                                               capture_prompt=_failing_capture)
+    return lora_graph_model
+
+
+def test_a_module_capture_that_fails_gives_the_module_path_tokens(failing_lora_model):
+    tokens, _ = _generate(failing_lora_model, input_ids=text_ids(1, 20))
+    logits = _generate.logits
+    expected, _ = _generate(_lora(reference_model()), input_ids=text_ids(1, 20))
+    _same(tokens, logits, expected, _generate.logits)
+
+
+def test_a_module_capture_that_fails_is_not_tried_again(failing_lora_model, monkeypatch):
+    from infinitevl_hf.speed import plan as speed_plan
+
+    _generate(failing_lora_model, input_ids=text_ids(1, 20))
+    monkeypatch.undo()  # the real planner again: it must remember the failure
+    plan = speed_generation.plan_for_model(failing_lora_model, torch.device("cuda"))
+    assert isinstance(plan, speed_plan.DecodePlan) and plan.path == "static" and "failed" in plan.reason
+
+
+def test_a_module_capture_that_fails_says_why(failing_lora_model, caplog):
+    import logging
+
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="infinitevl_hf.speed.generation"):
+        _generate(failing_lora_model, input_ids=text_ids(1, 20))
+    assert any("capturing its modules in a CUDA graph failed" in r.getMessage() for r in caplog.records)

@@ -189,22 +189,10 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         wanted_hidden = hidden_state_selection(output_hidden_states, self.config.num_hidden_layers + 1)
         cache = pop_cache_kwarg(kwargs, past_key_values)
         kwargs.pop("cache_position", None)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        # Token ids are embedded chunk by chunk below, so a long prompt never holds all its embeddings at once.
-        batch, length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
-        device = (inputs_embeds if inputs_embeds is not None else input_ids).device
+        batch, length, device = self._check_inputs(input_ids, inputs_embeds, cache)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if cache is not None and not isinstance(cache, InfiniteVLCache):
-            raise TypeError(
-                f"InfiniteVL needs an `InfiniteVLCache` (it keeps Gated DeltaNet states), got {type(cache).__name__}."
-            )
-        if length == 0:
-            raise ValueError("The input is empty (0 tokens): `input_ids` / `inputs_embeds` need at least one token.")
-        if cache is not None:
-            cache.check_compatible(self.config)
         if token_valid is None:
             token_valid = _token_valid(attention_mask, batch, length, device)
         cu_seqlens = kwargs.get("cu_seqlens")
@@ -213,34 +201,14 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
             use_cache = False
         if use_cache and cache is None:
             cache = InfiniteVLCache(self.config)
-        if position_ids is None and cu_seqlens is not None:
-            position_ids = packed_text_position_ids(cu_seqlens, length)[None].expand(3, -1, -1).to(device)
-        elif position_ids is None:
-            position_ids = text_position_ids(token_valid, cache, batch, length, device)
-        elif position_ids.dim() == 2:
-            position_ids = position_ids[None].expand(3, -1, -1)
-        elif position_ids.shape[0] == 4:  # transformers' layout with a leading text-position row
-            position_ids = position_ids[1:]
+        position_ids = decoder_position_ids(position_ids, cu_seqlens, token_valid, cache, batch, length, device)
 
-        chunk = self.config.prefill_chunk_tokens
-        if cache is not None and cache.is_static:  # a ring takes at most one window of tokens per call
-            chunk = min(chunk or length, cache.max_tokens_per_call)
+        step = self._chunk_length(length, cache, output_attentions, cu_seqlens)
         run_cache = cache
-        # Weights of one chunk cover other keys than the next chunk's, so with output_attentions a prompt runs whole.
-        chunked = chunk is not None and length > chunk and not self.training and cu_seqlens is None
-        chunked = chunked and not (output_attentions and (cache is None or not cache.is_static))
-        if chunked and output_attentions:
-            raise ValueError(
-                f"output_attentions needs the {length} tokens in one call, but a static cache takes at most "
-                f"{chunk} per call; pass fewer tokens per call or use the dynamic cache."
-            )
-        if chunked and run_cache is None:
+        if step < length and run_cache is None:
             run_cache = InfiniteVLCache(self.config)  # chunks need a cache to pass context along
-        bounds = range(0, length, chunk) if chunked else [0]
-        step = length if len(bounds) == 1 else chunk
-
         pieces, hidden_pieces, attentions = [], [], None
-        for start in bounds:
+        for start in range(0, length, step):
             stop = min(start + step, length)
             valid = None if token_valid is None else token_valid[:, start:stop]
             embeds = inputs_embeds[:, start:stop] if inputs_embeds is not None else self.embed_tokens(input_ids[:, start:stop])
@@ -250,7 +218,7 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
             if run_cache is not None:
                 run_cache.advance(position_ids[..., start:stop], valid, stop - start)
             # clone: a view of the tail would keep the whole chunk's activations alive
-            pieces.append(hidden[:, -keep_last:].clone() if keep_last and chunked else hidden)
+            pieces.append(hidden[:, -keep_last:].clone() if keep_last and step < length else hidden)
             hidden_pieces.append(per_layer)
         hidden_states = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
         if keep_last:
@@ -262,6 +230,41 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         if use_cache and cache is not None:
             output[CACHE_KWARG] = cache
         return output if return_dict else output.to_tuple()
+
+    def _check_inputs(self, input_ids, inputs_embeds, cache) -> tuple[int, int, torch.device]:
+        """(batch, length, device) of the call's tokens; refuses what the decoder cannot take."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        # Token ids are embedded chunk by chunk in forward, so a long prompt never holds all its embeddings at once.
+        tokens = inputs_embeds if inputs_embeds is not None else input_ids
+        batch, length = tokens.shape[:2]
+        if cache is not None and not isinstance(cache, InfiniteVLCache):
+            raise TypeError(
+                f"InfiniteVL needs an `InfiniteVLCache` (it keeps Gated DeltaNet states), got {type(cache).__name__}."
+            )
+        if length == 0:
+            raise ValueError("The input is empty (0 tokens): `input_ids` / `inputs_embeds` need at least one token.")
+        if cache is not None:
+            cache.check_compatible(self.config)
+        return batch, length, tokens.device
+
+    def _chunk_length(self, length: int, cache, output_attentions: bool, cu_seqlens) -> int:
+        """How many tokens go through the layers at once: the whole call, or `prefill_chunk_tokens` (at most one
+        window over a static cache) for a long prompt at inference."""
+        chunk = self.config.prefill_chunk_tokens
+        if cache is not None and cache.is_static:  # a ring takes at most one window of tokens per call
+            chunk = min(chunk or length, cache.max_tokens_per_call)
+        if chunk is None or length <= chunk or self.training or cu_seqlens is not None:
+            return length
+        # Weights of one chunk cover other keys than the next chunk's, so with output_attentions a prompt runs whole.
+        if output_attentions and (cache is None or not cache.is_static):
+            return length
+        if output_attentions:
+            raise ValueError(
+                f"output_attentions needs the {length} tokens in one call, but a static cache takes at most "
+                f"{chunk} per call; pass fewer tokens per call or use the dynamic cache."
+            )
+        return chunk
 
     def _run_layers(self, hidden_states, position_ids, token_valid, cache, wanted_hidden, output_attentions, **kwargs):
         """The layers and the final norm over one chunk. Returns the hidden states, the per-layer hidden states
@@ -307,6 +310,21 @@ def _check_packed(cu_seqlens, batch: int, length: int, cache, token_valid) -> No
                          + (" with padding." if token_valid is not None else "."))
     if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != length or bool((cu_seqlens.diff() <= 0).any()):
         raise ValueError(f"cu_seqlens must rise from 0 to the row length {length}, got {cu_seqlens.tolist()}.")
+
+
+def decoder_position_ids(position_ids, cu_seqlens, token_valid, cache, batch: int, length: int, device
+                         ) -> torch.LongTensor:
+    """The call's mRoPE positions [3, B, T]: as given (2-D text positions on all three axes; transformers' 4-row
+    layout without its leading text row), restarting per packed sequence, or continuing from the cache."""
+    if position_ids is None and cu_seqlens is not None:
+        return packed_text_position_ids(cu_seqlens, length)[None].expand(3, -1, -1).to(device)
+    if position_ids is None:
+        return text_position_ids(token_valid, cache, batch, length, device)
+    if position_ids.dim() == 2:
+        return position_ids[None].expand(3, -1, -1)
+    if position_ids.shape[0] == 4:  # transformers' layout with a leading text-position row
+        return position_ids[1:]
+    return position_ids
 
 
 def packed_text_position_ids(cu_seqlens: torch.LongTensor, length: int) -> torch.LongTensor:

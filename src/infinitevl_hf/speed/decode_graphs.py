@@ -17,12 +17,22 @@ from collections import OrderedDict
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .prompt_graphs import PromptShape, PromptStep, prepare_prompt, prompt_bucket
 
 
+def _addresses(tensor: torch.Tensor) -> tuple:
+    """Where a tensor's data lives; for a tensor subclass (torchao's quantized weights, whose own data_ptr() is 0),
+    where its inner tensors live."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return tuple(address for name in names for address in _addresses(getattr(tensor, name)))
+    return (tensor.data_ptr(),)
+
+
 def _weight_addresses(model) -> tuple:
-    return tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+    return tuple((_addresses(p.data), p.dtype) for p in model.parameters())
 
 
 class GraphSlot:

@@ -106,15 +106,20 @@ def fast_decode(model, cache, input_ids: torch.LongTensor) -> torch.Tensor | Non
     try:
         return decode_graphs_of(model).step(model, cache, input_ids)
     except RuntimeError as error:
-        if call.plan.step != "modules":
-            raise
-        # Layers whose kernels were let into a graph (LoRA, torchao) but would not be captured: this model decodes
-        # through its modules from now on (the cache is untouched: a failed capture runs nothing).
-        reason = f"capturing its modules in a CUDA graph failed ({type(error).__name__}: {str(error)[:200]})"
-        model.__dict__[_CAPTURE_FAILED] = reason
-        call.plan = DecodePlan("static", reason)
-        logger.warning_once(f"InfiniteVL generate() decodes through the module path (static cache): {reason}.")
+        _capture_failed(model, call, error)
         return None
+
+
+def _capture_failed(model, call: _Call, error: RuntimeError) -> None:
+    """Layers whose kernels were let into a graph (LoRA, torchao) would not be captured: this model decodes through
+    its modules from now on, saying why (the cache is untouched: a failed capture runs nothing). Re-raises for the
+    compiled step, whose capture is expected to work."""
+    if call.plan.step != "modules":
+        raise error
+    reason = f"capturing its modules in a CUDA graph failed ({type(error).__name__}: {str(error)[:200]})"
+    model.__dict__[_CAPTURE_FAILED] = reason
+    call.plan = DecodePlan("static", reason)
+    logger.warning_once(f"InfiniteVL generate() decodes through the module path (static cache): {reason}.")
 
 
 def fast_prompt(model, cache, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
@@ -131,7 +136,11 @@ def fast_prompt(model, cache, input_ids: torch.LongTensor, attention_mask: torch
     from ..modeling.input_checks import check_vision_inputs
 
     check_vision_inputs(model.config, input_ids, pixel_values, image_grid_thw, None, None)  # as the module path does
-    return decode_graphs_of(model).prompt(model, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
+    try:
+        return decode_graphs_of(model).prompt(model, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
+    except RuntimeError as error:
+        _capture_failed(model, call, error)
+        return None
 
 
 def fast_forward(model, cache, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
