@@ -397,7 +397,12 @@ def test_moved_torchao_weights_are_seen_as_moved():
     model = reference_model()
     quantize_(model.model.language_model, Int8WeightOnlyConfig())
     before = _weight_addresses(model)
-    assert all(all(address != 0 for address in addresses) for addresses, _ in before)  # inner tensors, not 0
+
+    def flat(addresses):
+        return [addresses] if isinstance(addresses, int) else [a for inner in addresses for a in flat(inner)]
+
+    assert all(address != 0 for addresses, _ in before for address in flat(addresses))  # inner tensors, not 0
+    assert any(isinstance(addresses, tuple) for addresses, _ in before)  # the quantized ones, through their parts
     up = model.model.language_model.layers[1].mlp.up_proj
     up.weight = torch.nn.Parameter(up.weight.detach().clone(), requires_grad=False)  # e.g. a reload
     assert _weight_addresses(model) != before

@@ -22,17 +22,18 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from .prompt_graphs import PromptShape, PromptStep, prepare_prompt, prompt_bucket
 
 
-def _addresses(tensor: torch.Tensor) -> tuple:
+def _addresses(tensor: torch.Tensor):
     """Where a tensor's data lives; for a tensor subclass (torchao's quantized weights, whose own data_ptr() is 0),
     where its inner tensors live."""
-    if is_traceable_wrapper_subclass(tensor):
-        names, _ = tensor.__tensor_flatten__()
-        return tuple(address for name in names for address in _addresses(getattr(tensor, name)))
-    return (tensor.data_ptr(),)
+    address = tensor.data_ptr()
+    if address or not is_traceable_wrapper_subclass(tensor):
+        return address
+    names, _ = tensor.__tensor_flatten__()
+    return tuple(_addresses(getattr(tensor, name)) for name in names)
 
 
 def _weight_addresses(model) -> tuple:
-    return tuple((_addresses(p.data), p.dtype) for p in model.parameters())
+    return tuple((_addresses(p), p.dtype) for p in model.parameters())
 
 
 class GraphSlot:

@@ -125,15 +125,41 @@ def _adjacent(params: tuple[torch.Tensor, ...]) -> bool:
     return all(b == a + p.numel() for a, b, p in zip(offsets, offsets[1:], params))
 
 
-def _placement_problem(model) -> str | None:
-    """Why the decoder is not all on one device without accelerate's dispatch hooks, or None."""
+def decoder_problems(model) -> tuple[str | None, str | None]:
+    """(why no decode graph can serve this model, why the compiled step cannot read it beyond that), each None
+    when there is none: one pass over the decoder and the head (generate() asks once per call, so the pass is kept
+    cheap: a 4B model has about a thousand modules)."""
     text = model.model.language_model
-    if any(hasattr(m, "_hf_hook") for m in (text, *text.modules(), model.lm_head)):
-        return "its modules are dispatched by accelerate hooks (device_map / offloading)"
-    devices = {p.device for p in text.parameters()} | {model.lm_head.weight.device}
+    modules = (("", text), *text.named_modules(), ("lm_head", model.lm_head))
+    if any("_hf_hook" in vars(module) for _, module in modules):
+        return "its modules are dispatched by accelerate hooks (device_map / offloading)", None
+    weights = (*text.named_parameters(), ("lm_head.weight", model.lm_head.weight))
+    devices = {p.device for _, p in weights}
     if len(devices) != 1:
-        return f"its decoder spans several devices {sorted(map(str, devices))}"
-    return None
+        return f"its decoder spans several devices {sorted(map(str, devices))}", None
+    compiled = None
+    for name, module in modules:
+        kind = type(module)
+        if kind is not nn.Linear and isinstance(module, nn.Linear):
+            if not _from(module, "peft"):
+                return (f"{name} is a {kind.__name__}, not a plain nn.Linear, whose kernels are not known to run in a "
+                        "CUDA graph"), None
+            compiled = compiled or f"{name} is a {kind.__name__}, not a plain nn.Linear"
+        elif compiled is None and any(child.startswith("lora") for child in module._modules):
+            compiled = f"{name} carries LoRA adapters"
+        elif compiled is None and isinstance(module, InfiniteVLGatedDeltaNet) and not (module.use_short_conv and module.use_gate):
+            compiled = f"{name} is a Gated DeltaNet without short convolutions or output gate (use_short_conv/use_gate)"
+    for name, p in weights:
+        kind = type(p)
+        if kind is nn.Parameter or kind is torch.Tensor:
+            if compiled is None and not p.is_floating_point():
+                compiled = "some decoder weights are not floating point (quantized)"
+            continue
+        if type(p.data) is not torch.Tensor and not _from(p.data, "torchao"):  # DTensor shards among them
+            return f"{name} is a {type(p.data).__name__} (sharded or quantized), which is not captured", None
+        if compiled is None and type(p.data) is not torch.Tensor:  # torchao: reports a float dtype, holds other data
+            compiled = f"{name} is a {type(p.data).__name__} (quantized), whose data the step cannot read"
+    return None, compiled
 
 
 def _from(obj, package: str) -> bool:
@@ -288,43 +314,15 @@ class DecodeStep:
         offloading), a decoder over several devices and sharded (DTensor) weights are out. Layers other than
         nn.Linear are captured only where their kernels are known to run without host syncs: peft's LoRA layers
         and torchao's quantized weights; others (bitsandbytes' among them) keep the module path."""
-        problem = _placement_problem(model)
-        if problem is not None:
-            return problem
-        text = model.model.language_model
-        for name, module in (*text.named_modules(), *model.lm_head.named_modules(prefix="lm_head")):
-            if isinstance(module, nn.Linear) and type(module) is not nn.Linear and not _from(module, "peft"):
-                return f"{name} is a {type(module).__name__}, whose kernels are not known to run in a CUDA graph"
-        for name, p in (*text.named_parameters(), *model.lm_head.named_parameters(prefix="lm_head")):
-            if type(p.data) is not torch.Tensor and not _from(p.data, "torchao"):
-                return f"{name} is a {type(p.data).__name__} (sharded or quantized), which is not captured"
-        return None
+        return decoder_problems(model)[0]
 
     @staticmethod
     def unsupported(model) -> str | None:
-        """Why this step cannot stand in for this model's decoder, or None. One device, no hooks; and it reads the
-        weights directly, so every module must be the plain one (no LoRA or quantized layers, whose forward it would
-        skip), and it covers Gated DeltaNet layers with short convolutions and the output gate. Where it returns None,
-        so does `capture_problem`."""
-        problem = _placement_problem(model)
-        if problem is not None:
-            return problem
-        text = model.model.language_model
-        # lm_head too: the step reads its weight directly, so adapters or quantization on it would be skipped
-        for name, module in (*text.named_modules(), *model.lm_head.named_modules(prefix="lm_head")):
-            if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
-                return f"{name} is a {type(module).__name__}, not a plain nn.Linear"
-            if any(t.startswith("lora") for t in dict(module.named_children())):
-                return f"{name} carries LoRA adapters"
-            if isinstance(module, InfiniteVLGatedDeltaNet) and not (module.use_short_conv and module.use_gate):
-                return f"{name} is a Gated DeltaNet without short convolutions or output gate (use_short_conv/use_gate)"
-        weights = (*text.named_parameters(), *model.lm_head.named_parameters(prefix="lm_head"))
-        if any(not p.is_floating_point() for _, p in weights):
-            return "some decoder weights are not floating point (quantized)"
-        for name, p in weights:  # torchao's quantized tensors report a float dtype but hold other data
-            if type(p.data) is not torch.Tensor:
-                return f"{name} is a {type(p.data).__name__} (quantized), whose data the step cannot read"
-        return None
+        """Why this step cannot stand in for this model's decoder, or None. Besides `capture_problem`'s reasons: it
+        reads the weights directly, so every module must be the plain one (no LoRA or quantized layers, whose
+        forward it would skip), and it covers Gated DeltaNet layers with short convolutions and the output gate."""
+        capture, compiled = decoder_problems(model)
+        return capture or compiled
 
     def with_cache(self, cache: InfiniteVLCache) -> DecodeStep:
         """The same step (same weights, concatenated ones included) over another static cache of the same shape."""

@@ -55,10 +55,11 @@ def _triton_available() -> bool:  # whether `torch.compile` can build the compil
 
 def plan_for_model(model, device: torch.device, generation_config=None) -> DecodePlan:
     """`decode_plan` for this model on `device` with these generation flags."""
-    from .decode_step import DecodeStep
+    from .decode_step import decoder_problems
 
     flags = generation_config
     cuda = device.type == "cuda"
+    problems = decoder_problems(model) if cuda else (None, None)  # (capture, compiled step)
     text = model.config.get_text_config()
     return decode_plan(
         device_type=device.type,
@@ -68,8 +69,8 @@ def plan_for_model(model, device: torch.device, generation_config=None) -> Decod
         output_attentions=bool(getattr(flags, "output_attentions", False)),
         output_hidden_states=bool(getattr(flags, "output_hidden_states", False)),
         triton_available=_triton_available() if cuda else True,
-        model_problem=DecodeStep.unsupported(model) if cuda else None,
-        capture_problem=(model.__dict__.get(_CAPTURE_FAILED) or DecodeStep.capture_problem(model)) if cuda else None,
+        model_problem=problems[1],
+        capture_problem=model.__dict__.get(_CAPTURE_FAILED) or problems[0],
         static_requested=getattr(flags, "cache_implementation", None) == "static",
         static_possible=all(text.window_for_layer(i) is not None
                             for i, kind in enumerate(text.layer_types) if kind != "linear_attention"),
