@@ -48,7 +48,9 @@ def quantization_configs() -> dict:
     try:
         from torchao.quantization import Int8WeightOnlyConfig
 
-        configs["torchao_int8_weight_only"] = TorchAoConfig(Int8WeightOnlyConfig())
+        # version 2 (`Int8Tensor`), the default from torchao 0.18: with torchao 0.17's default (version 1,
+        # `AffineQuantizedTensor`) transformers 5.24's from_pretrained failed on an H200 (`aten.new_zeros`)
+        configs["torchao_int8_weight_only"] = TorchAoConfig(Int8WeightOnlyConfig(version=2))
     except Exception as error:  # reported, not fatal: the other configs still run
         configs["torchao_int8_weight_only"] = f"{type(error).__name__}: {error}"
     try:
