@@ -1,5 +1,6 @@
-"""InfiniteVL model code. Files here import only torch, transformers and each other (relatively), so
-`save_pretrained` can copy them into a checkpoint as trust_remote_code files."""
+"""InfiniteVL model code. Files here import only torch, transformers, each other and `speed/` (relatively: the
+model calls the speed machinery from two places), so `save_pretrained` can copy them, with `speed/`, into a
+checkpoint as trust_remote_code files."""
 
 from .cache import InfiniteVLCache
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig, InfiniteVLVisionConfig
