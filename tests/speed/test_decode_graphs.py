@@ -156,7 +156,7 @@ def test_the_graph_path_serves_only_the_cache_its_generate_call_planned():
     cache = InfiniteVLCache(model.config)
     with torch.no_grad():
         model(input_ids=text_ids(1, 6), use_cache=True, **{CACHE_KWARG: cache})
-    assert speed_generation.fast_decode(model, cache, text_ids(1, 1)) is None  # outside generate()
+    assert speed_generation.fast_forward(model, cache, input_ids=text_ids(1, 1)) is None  # outside generate()
     assert not cache.is_static
 
 

@@ -128,7 +128,12 @@ def _adjacent(params: tuple[torch.Tensor, ...]) -> bool:
 def decoder_problems(model) -> tuple[str | None, str | None]:
     """(why no decode graph can serve this model, why the compiled step cannot read it beyond that), each None
     when there is none: one pass over the decoder and the head (generate() asks once per call, so the pass is kept
-    cheap: a 4B model has about a thousand modules)."""
+    cheap: a 4B model has about a thousand modules).
+
+    A graph replays fixed kernels on fixed addresses of one device: accelerate's dispatch hooks (device_map,
+    offloading), a decoder over several devices and sharded (DTensor) weights are out. Layers other than nn.Linear
+    are captured only where their kernels are known to run without host syncs: peft's LoRA layers and torchao's
+    quantized weights; others (bitsandbytes' among them) keep the module path."""
     text = model.model.language_model
     modules = (("", text), *text.named_modules(), ("lm_head", model.lm_head))
     if any("_hf_hook" in vars(module) for _, module in modules):
@@ -307,18 +312,9 @@ class DecodeStep:
                 cls._joined((mixer.q_proj, mixer.k_proj, mixer.v_proj), "bias", True)
 
     @staticmethod
-    def capture_problem(model) -> str | None:
-        """Why no captured decode graph can serve this model, neither of this step nor of the module path, or None.
-
-        A graph replays fixed kernels on fixed addresses of one device: accelerate's dispatch hooks (device_map,
-        offloading), a decoder over several devices and sharded (DTensor) weights are out. Layers other than
-        nn.Linear are captured only where their kernels are known to run without host syncs: peft's LoRA layers
-        and torchao's quantized weights; others (bitsandbytes' among them) keep the module path."""
-        return decoder_problems(model)[0]
-
-    @staticmethod
     def unsupported(model) -> str | None:
-        """Why this step cannot stand in for this model's decoder, or None. Besides `capture_problem`'s reasons: it
+        """Why this step cannot stand in for this model's decoder, or None. Besides why no graph can serve it
+        (`decoder_problems`): it
         reads the weights directly, so every module must be the plain one (no LoRA or quantized layers, whose
         forward it would skip), and it covers Gated DeltaNet layers with short convolutions and the output gate."""
         capture, compiled = decoder_problems(model)

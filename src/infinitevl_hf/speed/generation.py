@@ -2,7 +2,7 @@
 
 `generate()` runs inside `generate_call()`; when transformers prepares the call's cache, `plan_generation`
 picks its decode path (`plan.decode_plan`) and logs once why it is not the fastest. Every `forward` call asks
-`fast_forward` first: a fresh prompt (`fast_prompt`) or a decode step (`fast_decode`) of that cache replays the
+`fast_forward` first: a fresh prompt or a decode step of that cache replays the
 model's captured graphs (or turns the cache static for the module path); it returns None where the module path
 serves.
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import logging
 
+from ..modeling.ops.dispatch import triton_available
 from .decode_graphs import decode_graphs_of
 from .plan import DecodePlan, decode_plan
 
@@ -47,12 +48,6 @@ def generate_call(model):
             graphs.release_cache(call.cache)
 
 
-def _triton_available() -> bool:  # whether `torch.compile` can build the compiled decode step (Triton on CUDA)
-    from ..modeling.ops.dispatch import triton_available
-
-    return triton_available()
-
-
 def plan_for_model(model, device: torch.device, generation_config=None) -> DecodePlan:
     """`decode_plan` for this model on `device` with these generation flags."""
     from .decode_step import decoder_problems
@@ -68,7 +63,7 @@ def plan_for_model(model, device: torch.device, generation_config=None) -> Decod
         disable_compile=bool(getattr(flags, "disable_compile", False)),
         output_attentions=bool(getattr(flags, "output_attentions", False)),
         output_hidden_states=bool(getattr(flags, "output_hidden_states", False)),
-        triton_available=_triton_available() if cuda else True,
+        triton_available=triton_available() if cuda else True,
         model_problem=problems[1],
         capture_problem=model.__dict__.get(_CAPTURE_FAILED) or problems[0],
         static_requested=getattr(flags, "cache_implementation", None) == "static",
@@ -94,18 +89,51 @@ def plan_generation(model, generation_config, cache, device: torch.device) -> De
     return plan
 
 
-def fast_decode(model, cache, input_ids: torch.LongTensor) -> torch.Tensor | None:
-    """Logits of one decode step through the current call's fast path, or None for the module path.
-
-    Serves only the cache its `generate()` call planned for, after the prompt went through it."""
+def fast_forward(model, cache, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                 labels=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None, second_per_grid_ts=None,
+                 logits_to_keep=0, output_hidden_states=None, output_attentions=None, cu_seqlens=None
+                 ) -> torch.Tensor | None:
+    """The model's one call into the speed machinery: logits of a `forward` call that a captured graph serves (a
+    fresh prompt, or a decode step, of the cache the current `generate()` call planned for), else None."""
     call = _CURRENT.get()
-    if call is None or call.cache is not cache or call.plan is None or call.plan.path == "dynamic" or not cache.seen_tokens:
+    if (call is None or call.plan is None or cache is None or call.cache is not cache or labels is not None
+            or output_attentions or output_hidden_states):
+        return None
+    if (cache.next_positions is None and input_ids is not None and inputs_embeds is None and position_ids is None
+            and pixel_values_videos is None and second_per_grid_ts is None and cu_seqlens is None
+            and isinstance(logits_to_keep, int) and logits_to_keep == 1):
+        return _fast_prompt(model, call, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
+    if (cache.seen_tokens > 0 and input_ids is not None and input_ids.shape[1] == 1 and inputs_embeds is None
+            and pixel_values is None and pixel_values_videos is None):
+        return _fast_decode(model, call, cache, input_ids)
+    return None
+
+
+def _fast_decode(model, call: _Call, cache, input_ids: torch.LongTensor) -> torch.Tensor | None:
+    """Logits of one decode step of the call's cache through its captured graph, or None for the module path
+    (over the cache made static, unless the plan keeps it dynamic)."""
+    if call.plan.path == "dynamic":
         return None
     cache.to_static()
     if call.plan.path == "static":
         return None
     try:
         return decode_graphs_of(model).step(model, cache, input_ids)
+    except RuntimeError as error:
+        _capture_failed(model, call, error)
+        return None
+
+
+def _fast_prompt(model, call: _Call, cache, input_ids: torch.LongTensor, attention_mask=None, pixel_values=None,
+                 image_grid_thw=None) -> torch.Tensor | None:
+    """Logits of a fresh prompt's last position through a captured prompt, or None for the module path."""
+    if call.plan.path != "graph" or cache.is_static:  # a static cache holding a stream continues it: module path
+        return None
+    from ..modeling.input_checks import check_vision_inputs
+
+    check_vision_inputs(model.config, input_ids, pixel_values, image_grid_thw, None, None)  # as the module path does
+    try:
+        return decode_graphs_of(model).prompt(model, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
     except RuntimeError as error:
         _capture_failed(model, call, error)
         return None
@@ -121,50 +149,6 @@ def _capture_failed(model, call: _Call, error: RuntimeError) -> None:
     model.__dict__[_CAPTURE_FAILED] = reason
     call.plan = DecodePlan("static", reason)
     logger.warning_once(f"InfiniteVL generate() decodes through the module path (static cache): {reason}.")
-
-
-def fast_prompt(model, cache, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None
-                ) -> torch.Tensor | None:
-    """Logits of a prompt's last position through the current call's captured prompt, or None for the module path.
-
-    Serves only the cache its `generate()` call planned for, and only while nothing went through it yet."""
-    call = _CURRENT.get()
-    if call is None or call.cache is not cache or call.plan is None or call.plan.path != "graph":
-        return None
-    if cache.next_positions is not None or cache.is_static:  # a cache holding a stream continues it: module path
-        return None
-    from ..modeling.input_checks import check_vision_inputs
-
-    check_vision_inputs(model.config, input_ids, pixel_values, image_grid_thw, None, None)  # as the module path does
-    try:
-        return decode_graphs_of(model).prompt(model, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
-    except RuntimeError as error:
-        _capture_failed(model, call, error)
-        return None
-
-
-def fast_forward(model, cache, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
-                 labels=None, pixel_values=None, pixel_values_videos=None, image_grid_thw=None, second_per_grid_ts=None,
-                 logits_to_keep=0, output_hidden_states=None, output_attentions=None, cu_seqlens=None
-                 ) -> torch.Tensor | None:
-    """The model's one call into the speed machinery: logits of a `forward` call that a captured graph serves (a
-    fresh prompt, or a decode step, of the cache the current `generate()` call planned for), else None."""
-    if not _current_cache_is(cache) or labels is not None or output_attentions or output_hidden_states:
-        return None
-    if (cache.next_positions is None and input_ids is not None and inputs_embeds is None and position_ids is None
-            and pixel_values_videos is None and second_per_grid_ts is None and cu_seqlens is None
-            and isinstance(logits_to_keep, int) and logits_to_keep == 1):
-        return fast_prompt(model, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
-    if (cache.seen_tokens > 0 and input_ids is not None and input_ids.shape[1] == 1 and inputs_embeds is None
-            and pixel_values is None and pixel_values_videos is None):
-        return fast_decode(model, cache, input_ids)
-    return None
-
-
-def _current_cache_is(cache) -> bool:
-    call = _CURRENT.get()
-    return call is not None and cache is not None and call.cache is cache
 
 
 def warmup(model, batch_sizes: tuple[int, ...] = (1,), prompt_tokens: int = 64, new_tokens: int = 2) -> None:

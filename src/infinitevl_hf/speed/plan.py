@@ -41,7 +41,7 @@ def decode_plan(
     """The decode path for one `generate()` call.
 
     model_problem: why the compiled step cannot read this model's weights (`DecodeStep.unsupported`), or None.
-    capture_problem: why no decode graph can serve this model at all (`DecodeStep.capture_problem`), or None.
+    capture_problem: why no decode graph can serve this model at all (`decode_step.decoder_problems`), or None.
     static_requested: `cache_implementation="static"`, which off CUDA still decodes over the rings.
     static_possible: False when some layer is full attention (its cache grows without bound: no static cache).
     """
