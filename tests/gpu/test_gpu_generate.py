@@ -13,8 +13,7 @@ pytestmark = [pytest.mark.gpu, needs_cuda]
 NEW = 64
 
 
-@pytest.fixture(scope="module")
-def model():
+def _build():
     import sys
     from pathlib import Path
 
@@ -33,6 +32,11 @@ def model():
     with torch.device("cuda"):
         model = InfiniteVLForConditionalGeneration(config)
     return model.float().eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _build()
 
 
 def _image(model, seed=0):
@@ -90,6 +94,17 @@ def test_a_second_call_captures_nothing(model):
 def test_a_second_call_compiles_nothing(model):
     _, (frames, frames_after) = _second_call(model)
     assert frames_after == frames
+
+
+def test_a_second_image_call_captures_nothing():
+    """A model's first image call lays out the vision weights before its graphs record where the weights are."""
+    from infinitevl_hf.speed import decode_graphs_of
+
+    fresh = _build()
+    _greedy(fresh, _image(fresh))
+    captures = decode_graphs_of(fresh).captures
+    _greedy(fresh, _image(fresh, seed=3))
+    assert decode_graphs_of(fresh).captures == captures == 2
 
 
 def test_batched_rows_equal_the_rows_alone(model):

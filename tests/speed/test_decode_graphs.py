@@ -290,6 +290,36 @@ def test_a_first_capture_leaves_the_weights_where_later_calls_find_them(graph_mo
     assert decode_graphs_of(graph_model).captures == captures
 
 
+@pytest.fixture
+def cuda_vision_mlp(monkeypatch):
+    """The vision MLPs run their padded CUDA forward on CPU too (which re-lays their weights on first use)."""
+    from infinitevl_hf.speed.vision.mlp import InfiniteVLVisionMLP
+
+    monkeypatch.setattr(InfiniteVLVisionMLP, "forward", InfiniteVLVisionMLP.padded_forward)
+
+
+def test_a_second_image_generate_captures_nothing(graph_model, cuda_vision_mlp):
+    """The vision MLP's padded weights are laid out before the graphs record where the weights are, not during the
+    first captured prompt (which made the second call drop every graph and capture them again)."""
+    assert graph_model.model.visual.blocks[0].mlp.pads()
+    ids, pixels, grid = image_inputs(prefix=9, suffix=14)
+    _generate(graph_model, input_ids=ids, pixel_values=pixels, image_grid_thw=grid)
+    captures = decode_graphs_of(graph_model).captures
+    ids, pixels, grid = image_inputs(prefix=9, suffix=14, seed=7)
+    _generate(graph_model, input_ids=ids, pixel_values=pixels, image_grid_thw=grid)
+    assert decode_graphs_of(graph_model).captures == captures == 2
+
+
+def test_a_graph_slot_records_the_vision_weights_where_their_padded_forward_reads_them(graph_model):
+    from infinitevl_hf.speed import GraphSlot
+
+    slot = GraphSlot(graph_model, 1, torch.float32, torch.device("cpu"))
+    mlp = graph_model.model.visual.blocks[0].mlp
+    with torch.no_grad():
+        mlp.padded_forward(torch.randn(5, mlp.gate_proj.in_features))
+    assert slot.valid_for(graph_model)
+
+
 def test_beam_search_through_the_graph_path_gives_the_module_path_sequences(graph_model):
     ids = text_ids(1, 20)
     kwargs = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)

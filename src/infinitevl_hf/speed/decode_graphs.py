@@ -41,9 +41,9 @@ class GraphSlot:
 
     def __init__(self, model, rows: int, dtype: torch.dtype, device: torch.device):
         from ..modeling.cache import InfiniteVLCache
-        from .decode_step import DecodeStep
+        from .weight_layout import lay_out_weights
 
-        DecodeStep.join_weights(model)  # the weights' final place, before they are recorded and captured
+        lay_out_weights(model)  # the weights' final place, before they are recorded and captured
         self.cache = InfiniteVLCache.empty_static(model.config, rows, dtype, device)
         self.addresses = self.cache.buffer_addresses()
         self.weights = _weight_addresses(model)

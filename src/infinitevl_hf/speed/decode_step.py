@@ -294,8 +294,8 @@ class DecodeStep:
     def join_weights(cls, model) -> None:
         """Lay out, once, each group of weights the joined step reads (a layer's input projections and convolutions,
         the MLP's gate and up) as views of one buffer; later calls find them laid out and copy nothing. Every CUDA
-        graph builder calls this before it captures: laying the weights out later would move them from under the
-        graphs captured before (their old storage is freed)."""
+        graph builder calls this (through `speed.weight_layout.lay_out_weights`) before it captures: laying the
+        weights out later would move them from under the graphs captured before (their old storage is freed)."""
         if cls.unsupported(model) is not None:
             return
         for layer in model.model.language_model.layers:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..modeling.compat import CACHE_KWARG
 from .graph_capture import capture_over_cache
-from .decode_step import DecodeStep
+from .weight_layout import lay_out_weights
 from ..modeling.positions import mrope_position_ids, num_vision_tokens
 
 
@@ -123,7 +123,7 @@ class CUDAGraphFrames:
                              f"got {input_ids.shape[1]}.")
         if input_ids.shape[0] != cache.batch_rows:
             raise ValueError(f"input_ids have {input_ids.shape[0]} rows, the cache {cache.batch_rows}.")
-        DecodeStep.join_weights(model)  # before any capture: see `DecodeStep.join_weights`
+        lay_out_weights(model)  # before any capture: see `speed.weight_layout`
         self.step, self.cache, self.length = FrameStep(model, input_ids, **grids), cache, input_ids.shape[1]
         visual = model.model.visual
         patches = int(self.step.grid.prod(-1).sum())

@@ -24,6 +24,7 @@ import torch
 
 from ..modeling.compat import CACHE_KWARG
 from .decode_step import DecodeStep
+from .weight_layout import lay_out_weights
 
 def capture_over_cache(cache, forward, warmup_steps: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Warm `forward(cache)` up on a fork of the cache (kernels pick their configs and allocate outside the
@@ -60,7 +61,7 @@ class CUDAGraphDecoder:
         if not torch.cuda.is_available() or cache.next_positions is None or not cache.next_positions.is_cuda:
             raise ValueError("CUDAGraphDecoder needs a CUDA model and a cache that a prompt already went through.")
         cache.to_static()
-        DecodeStep.join_weights(model)  # before any capture: see `DecodeStep.join_weights`
+        lay_out_weights(model)  # before any capture: see `speed.weight_layout`
         # Built outside the capture (concatenating weights inside it would record the copies into the graph).
         self.decode_step = None
         if compile:
@@ -104,7 +105,7 @@ class CUDAGraphPrefill:
         cache.to_static()
         if length > cache.max_tokens_per_call:
             raise ValueError(f"A captured prefill takes at most one window ({cache.max_tokens_per_call} tokens), got {length}.")
-        DecodeStep.join_weights(model)  # before any capture: see `DecodeStep.join_weights`
+        lay_out_weights(model)  # before any capture: see `speed.weight_layout`
         self.decoder, self.cache, self.length = model.model.language_model, cache, length
         embed = self.decoder.get_input_embeddings().weight
         self.inputs_embeds = torch.zeros(cache.batch_rows, length, embed.shape[1], dtype=embed.dtype, device=embed.device)

@@ -3,6 +3,7 @@ parameters, their names and loading/saving stay as they are."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -11,3 +12,12 @@ def retype(module: nn.Module, parent: type, replacement: type, where: str) -> No
     if type(module) not in (parent, replacement):
         raise TypeError(f"expected {parent.__name__} {where}, got {type(module).__name__}")
     module.__class__ = replacement
+
+
+def reads_plain_weights(module: nn.Module, kind: type[nn.Module]) -> bool:
+    """Whether `module` is exactly a `kind` whose own parameters are ordinary floating-point tensors, so that a
+    speed-up reading its weights directly computes what its forward would. A LoRA wrapper (whose forward adds the
+    adapter) or quantized weights (torchao's tensor subclasses, bitsandbytes' int8 data) need the module's forward."""
+    return type(module) is kind and all(
+        type(p.data) is torch.Tensor and p.is_floating_point() for p in module.parameters(recurse=False)
+    )

@@ -6,8 +6,10 @@ products (a large part of a streamed frame's vision time: benchmarks/README.md).
 up, their biases) and zero columns (down), the products take the sm90 kernels and compute the same thing:
 the extra gate/up outputs are 0, so `act(gate) * up` is 0 there and adds nothing through `down`.
 
-No weight is copied: the first CUDA inference call re-lays the parameters as views into the padded buffers
-(gate and up stacked, so they also run as one product), the way `DecodeStep` joins projections.
+No weight is copied: `lay_out()` (which the graph builders call before they record anything:
+`speed.weight_layout`), or else the first CUDA inference call, re-lays the parameters as views into the padded
+buffers (gate and up stacked, so they also run as one product), the way `DecodeStep` joins projections. LoRA
+layers and quantized weights are not padded: the module's forward serves them.
 Names, shapes and values of the parameters are unchanged; a state-dict hook saves each as a tensor of its
 own. With gradients enabled (training), or off CUDA, the module runs the parent's forward on its parameters.
 """
@@ -20,7 +22,7 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
 
 from ...modeling.ops.elementwise import silu_glu
-from ..retype import retype
+from ..retype import reads_plain_weights, retype
 from ..shared_storage import save_own_storage
 
 PAD_MULTIPLE = 128
@@ -32,10 +34,21 @@ class InfiniteVLVisionMLP(Qwen2_5_VLMLP):
     config_act: str | None = None  # the config's hidden_act, set by `use_padded_vision_mlp`
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        size = self.gate_proj.out_features
-        if torch.is_grad_enabled() or not hidden_state.is_cuda or size % PAD_MULTIPLE == 0 or self.gate_proj.bias is None:
+        if torch.is_grad_enabled() or not hidden_state.is_cuda or not self.pads():
             return super().forward(hidden_state)  # (on a CPU the padding would only add work)
         return self.padded_forward(hidden_state)
+
+    def pads(self) -> bool:
+        """Whether CUDA inference runs on padded weights: an intermediate size off the multiple, biases, and three
+        plain `nn.Linear` of float weights (LoRA layers and quantized weights keep the parent's forward)."""
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        return (self.gate_proj.out_features % PAD_MULTIPLE != 0 and self.gate_proj.bias is not None
+                and all(reads_plain_weights(m, nn.Linear) for m in projections))
+
+    def lay_out(self) -> None:
+        """Re-lay the parameters into the padded buffers now, not on the first CUDA call (`speed.weight_layout`)."""
+        if self.pads():
+            self._padded()
 
     def padded_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """The MLP over the zero-padded weights (what `forward` runs for CUDA inference)."""

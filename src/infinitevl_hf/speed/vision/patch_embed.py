@@ -13,13 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
 
-from ..retype import retype
+from ..retype import reads_plain_weights, retype
 
 
 class InfiniteVLVisionPatchEmbed(Qwen2_5_VisionPatchEmbed):
     """`Qwen2_5_VisionPatchEmbed` computed as `patches @ weight.flatten(1).T` (same parameter)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not reads_plain_weights(self.proj, nn.Conv3d):  # a LoRA or quantized conv: its own forward
+            return super().forward(hidden_states)
         weight = self.proj.weight
         per_patch = weight[0].numel()
         if hidden_states.numel() % per_patch:
