@@ -93,6 +93,51 @@ def test_fork_then_continue_equals_continuing_the_original():
     assert torch.equal(a, b)
 
 
+def _static(model, tokens: int) -> InfiniteVLCache:
+    cache = _fill(model, tokens)
+    cache.to_static()
+    return cache
+
+
+def test_a_static_fork_holds_its_own_tensors_with_the_same_values():
+    model = tiny_model()
+    cache = _static(model, 13)
+    fork = cache.fork()
+    for a, b in zip(cache._state_tensors(), fork._state_tensors()):
+        assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+        assert torch.equal(a, b)
+
+
+def test_a_static_fork_keeps_one_shared_step_counter():
+    """The ring layers and the cache read one step tensor; the copy (one batched copy of the state) keeps it one."""
+    fork = _static(tiny_model(), 13).fork()
+    rings = [layer for layer in fork.layers if isinstance(layer, InfiniteVLRingAttentionLayer)]
+    assert rings and all(layer.step is fork.device_step for layer in rings)
+
+
+def test_own_buffers_then_continue_equals_continuing_the_original():
+    model = tiny_model()
+    cache, other = _static(model, 13), _static(model, 13)
+    other.own_buffers()
+    nxt = text_ids(1, 1, seed=9)
+    with torch.no_grad():
+        a = model(input_ids=nxt, use_cache=True, **{CACHE_KWARG: cache}).logits
+        b = model(input_ids=nxt, use_cache=True, **{CACHE_KWARG: other}).logits
+    assert torch.equal(a, b)
+
+
+def test_a_fork_of_a_cache_holding_views_keeps_them_views():
+    """Where state tensors share storage, the fork falls back to a plain deepcopy, which keeps views as views."""
+    cache = _static(tiny_model(), 13)
+    ring = next(layer for layer in cache.layers if isinstance(layer, InfiniteVLRingAttentionLayer))
+    both = torch.cat([ring.keys, ring.values])  # keys and values as two halves of one buffer
+    ring.keys, ring.values = both[: ring.keys.shape[0]], both[ring.keys.shape[0]:]
+    fork = cache.fork()
+    forked = next(layer for layer in fork.layers if isinstance(layer, InfiniteVLRingAttentionLayer))
+    assert forked.keys.untyped_storage().data_ptr() == forked.values.untyped_storage().data_ptr()
+    assert forked.keys.untyped_storage().data_ptr() != ring.keys.untyped_storage().data_ptr()
+
+
 def test_reset_empties_the_cache():
     model = tiny_model()
     cache = _fill(model, 10)
