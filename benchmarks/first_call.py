@@ -1,15 +1,28 @@
 """The first `generate()` of a fresh process (a photo + question, 128 new tokens), by phase: model build, the
-call itself (kernel autotuning, compilation, graph capture), and a second call. Run it twice in a row to see
-what the on-disk caches of Triton, inductor and fla's autotuning save a later process.
+call itself (kernel autotuning, compilation, graph capture), and a second and third call. Run it twice in a row to
+see what the on-disk caches of Triton, inductor and fla's autotuning save a later process.
 
-    python benchmarks/first_call.py
+    python benchmarks/first_call.py [--out DIR]
+
+Each call also reports where its time went, from timers put around the library entry points that pay one-time
+costs: Triton's autotuner (benchmarking configs), Triton's JIT compiler, torch.compile (dynamo and inductor), the
+package's two capture functions (prompt and decode step, warm-up runs included), and Python's garbage collector.
+The timers are inclusive and nest (an autotuning run compiles; a capture's warm-up autotunes), so they do not sum
+to the call's time. The second call is also profiled (cProfile, top functions by cumulative time).
 """
 
 from __future__ import annotations
 
+import argparse
+import cProfile
+import functools
+import gc
+import io
 import json
+import pstats
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -19,21 +32,114 @@ from bench import build_infinitevl  # noqa: E402
 from generate_bench import PAGE, bench_processor, case_inputs, use_tokenizer_ids  # noqa: E402
 
 
-def main() -> None:
+class PhaseTimers:
+    """Wall time and calls of wrapped functions, per label; a re-entered label counts its outer call only."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._depth: dict[str, int] = defaultdict(int)
+        self._gc_start = None
+        gc.callbacks.append(self._gc)
+
+    def wrap(self, owner, name: str, label: str) -> bool:
+        original = getattr(owner, name, None)
+        if original is None:
+            return False
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            self._depth[label] += 1
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._depth[label] -= 1
+                if self._depth[label] == 0:
+                    self.seconds[label] += time.perf_counter() - start
+                    self.calls[label] += 1
+
+        setattr(owner, name, timed)
+        return True
+
+    def _gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start is not None:
+            self.seconds[f"gc (generation {info['generation']})"] += time.perf_counter() - self._gc_start
+            self.calls[f"gc (generation {info['generation']})"] += 1
+
+    def take(self) -> dict:
+        """The counts since the last take, rounded, and reset."""
+        report = {label: {"s": round(self.seconds[label], 3), "calls": self.calls[label]} for label in sorted(self.seconds)}
+        self.seconds.clear()
+        self.calls.clear()
+        return report
+
+
+def install_timers() -> PhaseTimers:
+    import triton.runtime.autotuner as autotuner
+    import triton.runtime.jit as jit
+
+    from infinitevl_hf.speed import decode_graphs
+
+    timers = PhaseTimers()
+    timers.wrap(autotuner.Autotuner, "_bench", "triton autotune (config benchmarks)")
+    timers.wrap(autotuner.Autotuner, "check_disk_cache", "triton autotune (disk cache lookups)")
+    timers.wrap(jit.JITFunction, "_do_compile", "triton JIT compile (fla and package kernels)")
+    try:
+        import torch._dynamo.convert_frame as convert_frame
+
+        timers.wrap(convert_frame, "_compile", "torch.compile (dynamo + inductor)")
+        import torch._inductor.compile_fx as compile_fx
+
+        timers.wrap(compile_fx, "compile_fx_inner", "inductor (graph compile)")
+    except ImportError:
+        pass
+    timers.wrap(decode_graphs, "capture_prompt_graph", "capture: prompt (warm-up runs included)")
+    timers.wrap(decode_graphs, "capture_decode_step", "capture: decode step (warm-up + compile included)")
+    return timers
+
+
+def top_functions(profiler: cProfile.Profile, count: int = 40) -> str:
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(count)
+    return stream.getvalue()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=None, help="folder for first_call.json and the second call's profile")
+    args = parser.parse_args(argv)
     started = time.perf_counter()
+    timers = install_timers()
     processor = bench_processor(PAGE[0] * PAGE[1])
     model = build_infinitevl()
     use_tokenizer_ids(model.config, processor.tokenizer)
     torch.cuda.synchronize()
     built = time.perf_counter()
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case_inputs(processor, "photo").items()}
-    times = {"build_s": built - started}
-    for label in ("first_generate_s", "second_generate_s"):
+    report = {"build_s": round(built - started, 3), "build_phases": timers.take()}
+    profile_text = ""
+    for label in ("first", "second", "third"):
+        profiler = cProfile.Profile() if label == "second" else None
         start = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         model.generate(**inputs, max_new_tokens=128, min_new_tokens=128, do_sample=False)
         torch.cuda.synchronize()
-        times[label] = time.perf_counter() - start
-    print(json.dumps(times))
+        if profiler is not None:
+            profiler.disable()
+        key = f"{label}_generate_profiled_s" if profiler is not None else f"{label}_generate_s"
+        report[key] = round(time.perf_counter() - start, 3)
+        report[f"{label}_phases"] = timers.take()
+        if profiler is not None:
+            profile_text = top_functions(profiler)
+    print(json.dumps(report, indent=1))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "first_call.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / "first_call_second_profile.txt").write_text(profile_text)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class _Reasons(logging.Handler):
 
     def emit(self, record):
         message = record.getMessage()
-        if "decodes through the module path" in message:
+        if message.startswith("InfiniteVL generate()"):  # the decode path, when it is not the compiled graph
             self.messages.append(message)
 
 
@@ -78,6 +78,7 @@ def run_one(folder: str, inputs: dict, new_tokens: int, steady: int, reference: 
                                                                    **load).eval()
         result = {"weights_gib": (torch.cuda.memory_allocated() - before) / 2**30}
         result.update(measure(model, inputs, new_tokens, steady))
+        result["decode_path_messages"] = sorted(set(handler.messages))  # the default path's, before disable_compile
         if reference is not None:  # the module path uncaptured, beside what generate() does by default
             result["module_path"] = measure(model, inputs, new_tokens, 1, disable_compile=True)
         with torch.no_grad():
@@ -88,7 +89,6 @@ def run_one(folder: str, inputs: dict, new_tokens: int, steady: int, reference: 
         if reference is not None:
             same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
             result["tokens_equal_to_bf16_before_first_difference"] = same
-        result["decode_path_messages"] = sorted(set(handler.messages))
         del model
         return result
     finally:

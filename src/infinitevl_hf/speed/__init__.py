@@ -12,6 +12,8 @@ and `generation.fast_forward` at the top of `forward` (inside `generate()` only;
 - `frame_graphs`: a whole streamed call (vision tower included) captured as one graph (`StreamingSession`).
 - `decode_step`: the decoder's one-token step as plain tensor functions for `torch.compile`, the one second
   formulation of the layer math (its docstring says why; tests pin it to the modules).
+- `weight_layout`: the weights the speed-ups re-lay (joined projections, padded vision MLPs), settled before any
+  graph records where they are.
 - `vision`: faster equivalents of the vision tower's modules.
 """
 

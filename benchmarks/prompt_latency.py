@@ -1,0 +1,76 @@
+"""Time to first token (`generate(max_new_tokens=1)`) of a few prompts, and where the GPU spends it: the median of
+steady calls, then one call under the torch profiler with its kernels sorted by GPU time. Point PYTHONPATH at two
+checkouts of the package and run it on the same machine to compare them.
+
+    python benchmarks/prompt_latency.py --cases page text_1k --out DIR --name NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import build_infinitevl, environment, log, timed  # noqa: E402
+from generate_bench import PAGE, bench_processor, case_inputs, use_tokenizer_ids  # noqa: E402
+
+
+def kernel_table(prof, rows: int = 25) -> tuple[str, float]:
+    """The profiler's table sorted by GPU time, and the GPU time of all kernels in ms."""
+    events = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            table = events.table(sort_by=key, row_limit=rows, max_name_column_width=90)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    total_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    return table, total_us / 1e3
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", nargs="+", default=["page", "text_1k"])
+    parser.add_argument("--steady", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="prompt_latency")
+    args = parser.parse_args(argv)
+    import infinitevl_hf
+
+    processor = bench_processor(PAGE[0] * PAGE[1])
+    model = build_infinitevl()
+    use_tokenizer_ids(model.config, processor.tokenizer)
+    results = {"environment": environment(), "package": str(Path(infinitevl_hf.__file__).parent), "cases": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    tables = []
+    for case in args.cases:
+        inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case_inputs(processor, case).items()}
+
+        def first_token():
+            return model.generate(**inputs, max_new_tokens=1, do_sample=False)
+
+        with torch.no_grad():
+            first = timed(first_token)
+            timed(first_token)
+            runs = [timed(first_token) for _ in range(args.steady)]
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                first_token()
+                torch.cuda.synchronize()
+        table, gpu_ms = kernel_table(prof)
+        results["cases"][case] = {"first_s": first, "ttft_s": statistics.median(runs), "runs_s": runs,
+                                  "gpu_kernel_ms": gpu_ms, "prompt_tokens": int(inputs["input_ids"].shape[1])}
+        log(case, json.dumps(results["cases"][case]))
+        tables.append(f"## {case}: TTFT {1e3 * statistics.median(runs):.1f} ms, kernels {gpu_ms:.1f} ms\n\n{table}\n")
+        (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / f"{args.name}_kernels.txt").write_text("\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
