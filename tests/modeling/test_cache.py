@@ -103,6 +103,7 @@ def test_a_static_fork_holds_its_own_tensors_with_the_same_values():
     model = tiny_model()
     cache = _static(model, 13)
     fork = cache.fork()
+    assert len(cache._state_tensors()) == len(fork._state_tensors())
     for a, b in zip(cache._state_tensors(), fork._state_tensors()):
         assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
         assert torch.equal(a, b)
@@ -115,6 +116,19 @@ def test_a_static_fork_keeps_one_shared_step_counter():
     assert rings and all(layer.step is fork.device_step for layer in rings)
 
 
+def test_own_buffers_leaves_the_cache_it_shared_with_untouched():
+    model = tiny_model()
+    holder, cache = _static(model, 13), _static(model, 13)
+    cache.share_buffers_of(holder)  # the two are one memory now (as a cache and the graphs' buffers)
+    cache.own_buffers()
+    before = [t.clone() for t in holder._state_tensors()]
+    assert all(a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+               for a, b in zip(cache._state_tensors(), holder._state_tensors()))
+    with torch.no_grad():
+        model(input_ids=text_ids(1, 1, seed=9), use_cache=True, **{CACHE_KWARG: cache})
+    assert all(torch.equal(a, b) for a, b in zip(before, holder._state_tensors()))
+
+
 def test_own_buffers_then_continue_equals_continuing_the_original():
     model = tiny_model()
     cache, other = _static(model, 13), _static(model, 13)
@@ -124,6 +138,15 @@ def test_own_buffers_then_continue_equals_continuing_the_original():
         a = model(input_ids=nxt, use_cache=True, **{CACHE_KWARG: cache}).logits
         b = model(input_ids=nxt, use_cache=True, **{CACHE_KWARG: other}).logits
     assert torch.equal(a, b)
+
+
+def test_a_fork_of_a_cache_holding_tensors_that_require_grad_is_a_plain_deepcopy():
+    """Such a fork keeps leaves as leaves (a batched copy under autograd would record a graph instead)."""
+    cache = _static(tiny_model(), 13)
+    ring = next(layer for layer in cache.layers if isinstance(layer, InfiniteVLRingAttentionLayer))
+    ring.keys = ring.keys.detach().requires_grad_()
+    forked = next(layer for layer in cache.fork().layers if isinstance(layer, InfiniteVLRingAttentionLayer))
+    assert forked.keys.requires_grad and forked.keys.is_leaf
 
 
 def test_a_fork_of_a_cache_holding_views_keeps_them_views():

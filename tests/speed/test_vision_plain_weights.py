@@ -49,13 +49,40 @@ def test_a_lora_vision_mlp_does_not_pad():
     assert isinstance(mlp, InfiniteVLVisionMLP) and not mlp.pads()
 
 
-@pytest.mark.parametrize("kind", ["lora", "plain"])
+def test_a_laid_out_vision_mlp_lets_go_of_its_padded_buffers_once_quantized():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    visual = _vision()
+    mlp = visual.blocks[0].mlp
+    mlp.lay_out()
+    assert mlp._padded_layout is not None
+    quantize_(visual, Int8WeightOnlyConfig(version=2))
+    mlp.lay_out()
+    assert getattr(mlp, "_padded_layout", None) is None
+
+
+def test_a_vision_mlp_with_a_hooked_projection_does_not_pad():
+    mlp = _vision().blocks[0].mlp
+    mlp.up_proj.register_forward_hook(lambda module, args, out: out + 1)
+    assert not mlp.pads()
+
+
+def test_offloaded_weights_are_not_read_directly():
+    from infinitevl_hf.speed.retype import reads_plain_weights
+
+    assert reads_plain_weights(torch.nn.Linear(2, 2), torch.nn.Linear)
+    assert not reads_plain_weights(torch.nn.Linear(2, 2, device="meta"), torch.nn.Linear)
+
+
+@pytest.mark.parametrize("kind", ["lora", "hook", "plain"])
 def test_the_patch_embedding_gives_what_its_conv_gives(kind):
     from peft import LoraConfig, inject_adapter_in_model
 
     visual = _vision()
     if kind == "lora":
         inject_adapter_in_model(LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False), visual.patch_embed)
+    if kind == "hook":
+        visual.patch_embed.proj.register_forward_hook(lambda module, args, out: out + 1)
     embed = visual.patch_embed
     pixels = torch.randn(8, embed.in_channels * embed.temporal_patch_size * embed.patch_size**2)
     with torch.no_grad():

@@ -470,18 +470,23 @@ def _layer_tensors(layer) -> list[torch.Tensor]:
 def _deepcopy_state(obj, tensors: list[torch.Tensor]):
     """`copy.deepcopy(obj)`, with `tensors` (the state tensors inside it) cloned by one batched copy rather than one
     deepcopy each: copying a cache's ~150 state tensors one by one cost milliseconds of host time at the end of every
-    `generate()` call. Only where each tensor is its whole storage (so no other tensor can be a view into it); else
-    plain deepcopy, which keeps views as views."""
+    `generate()` call. Only where each tensor is its whole storage (so no other tensor can be a view into it) and
+    none is part of an autograd graph; else plain deepcopy, which keeps views as views (and refuses graph tensors)."""
     unique = list({id(t): t for t in tensors}.values())
     storages = {t.untyped_storage().data_ptr() for t in unique}
     if len(storages) != len(unique) or any(
         not t.is_contiguous() or t.storage_offset() or t.untyped_storage().nbytes() != t.numel() * t.element_size()
-        or type(t) is not torch.Tensor for t in unique
+        or type(t) is not torch.Tensor or t.requires_grad for t in unique
     ):
         return copy.deepcopy(obj)
     clones = [torch.empty_like(t) for t in unique]
-    if clones:
-        torch._foreach_copy_(clones, unique)
+    groups: dict[tuple, tuple[list, list]] = {}  # one copy kernel per (device, dtype): foreach needs them alike
+    for t, clone in zip(unique, clones):
+        sources, targets = groups.setdefault((t.device, t.dtype), ([], []))
+        sources.append(t)
+        targets.append(clone)
+    for sources, targets in groups.values():
+        torch._foreach_copy_(targets, sources)
     return copy.deepcopy(obj, {id(t): clone for t, clone in zip(unique, clones)})
 
 

@@ -15,9 +15,11 @@ def retype(module: nn.Module, parent: type, replacement: type, where: str) -> No
 
 
 def reads_plain_weights(module: nn.Module, kind: type[nn.Module]) -> bool:
-    """Whether `module` is exactly a `kind` whose own parameters are ordinary floating-point tensors, so that a
-    speed-up reading its weights directly computes what its forward would. A LoRA wrapper (whose forward adds the
-    adapter) or quantized weights (torchao's tensor subclasses, bitsandbytes' int8 data) need the module's forward."""
-    return type(module) is kind and all(
-        type(p.data) is torch.Tensor and p.is_floating_point() for p in module.parameters(recurse=False)
-    )
+    """Whether `module` is exactly a `kind` without hooks whose own parameters are ordinary floating-point tensors
+    holding data, so that a speed-up reading its weights directly computes what its forward would. A LoRA wrapper
+    (whose forward adds the adapter), quantized weights (torchao's tensor subclasses, bitsandbytes' int8 data),
+    forward hooks and offloaded (meta) weights need the module's own forward."""
+    if type(module) is not kind or module._forward_hooks or module._forward_pre_hooks or "_hf_hook" in vars(module):
+        return False
+    return all(type(p.data) is torch.Tensor and p.is_floating_point() and not p.is_meta
+               for p in module.parameters(recurse=False))

@@ -34,8 +34,11 @@ class InfiniteVLVisionMLP(Qwen2_5_VLMLP):
     config_act: str | None = None  # the config's hidden_act, set by `use_padded_vision_mlp`
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or not hidden_state.is_cuda or not self.pads():
+        if torch.is_grad_enabled() or not hidden_state.is_cuda:
             return super().forward(hidden_state)  # (on a CPU the padding would only add work)
+        if not self.pads():
+            self.lay_out()  # (drops padded buffers that went stale)
+            return super().forward(hidden_state)
         return self.padded_forward(hidden_state)
 
     def pads(self) -> bool:
@@ -46,9 +49,12 @@ class InfiniteVLVisionMLP(Qwen2_5_VLMLP):
                 and all(reads_plain_weights(m, nn.Linear) for m in projections))
 
     def lay_out(self) -> None:
-        """Re-lay the parameters into the padded buffers now, not on the first CUDA call (`speed.weight_layout`)."""
+        """Re-lay the parameters into the padded buffers now, not on the first CUDA call (`speed.weight_layout`);
+        where padding no longer applies (e.g. the weights were quantized since), let go of the old padded buffers."""
         if self.pads():
             self._padded()
+        elif getattr(self, "_padded_layout", None) is not None:
+            del self._padded_layout
 
     def padded_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """The MLP over the zero-padded weights (what `forward` runs for CUDA inference)."""
