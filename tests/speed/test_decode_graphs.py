@@ -419,6 +419,20 @@ def test_the_default_capture_records_the_module_path_for_a_model_the_compiled_st
     assert [kwargs["compile"] for kwargs in built] == [False, True]
 
 
+def test_the_weight_record_lists_every_parameter_in_order():
+    from infinitevl_hf.speed.decode_graphs import _weight_addresses
+
+    model = _lora(reference_model())
+    assert _weight_addresses(model) == tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+
+
+def test_the_module_walk_gives_named_modules_order():
+    from infinitevl_hf.speed.decode_step import preorder_modules
+
+    model = _lora(reference_model())
+    assert [id(m) for m in preorder_modules(model)] == [id(m) for _, m in model.named_modules()]
+
+
 def test_moved_torchao_weights_are_seen_as_moved():
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 

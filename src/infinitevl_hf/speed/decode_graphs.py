@@ -33,7 +33,11 @@ def _addresses(tensor: torch.Tensor):
 
 
 def _weight_addresses(model) -> tuple:
-    return tuple((_addresses(p), p.dtype) for p in model.parameters())
+    """Where every parameter of the model lives, and its dtype (what the captured graphs depend on)."""
+    from .decode_step import preorder_modules
+
+    params = {id(p): p for module in preorder_modules(model) for p in module._parameters.values() if p is not None}
+    return tuple((_addresses(p), p.dtype) for p in params.values())
 
 
 class GraphSlot:

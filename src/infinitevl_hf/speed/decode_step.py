@@ -17,6 +17,7 @@ The math is the module path's, op for op (`InfiniteVLGatedDeltaNet` with the tor
 from __future__ import annotations
 
 import copy
+import functools
 from typing import NamedTuple
 
 import torch
@@ -128,43 +129,72 @@ def _adjacent(params: tuple[torch.Tensor, ...]) -> bool:
 def decoder_problems(model) -> tuple[str | None, str | None]:
     """(why no decode graph can serve this model, why the compiled step cannot read it beyond that), each None
     when there is none: one pass over the decoder and the head (generate() asks once per call, so the pass is kept
-    cheap: a 4B model has about a thousand modules).
+    cheap: a 4B model has about a thousand modules; names are looked up only for a problem found).
 
     A graph replays fixed kernels on fixed addresses of one device: accelerate's dispatch hooks (device_map,
     offloading), a decoder over several devices and sharded (DTensor) weights are out. Layers other than nn.Linear
     are captured only where their kernels are known to run without host syncs: peft's LoRA layers and torchao's
     quantized weights; others (bitsandbytes' among them) keep the module path."""
     text = model.model.language_model
-    modules = (("", text), *text.named_modules(), ("lm_head", model.lm_head))
-    if any("_hf_hook" in vars(module) for _, module in modules):
+    modules = [*preorder_modules(text), model.lm_head]
+    if any("_hf_hook" in vars(module) for module in modules):
         return "its modules are dispatched by accelerate hooks (device_map / offloading)", None
-    weights = (*text.named_parameters(), ("lm_head.weight", model.lm_head.weight))
-    devices = {p.device for _, p in weights}
+    weights = list({id(p): p for module in modules for p in module._parameters.values() if p is not None}.values())
+    devices = {p.device for p in weights}
     if len(devices) != 1:
         return f"its decoder spans several devices {sorted(map(str, devices))}", None
+    name = functools.partial(_module_name, model)
     compiled = None
-    for name, module in modules:
+    for module in modules:
         kind = type(module)
         if kind is not nn.Linear and isinstance(module, nn.Linear):
             if not _from(module, "peft"):
-                return (f"{name} is a {kind.__name__}, not a plain nn.Linear, whose kernels are not known to run in a "
-                        "CUDA graph"), None
-            compiled = compiled or f"{name} is a {kind.__name__}, not a plain nn.Linear"
+                return (f"{name(module)} is a {kind.__name__}, not a plain nn.Linear, whose kernels are not known to run "
+                        "in a CUDA graph"), None
+            compiled = compiled or f"{name(module)} is a {kind.__name__}, not a plain nn.Linear"
         elif compiled is None and any(child.startswith("lora") for child in module._modules):
-            compiled = f"{name} carries LoRA adapters"
+            compiled = f"{name(module)} carries LoRA adapters"
         elif compiled is None and isinstance(module, InfiniteVLGatedDeltaNet) and not (module.use_short_conv and module.use_gate):
-            compiled = f"{name} is a Gated DeltaNet without short convolutions or output gate (use_short_conv/use_gate)"
-    for name, p in weights:
+            compiled = (f"{name(module)} is a Gated DeltaNet without short convolutions or output gate "
+                        "(use_short_conv/use_gate)")
+    for p in weights:
         kind = type(p)
         if kind is nn.Parameter or kind is torch.Tensor:
             if compiled is None and not p.is_floating_point():
                 compiled = "some decoder weights are not floating point (quantized)"
             continue
         if type(p.data) is not torch.Tensor and not _from(p.data, "torchao"):  # DTensor shards among them
-            return f"{name} is a {type(p.data).__name__} (sharded or quantized), which is not captured", None
+            return f"{_parameter_name(model, p)} is a {type(p.data).__name__} (sharded or quantized), which is not captured", None
         if compiled is None and type(p.data) is not torch.Tensor:  # torchao: reports a float dtype, holds other data
-            compiled = f"{name} is a {type(p.data).__name__} (quantized), whose data the step cannot read"
+            compiled = f"{_parameter_name(model, p)} is a {type(p.data).__name__} (quantized), whose data the step cannot read"
     return None, compiled
+
+
+def preorder_modules(root: nn.Module) -> list[nn.Module]:
+    """`root` and every module below it, in `named_modules()` order, without building names (several times faster
+    on a large tree, which `generate()` walks on every call)."""
+    out, stack, seen = [], [root], set()
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append(module)
+        stack.extend(child for child in reversed(module._modules.values()) if child is not None)
+    return out
+
+
+def _module_name(model, module: nn.Module) -> str:
+    """`module`'s name in the decoder (as the decoder's own `named_modules` gives it), or "lm_head"."""
+    if module is model.lm_head:
+        return "lm_head"
+    return next(name for name, m in model.model.language_model.named_modules() if m is module)
+
+
+def _parameter_name(model, parameter: torch.Tensor) -> str:
+    if parameter is model.lm_head.weight:
+        return "lm_head.weight"
+    return next(name for name, p in model.model.language_model.named_parameters() if p is parameter)
 
 
 def _from(obj, package: str) -> bool:
