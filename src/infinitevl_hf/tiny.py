@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .staged import staged_folder
+from .staged import check_replaceable, staged_folder
 
 # The Qwen2.5-VL special tokens, in the official order (their ids follow the BPE vocabulary here).
 SPECIAL_TOKENS = (
@@ -177,19 +177,22 @@ def tiny_processor(tokenizer=None):
     )
 
 
-def tiny_checkpoint(path: str | os.PathLike, seed: int = 0, **text_overrides) -> Path:
+def tiny_checkpoint(path: str | os.PathLike, seed: int = 0, overwrite: bool = False, **text_overrides) -> Path:
     """Write a tiny random-weight InfiniteVL checkpoint folder at `path` and return it.
 
     The folder holds `config.json`, `generation_config.json`, `model.safetensors` and the processor
     files (tokenizer, chat template, image/video processor configs). `seed` fixes the weights;
     `text_overrides` change text-config fields (e.g. `sliding_window=8`). An existing non-empty
-    folder is refused; the folder appears whole or not at all.
+    folder is refused, unless `overwrite=True` and this package wrote it (a tiny checkpoint written before, so
+    that a script making one runs twice); the folder appears whole or not at all.
     """
     from .modeling import InfiniteVLForConditionalGeneration
 
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"Refusing to write the tiny checkpoint into {path}: it exists and is not an empty folder.")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"Refusing to write the tiny checkpoint into {path}: it exists and is not an empty folder "
+                              "(overwrite=True replaces one this package wrote).")
+    check_replaceable(path.expanduser().absolute(), overwrite, what="Tiny checkpoint folder", flag="overwrite=True")
     processor = tiny_processor()
     config = tiny_config(processor.tokenizer, **text_overrides)
     state = torch.random.get_rng_state()
@@ -200,7 +203,8 @@ def tiny_checkpoint(path: str | os.PathLike, seed: int = 0, **text_overrides) ->
         torch.random.set_rng_state(state)
     model.generation_config.pad_token_id = config.pad_token_id
     model.generation_config.eos_token_id = config.eos_token_id
-    with staged_folder(path, kind="tiny-checkpoint") as staging:
+    with staged_folder(path, overwrite=overwrite, kind="tiny-checkpoint", what="Tiny checkpoint folder",
+                       flag="overwrite=True") as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
     return path

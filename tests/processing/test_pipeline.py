@@ -71,6 +71,21 @@ def test_tiny_checkpoint_refuses_a_folder_that_is_not_empty(seeded):
         tiny_checkpoint(path)
 
 
+def test_tiny_checkpoint_replaces_its_own_folder_when_asked(tmp_path):
+    path = tiny_checkpoint(tmp_path / "tiny", seed=1)
+    again = tiny_checkpoint(path, seed=2, overwrite=True)  # a script making one, run twice
+    assert (again / "config.json").is_file() and not any(p.name.startswith(".tiny.") for p in tmp_path.iterdir())
+
+
+def test_tiny_checkpoint_never_replaces_a_folder_it_did_not_write(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a folder infinitevl-hf wrote"):
+        tiny_checkpoint(folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
 def test_demo_image_is_small():
     path = asset_path("demo.png")
     assert path.stat().st_size < 50_000
