@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .staged import check_replaceable, staged_folder
+from .staged import staged_folder
 
 # The Qwen2.5-VL special tokens, in the official order (their ids follow the BPE vocabulary here).
 SPECIAL_TOKENS = (
@@ -189,22 +189,19 @@ def tiny_checkpoint(path: str | os.PathLike, seed: int = 0, overwrite: bool = Fa
     from .modeling import InfiniteVLForConditionalGeneration
 
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"Refusing to write the tiny checkpoint into {path}: it exists and is not an empty folder "
-                              "(overwrite=True replaces one this package wrote).")
-    check_replaceable(path.expanduser().absolute(), overwrite, what="Tiny checkpoint folder", flag="overwrite=True")
-    processor = tiny_processor()
-    config = tiny_config(processor.tokenizer, **text_overrides)
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = InfiniteVLForConditionalGeneration(config).eval()
-    finally:
-        torch.random.set_rng_state(state)
-    model.generation_config.pad_token_id = config.pad_token_id
-    model.generation_config.eos_token_id = config.eos_token_id
+    # staged_folder refuses the folder (before anything is built) unless it is empty or, with overwrite, ours
     with staged_folder(path, overwrite=overwrite, kind="tiny-checkpoint", what="Tiny checkpoint folder",
                        flag="overwrite=True") as staging:
+        processor = tiny_processor()
+        config = tiny_config(processor.tokenizer, **text_overrides)
+        state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            model = InfiniteVLForConditionalGeneration(config).eval()
+        finally:
+            torch.random.set_rng_state(state)
+        model.generation_config.pad_token_id = config.pad_token_id
+        model.generation_config.eos_token_id = config.eos_token_id
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
     return path

@@ -67,7 +67,7 @@ def test_tiny_checkpoint_same_seed_round_trips_to_the_same_weights(seeded, tmp_p
 
 def test_tiny_checkpoint_refuses_a_folder_that_is_not_empty(seeded):
     path, _, _, _ = seeded
-    with pytest.raises(FileExistsError, match="not an empty folder"):
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
         tiny_checkpoint(path)
 
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from .decode_step import preorder_modules
 from .prompt_graphs import PromptShape, PromptStep, prepare_prompt, prompt_bucket
 
 
@@ -34,8 +35,6 @@ def _addresses(tensor: torch.Tensor):
 
 def _weight_addresses(model) -> tuple:
     """Where every parameter of the model lives, and its dtype (what the captured graphs depend on)."""
-    from .decode_step import preorder_modules
-
     params = {id(p): p for module in preorder_modules(model) for p in module._parameters.values() if p is not None}
     return tuple((_addresses(p), p.dtype) for p in params.values())
 

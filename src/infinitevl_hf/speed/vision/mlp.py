@@ -37,7 +37,7 @@ class InfiniteVLVisionMLP(Qwen2_5_VLMLP):
         if torch.is_grad_enabled() or not hidden_state.is_cuda:
             return super().forward(hidden_state)  # (on a CPU the padding would only add work)
         if not self.pads():
-            self.lay_out()  # (drops padded buffers that went stale)
+            self.__dict__.pop("_padded_layout", None)  # padded buffers gone stale (e.g. quantized since)
             return super().forward(hidden_state)
         return self.padded_forward(hidden_state)
 
@@ -53,8 +53,8 @@ class InfiniteVLVisionMLP(Qwen2_5_VLMLP):
         where padding no longer applies (e.g. the weights were quantized since), let go of the old padded buffers."""
         if self.pads():
             self._padded()
-        elif getattr(self, "_padded_layout", None) is not None:
-            del self._padded_layout
+        else:
+            self.__dict__.pop("_padded_layout", None)
 
     def padded_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """The MLP over the zero-padded weights (what `forward` runs for CUDA inference)."""
