@@ -147,14 +147,6 @@ def check_session(meta: dict, tensors: dict) -> None:
     refuse_extra({name for name in tensors if name.startswith(PENDING)}, expected)
 
 
-def check_state(config, meta: dict, tensors: dict) -> None:
-    """Check a saved state against the model `config` before anything uses it: the session's settings and waiting
-    frames (`check_session`) and the cache (`InfiniteVLCache.check_state_dict`: every counter, every tensor's
-    presence, shape, dtype and values, and nothing extra). Raises `ValueError` naming the field."""
-    check_session(meta, tensors)
-    InfiniteVLCache.check_state_dict(config, cache_state(meta, tensors))
-
-
 # -- reading and writing ----------------------------------------------------------------------------------------
 def _manifest(path: Path) -> dict:
     meta = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
@@ -172,7 +164,7 @@ def tensor_file(meta: dict) -> str:
 
 
 def read_state(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(manifest, tensors) of the state folder `path`; format and version checked (the rest: `check_state`)."""
+    """(manifest, tensors) of the state folder `path`; format and version checked (the rest: `load_session_state`)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -285,5 +277,5 @@ def load_session_state(path: str | os.PathLike, config, device=None, dtype: torc
 
 
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "STATE_JSON", "MAX_FRAME_PIXELS", "config_fingerprint", "cache_state",
-           "check_session", "check_state", "check_settings", "check_save_target", "read_state", "write_state",
+           "check_session", "check_settings", "check_save_target", "read_state", "write_state",
            "save_session_state", "load_session_state"]

@@ -20,7 +20,7 @@ def check_count(value, field: str, low: int = 0, high: int = MAX_COUNT) -> int:
     return value
 
 
-def check_tensor(tensors: dict, name: str, shape: tuple, dtypes: tuple, finite: bool = True) -> torch.Tensor:
+def check_tensor(tensors: dict, name: str, shape: tuple, dtypes: tuple) -> torch.Tensor:
     """`tensors[name]`, present, of one of `dtypes`, of `shape` (None: any size) and, for floats, finite."""
     if name not in tensors:
         raise ValueError(f"The saved state lacks tensor {name!r}.")
@@ -32,7 +32,7 @@ def check_tensor(tensors: dict, name: str, shape: tuple, dtypes: tuple, finite: 
     if tensor.dim() != len(shape) or any(want is not None and got != want for got, want in zip(tensor.shape, shape)):
         want = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
         raise ValueError(f"The saved state's tensor {name!r} has shape {list(tensor.shape)}, expected {want}.")
-    if finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         raise ValueError(f"The saved state's tensor {name!r} holds NaN or inf.")
     return tensor
 

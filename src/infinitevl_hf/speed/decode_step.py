@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.ops.elementwise import rotate_half
+from ..modeling.ops.elementwise import torch_apply_rotary
 from ..modeling.cache import InfiniteVLCache, InfiniteVLLinearAttentionLayer, InfiniteVLRingAttentionLayer
 from ..modeling.gated_deltanet import InfiniteVLGatedDeltaNet
 from ..modeling.ops.decode_attention import decode_attention
@@ -100,8 +100,7 @@ def attention_layer_step(
     kv = kv_heads * head_dim
     qkv = rms_norm_matvec(hidden, norm_w, eps, in_w, in_b, fast=fast)
     q, k, v = (t.reshape(batch, -1, 1, head_dim) for t in qkv.split((qkv.shape[-1] - 2 * kv, kv, kv), dim=-1))
-    cos, sin = cos[:, None, None], sin[:, None, None]  # [B, 1, 1, D]
-    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    q, k = torch_apply_rotary(q, k, cos[:, None], sin[:, None])  # cos, sin [B, D] -> [B, T=1, D]
     slot = step % keys.shape[2]
     keys.index_copy_(2, slot, k)
     values.index_copy_(2, slot, v)

@@ -92,17 +92,10 @@ class Op:
         self._decisions: dict = {}
         functools.update_wrapper(self, reference)
 
-    @property
-    def reference(self) -> Callable:
-        return self.implementations[-1].fn
-
     def register(self, name: str, fn: Callable, fits: FitCheck) -> None:
         """Add `fn` after the implementations registered before it, ahead of the reference."""
         self.implementations.insert(len(self.implementations) - 1, Implementation(name, fn, fits))
         self._decisions.clear()
-
-    def implementation(self, name: str) -> Implementation:
-        return next(impl for impl in self.implementations if impl.name == name)
 
     def decide(self, *args, reference: bool = False, **kwargs) -> tuple[Implementation, str | None]:
         """The implementation for this call and the reason the preferred one was skipped (None: it fits)."""
@@ -204,8 +197,7 @@ def register_fla_loader(op_name: str, loader: Callable[[], tuple[object | None, 
 
 def fla_problem(op_name: str, *tensors) -> str | None:
     """Why fla's kernel of `op_name` cannot serve a call on `tensors` (None ignored), or None."""
-    present = [t for t in tensors if t is not None]
-    not_cuda = not_all_cuda(*present)
+    not_cuda = not_all_cuda(*tensors)
     if not_cuda is not None:
         return not_cuda
     if fla_disabled():
@@ -216,6 +208,7 @@ def fla_problem(op_name: str, *tensors) -> str | None:
     kernels, reason = loader()
     if kernels is None:
         return f"fla is unavailable ({reason})"
+    present = [t for t in tensors if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return fla_backward_problem(present[0].device)
     return None
