@@ -479,6 +479,22 @@ def test_a_module_capture_that_fails_is_not_tried_again(failing_lora_model, monk
     assert isinstance(plan, speed_plan.DecodePlan) and plan.path == "static" and "failed" in plan.reason
 
 
+class _FailingReplay:
+    def __init__(self, model, cache):
+        pass
+
+    def step(self, input_ids):
+        raise RuntimeError("an error while replaying")
+
+
+def test_an_error_in_a_replay_is_raised_not_taken_for_a_failed_capture(lora_graph_model):
+    """Only a capture that failed (nothing ran) may fall back: a replay has moved the state on."""
+    lora_graph_model.__dict__["_decode_graphs"] = DecodeGraphs(capture_decode=_FailingReplay, capture_prompt=eager_prompt)
+    with pytest.raises(RuntimeError, match="while replaying"):
+        _generate(lora_graph_model, input_ids=text_ids(1, 20))
+    assert speed_generation._CAPTURE_FAILED not in lora_graph_model.__dict__
+
+
 def test_a_module_capture_that_fails_says_why(failing_lora_model, caplog):
     import logging
 

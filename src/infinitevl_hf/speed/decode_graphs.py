@@ -39,6 +39,20 @@ def _weight_addresses(model) -> tuple:
     return tuple((_addresses(p), p.dtype) for p in params.values())
 
 
+class CaptureFailed(RuntimeError):
+    """A graph could not be captured (its `__cause__` says why). Only the capture is covered, not a replay: a
+    failed capture ran nothing, so the call can go on through the module path over the same cache."""
+
+
+def _captured(capture: Callable, *args):
+    try:
+        return capture(*args)
+    except CaptureFailed:
+        raise
+    except RuntimeError as error:
+        raise CaptureFailed(str(error)) from error
+
+
 class GraphSlot:
     """The static cache that the graphs of one (rows, dtype, device) read, the graphs, and the cache holding it."""
 
@@ -140,7 +154,7 @@ class DecodeGraphs:
                 slot.bind(cache)
             if slot.decoder is None:
                 seen = slot.cache.seen_tokens
-                slot.decoder = self.capture_decode(model, slot.cache)
+                slot.decoder = _captured(self.capture_decode, model, slot.cache)
                 slot.cache.seen_tokens = seen
                 self.captures += 1
             slot.cache.seen_tokens, slot.cache.padded_through = cache.seen_tokens, cache.padded_through
@@ -173,7 +187,7 @@ class DecodeGraphs:
                 step.load(inputs, pixel_values)
                 # what the captured call depends on from the host: a cache that nothing went through
                 slot.cache.seen_tokens = slot.cache.padded_through = 0
-                entry = slot.prompts[shape] = (step, self.capture_prompt(step, slot.cache))
+                entry = slot.prompts[shape] = (step, _captured(self.capture_prompt, step, slot.cache))
                 self.captures += 1
             step, replay = entry
             step.load(inputs, pixel_values)

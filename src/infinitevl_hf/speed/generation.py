@@ -17,7 +17,7 @@ import torch
 from transformers.utils import logging
 
 from ..modeling.ops.dispatch import triton_available
-from .decode_graphs import decode_graphs_of
+from .decode_graphs import CaptureFailed, decode_graphs_of
 from .plan import DecodePlan, decode_plan
 
 logger = logging.get_logger(__name__)
@@ -119,7 +119,7 @@ def _fast_decode(model, call: _Call, cache, input_ids: torch.LongTensor) -> torc
         return None
     try:
         return decode_graphs_of(model).step(model, cache, input_ids)
-    except RuntimeError as error:
+    except CaptureFailed as error:
         _capture_failed(model, call, error)
         return None
 
@@ -134,18 +134,19 @@ def _fast_prompt(model, call: _Call, cache, input_ids: torch.LongTensor, attenti
     check_vision_inputs(model.config, input_ids, pixel_values, image_grid_thw, None, None)  # as the module path does
     try:
         return decode_graphs_of(model).prompt(model, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
-    except RuntimeError as error:
+    except CaptureFailed as error:
         _capture_failed(model, call, error)
         return None
 
 
-def _capture_failed(model, call: _Call, error: RuntimeError) -> None:
+def _capture_failed(model, call: _Call, error: CaptureFailed) -> None:
     """Layers whose kernels were let into a graph (LoRA, torchao) would not be captured: this model decodes through
     its modules from now on, saying why (the cache is untouched: a failed capture runs nothing). Re-raises for the
     compiled step, whose capture is expected to work."""
+    cause = error.__cause__ or error
     if call.plan.step != "modules":
-        raise error
-    reason = f"capturing its modules in a CUDA graph failed ({type(error).__name__}: {str(error)[:200]})"
+        raise cause
+    reason = f"capturing its modules in a CUDA graph failed ({type(cause).__name__}: {str(cause)[:200]})"
     model.__dict__[_CAPTURE_FAILED] = reason
     call.plan = DecodePlan("static", reason)
     logger.warning_once(f"InfiniteVL generate() decodes through the module path (static cache): {reason}.")
