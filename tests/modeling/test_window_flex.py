@@ -92,3 +92,38 @@ def test_long_chunk_paths_in_the_model_equal_the_dense_mask(monkeypatch, path):
         for got, want in zip(run(static), expected[static]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert taken  # the forced branches ran
+
+
+@pytest.fixture
+def kernels_usable(monkeypatch):
+    """The long-chunk kernels usable, as on CUDA (flex_attention and cuDNN's pieces)."""
+    from infinitevl_hf.modeling import attention_paths
+
+    monkeypatch.setattr(attention_paths, "flex_attention_usable", lambda query: True)
+    monkeypatch.setattr(attention_paths, "cudnn_window_attention_usable", lambda query: True)
+
+
+@pytest.mark.parametrize("token_valid,expected", [(None, "pieces"), (True, "flex")])
+def test_a_long_chunk_takes_its_kernel(kernels_usable, token_valid, expected):
+    from infinitevl_hf.modeling.attention_paths import LONG_CHUNK_TOKENS, long_chunk_path
+
+    query = torch.zeros(1, 2, LONG_CHUNK_TOKENS, 8)
+    valid = None if token_valid is None else torch.ones(1, LONG_CHUNK_TOKENS, dtype=torch.bool)
+    assert long_chunk_path(query, "sdpa", LONG_CHUNK_TOKENS, False, valid) == expected
+
+
+@pytest.mark.parametrize("how", ["prefer_reference", "env"])
+def test_a_long_chunk_takes_the_dense_mask_when_the_reference_is_forced(kernels_usable, monkeypatch, how):
+    """INFINITEVL_TORCH_OPS / prefer_reference() force the torch reference of every op, the long-chunk kernels too."""
+    import contextlib
+
+    from infinitevl_hf.modeling.attention_paths import LONG_CHUNK_TOKENS, long_chunk_path
+    from infinitevl_hf.modeling.ops import dispatch
+
+    if how == "env":
+        monkeypatch.setenv(dispatch.TORCH_OPS_ENV, "1")
+    query = torch.zeros(1, 2, LONG_CHUNK_TOKENS, 8)
+    valid = torch.ones(1, LONG_CHUNK_TOKENS, dtype=torch.bool)
+    with dispatch.prefer_reference() if how == "prefer_reference" else contextlib.nullcontext():
+        assert long_chunk_path(query, "sdpa", LONG_CHUNK_TOKENS, False, None) is None
+        assert long_chunk_path(query, "sdpa", LONG_CHUNK_TOKENS, False, valid) is None

@@ -20,6 +20,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_f
 
 from .cache import AttentionKeys
 from .ops.decode_attention import ring_decode_attention
+from .ops.dispatch import reference_forced
 from .ops.window_attention import cudnn_window_attention_usable, window_attention
 from .ops.window_attention.flex import flex_attention_usable, window_flex_attention
 
@@ -94,10 +95,12 @@ def long_chunk_path(query: torch.Tensor, implementation: str, window: int | None
                     token_valid: torch.Tensor | None) -> str | None:
     """How a chunk of queries over a full window of cached keys skips the keys outside its window on CUDA:
     "pieces" (cuDNN's fused attention on the band's three pieces: it runs at twice flex_attention's rate on
-    Hopper), "flex" (a block mask; also takes padding in the chunk), or None (the dense mask: short chunks,
-    training, other backends, CPU, no window)."""
+    Hopper), "flex" (a block mask; also takes padding in the chunk), or None (the dense mask, the reference: short
+    chunks, training, other backends, CPU, no window, or the torch reference forced)."""
     length = query.shape[2]
     if window is None or length < LONG_CHUNK_TOKENS or implementation != "sdpa" or training:
+        return None
+    if reference_forced() is not None:
         return None
     if token_valid is None and length <= window and cudnn_window_attention_usable(query):
         return "pieces"

@@ -74,6 +74,12 @@ def prefer_reference():
         _reference_scopes -= 1
 
 
+def reference_forced() -> str | None:
+    """Why every op runs its torch reference now (`prefer_reference()` or INFINITEVL_TORCH_OPS), or None; for
+    choices made outside an `Op` (the long-chunk attention path)."""
+    return _forced_reason(False)
+
+
 def _forced_reason(reference: bool) -> str | None:
     if reference or _reference_scopes:
         return "the torch reference was asked for"
