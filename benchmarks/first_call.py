@@ -2,7 +2,10 @@
 call itself (kernel autotuning, compilation, graph capture), and a second and third call. Run it twice in a row to
 see what the on-disk caches of Triton, inductor and fla's autotuning save a later process.
 
-    python benchmarks/first_call.py [--out DIR]
+    python benchmarks/first_call.py [--out DIR] [--name NAME]
+
+With TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR pointed at empty folders it times a machine that never ran the
+model; INFINITEVL_TUNED_KERNELS=0 turns off the recorded autotuning choices (`modeling/ops/tuned`).
 
 Each call also reports where its time went, from timers put around the library entry points that pay one-time
 costs: Triton's autotuner (benchmarking configs), Triton's JIT compiler, torch.compile (dynamo and inductor), the
@@ -110,7 +113,12 @@ def top_functions(profiler: cProfile.Profile, count: int = 40) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None, help="folder for first_call.json and the second call's profile")
+    parser.add_argument("--name", default="first_call", help="stem of the output files")
     args = parser.parse_args(argv)
+    import os
+
+    from infinitevl_hf.modeling.ops import tuned
+
     started = time.perf_counter()
     timers = install_timers()
     processor = bench_processor(PAGE[0] * PAGE[1])
@@ -119,7 +127,10 @@ def main(argv=None) -> None:
     torch.cuda.synchronize()
     built = time.perf_counter()
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case_inputs(processor, "photo").items()}
-    report = {"build_s": round(built - started, 3), "build_phases": timers.take()}
+    report = {"build_s": round(built - started, 3), "build_phases": timers.take(),
+              "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache (default)"),
+              "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+              "recorded_autotuning": tuned.seeding_problem() or "seeded where recorded"}
     profile_text = ""
     for label in ("first", "second", "third"):
         profiler = cProfile.Profile() if label == "second" else None
@@ -132,14 +143,16 @@ def main(argv=None) -> None:
             profiler.disable()
         key = f"{label}_generate_profiled_s" if profiler is not None else f"{label}_generate_s"
         report[key] = round(time.perf_counter() - start, 3)
+        if label == "first":
+            report["autotuning_choices_seeded"] = tuned.seed_for_current_device()
         report[f"{label}_phases"] = timers.take()
         if profiler is not None:
             profile_text = top_functions(profiler)
     print(json.dumps(report, indent=1))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "first_call.json").write_text(json.dumps(report, indent=1) + "\n")
-        (args.out / "first_call_second_profile.txt").write_text(profile_text)
+        (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / f"{args.name}_second_profile.txt").write_text(profile_text)
 
 
 if __name__ == "__main__":

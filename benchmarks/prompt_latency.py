@@ -2,7 +2,9 @@
 steady calls, then one call under the torch profiler with its kernels sorted by GPU time. Point PYTHONPATH at two
 checkouts of the package and run it on the same machine to compare them.
 
-    python benchmarks/prompt_latency.py --cases page text_1k --out DIR --name NAME
+    python benchmarks/prompt_latency.py --cases page text_1k --out DIR --name NAME [--host-profile]
+
+--host-profile also runs one steady call under cProfile and writes where its host time went (NAME_host.txt).
 """
 
 from __future__ import annotations
@@ -33,12 +35,31 @@ def kernel_table(prof, rows: int = 25) -> tuple[str, float]:
     return table, total_us / 1e3
 
 
+def host_profile(call, count: int = 45) -> str:
+    """One call under cProfile (synchronised at the end): its functions by own time, then by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    call()
+    torch.cuda.synchronize()
+    profiler.disable()
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    stats.sort_stats("tottime").print_stats(count)
+    stats.sort_stats("cumulative").print_stats(count)
+    return stream.getvalue()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", nargs="+", default=["page", "text_1k"])
     parser.add_argument("--steady", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="prompt_latency")
+    parser.add_argument("--host-profile", action="store_true", help="cProfile one steady call per case")
     args = parser.parse_args(argv)
     import infinitevl_hf
 
@@ -47,7 +68,7 @@ def main(argv=None) -> None:
     use_tokenizer_ids(model.config, processor.tokenizer)
     results = {"environment": environment(), "package": str(Path(infinitevl_hf.__file__).parent), "cases": {}}
     args.out.mkdir(parents=True, exist_ok=True)
-    tables = []
+    tables, host = [], []
     for case in args.cases:
         inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case_inputs(processor, case).items()}
 
@@ -63,6 +84,8 @@ def main(argv=None) -> None:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 first_token()
                 torch.cuda.synchronize()
+            if args.host_profile:
+                host.append(f"## {case}\n\n{host_profile(first_token)}")
         table, gpu_ms = kernel_table(prof)
         results["cases"][case] = {"first_s": first, "ttft_s": statistics.median(runs), "runs_s": runs,
                                   "gpu_kernel_ms": gpu_ms, "prompt_tokens": int(inputs["input_ids"].shape[1])}
@@ -70,6 +93,8 @@ def main(argv=None) -> None:
         tables.append(f"## {case}: TTFT {1e3 * statistics.median(runs):.1f} ms, kernels {gpu_ms:.1f} ms\n\n{table}\n")
         (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
         (args.out / f"{args.name}_kernels.txt").write_text("\n".join(tables))
+        if host:
+            (args.out / f"{args.name}_host.txt").write_text("\n".join(host))
 
 
 if __name__ == "__main__":

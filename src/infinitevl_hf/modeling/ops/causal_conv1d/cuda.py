@@ -13,6 +13,8 @@ import functools
 
 import torch.nn.functional as F
 
+from ..tuned import seed_for_current_device as seed_tuned_kernels
+
 
 @functools.lru_cache(maxsize=1)
 def load_fla_causal_conv1d():
@@ -23,6 +25,7 @@ def load_fla_causal_conv1d():
         return None, f"cannot import fla: {e}"
     except Exception as e:  # fla can fail oddly at import (Triton/driver probing)
         return None, f"fla failed to import: {type(e).__name__}: {e}"
+    seed_tuned_kernels()  # recorded autotuning choices, before any kernel's first call
     return causal_conv1d, None
 
 

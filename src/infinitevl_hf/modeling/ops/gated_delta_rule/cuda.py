@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 
+from ..tuned import seed_for_current_device as seed_tuned_kernels
+
 
 @functools.lru_cache(maxsize=1)
 def load_fla_gated_delta_rule():
@@ -19,6 +21,7 @@ def load_fla_gated_delta_rule():
         return None, f"cannot import fla: {e}"
     except Exception as e:  # fla can fail oddly at import (Triton/driver probing)
         return None, f"fla failed to import: {type(e).__name__}: {e}"
+    seed_tuned_kernels()  # recorded autotuning choices, before any kernel's first call
     return {"chunk": chunk_gated_delta_rule, "fused_recurrent": fused_recurrent_gated_delta_rule}, None
 
 

@@ -1,0 +1,180 @@
+"""Autotuning choices of fla's Triton kernels recorded on known GPUs, so that a machine that never ran the model
+skips the autotuning.
+
+fla's prompt kernels autotune on their first call for each (kernel, tuning key): on an H200 with an empty Triton
+cache that took 80 s of a 108 s first `generate()` (91 candidate configs, each compiled and timed). Triton keeps
+the winners on disk, so only the first process of a machine pays, but a fresh container pays it again.
+`benchmarks/record_tuned_kernels.py` records the winners after a warm-up on one GPU into ``<gpu name>.json``
+here; `seed_autotuners()` gives them back to each kernel's autotuner before its first call, as Triton's own disk
+cache would in a later process.
+
+A recorded choice is used only where the GPU name, the fla version and the Triton version all match the
+recording, for the exact tuning key it was recorded under, and only when it is one of the kernel's own candidate
+configs (the autotuner would have picked among them). Anything else autotunes as before. ``INFINITEVL_TUNED_KERNELS=0``
+turns seeding off; so does fla's own config cache (``FLA_CACHE_MODE``), which then decides.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+TUNED_DIR = Path(__file__).parent
+SWITCH_ENV = "INFINITEVL_TUNED_KERNELS"
+FORMAT = 1
+
+
+def recording_path(gpu_name: str, directory: Path | None = None) -> Path:
+    """Where the choices recorded on `gpu_name` live: ``nvidia_h200.json`` for "NVIDIA H200" (in this folder)."""
+    return (TUNED_DIR if directory is None else Path(directory)) / (re.sub(r"[^0-9a-z]+", "_", gpu_name.lower()).strip("_") + ".json")
+
+
+def _autotuner_in(obj):
+    """The Triton autotuner inside a module attribute (a kernel may sit under `triton.heuristics`), or None."""
+    from triton.runtime.autotuner import Autotuner
+
+    for _ in range(4):
+        if isinstance(obj, Autotuner):
+            return obj
+        obj = getattr(obj, "fn", None)
+        if obj is None:
+            return None
+    return None
+
+
+def _kernel_name(autotuner) -> str:
+    """``module:function`` of the Triton function an autotuner tunes (stable across processes)."""
+    fn = autotuner.base_fn if hasattr(autotuner, "base_fn") else autotuner.fn
+    return f"{fn.__module__}:{fn.__name__}"
+
+
+def autotuners(prefix: str = "fla.") -> dict[str, object]:
+    """Every autotuner in the imported modules under `prefix`, by ``module:function``."""
+    found = {}
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not module_name.startswith(prefix):
+            continue
+        for value in list(vars(module).values()):
+            autotuner = _autotuner_in(value)
+            if autotuner is not None:
+                found.setdefault(_kernel_name(autotuner), autotuner)
+    return found
+
+
+def _config_record(config) -> dict:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "num_ctas": getattr(config, "num_ctas", 1), "maxnreg": getattr(config, "maxnreg", None)}
+
+
+def _versions() -> tuple[str, str]:
+    import triton
+
+    try:
+        import fla
+
+        fla_version = fla.__version__
+    except ImportError:
+        fla_version = "none"
+    return fla_version, triton.__version__
+
+
+def record(gpu_name: str, path: Path | None = None, prefix: str = "fla.") -> Path:
+    """Write every choice the autotuners under `prefix` hold now (after a warm-up) to `path` (default: this
+    package's file for `gpu_name`), atomically. Returns the path."""
+    fla_version, triton_version = _versions()
+    kernels = {}
+    for name, autotuner in sorted(autotuners(prefix).items()):
+        entries = [{"key": list(key), "config": _config_record(config)}
+                   for key, config in autotuner.cache.items() if getattr(config, "pre_hook", None) is None]
+        if entries:
+            kernels[name] = sorted(entries, key=lambda entry: json.dumps(entry["key"]))
+    path = Path(path) if path is not None else recording_path(gpu_name)
+    body = {"format": FORMAT, "gpu": gpu_name, "fla": fla_version, "triton": triton_version, "kernels": kernels}
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+    os.replace(staging, path)
+    return path
+
+
+def _matching_config(autotuner, wanted: dict):
+    """The autotuner's own candidate equal to the recorded config, or None."""
+    for config in autotuner.configs:
+        if _config_record(config) == wanted:
+            return config
+    return None
+
+
+def seed(recording: dict, gpu_name: str) -> tuple[int, str | None]:
+    """Hand the choices of `recording` to the autotuners of the modules it names: (choices seeded, why none was
+    seeded or None). A key an autotuner already holds is left as it is."""
+    fla_version, triton_version = _versions()
+    wanted = (recording.get("format"), recording.get("gpu"), recording.get("fla"), recording.get("triton"))
+    if wanted != (FORMAT, gpu_name, fla_version, triton_version):
+        return 0, (f"recorded for {wanted[1]} with fla {wanted[2]} and Triton {wanted[3]}; this is {gpu_name} with "
+                   f"fla {fla_version} and Triton {triton_version}")
+    seeded = 0
+    for name, entries in recording.get("kernels", {}).items():
+        module_name, _, function = name.partition(":")
+        try:
+            autotuner = _autotuner_in(getattr(importlib.import_module(module_name), function, None))
+        except Exception:  # a module this fla does not have: nothing to seed
+            continue
+        if autotuner is None or _kernel_name(autotuner) != name:
+            continue
+        for entry in entries:
+            key, config = tuple(entry["key"]), _matching_config(autotuner, entry["config"])
+            if config is not None and key not in autotuner.cache:
+                autotuner.cache[key] = config
+                seeded += 1
+    return seeded, None
+
+
+def seeding_problem() -> str | None:
+    """Why recorded choices are not seeded in this process, or None."""
+    if os.environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"{SWITCH_ENV} is off"
+    if os.environ.get("FLA_CACHE_MODE", "disabled").strip().lower() != "disabled":
+        return "FLA_CACHE_MODE is set (fla's own config cache decides)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def seed_autotuners(gpu_name: str) -> int:
+    """Seed fla's autotuners once per process and GPU name with what was recorded there; the count seeded.
+    Called by the fla kernel loaders; says (once, at info level) what it did."""
+    problem = seeding_problem()
+    path = recording_path(gpu_name)
+    if problem is None and not path.is_file():
+        problem = f"nothing was recorded on {gpu_name}"
+    if problem is None:
+        try:
+            count, problem = seed(json.loads(path.read_text()), gpu_name)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            count, problem = 0, f"{path.name} is unreadable ({type(error).__name__}: {error})"
+    if problem is not None:
+        logger.info(f"fla kernels autotune on first use: {problem}.")
+        return 0
+    logger.info(f"fla kernels: {count} autotuning choices recorded on {gpu_name} seeded from {path.name}.")
+    return count
+
+
+def seed_for_current_device() -> int:
+    """`seed_autotuners` for the current CUDA device (0 where CUDA or Triton is absent)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return 0
+    return seed_autotuners(torch.cuda.get_device_name())
