@@ -282,6 +282,28 @@ def test_the_cache_generate_returns_holds_its_own_memory(graph_model):
     assert cache.buffer_addresses() != next(iter(graphs.slots.values())).cache.buffer_addresses()
 
 
+@pytest.mark.parametrize("returned", ["plain", "return_dict", "cache_passed_in"])
+def test_only_a_cache_the_caller_can_reach_gets_its_own_copy(graph_model, monkeypatch, returned):
+    """Copying the slot's buffers out costs host time at the end of every call: a cache that generate() made for
+    itself and does not return is let go instead; one passed in or returned keeps a copy of its own."""
+    copies = []
+    own_buffers = InfiniteVLCache.own_buffers
+    monkeypatch.setattr(InfiniteVLCache, "own_buffers", lambda cache: copies.append(cache) or own_buffers(cache))
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    given = InfiniteVLCache(graph_model.config) if returned == "cache_passed_in" else None
+    if given is not None:
+        kwargs[CACHE_KWARG] = given
+    out = graph_model.generate(input_ids=text_ids(1, 20), return_dict_in_generate=returned == "return_dict", **kwargs)
+    slot = next(iter(decode_graphs_of(graph_model).slots.values()))
+    assert decode_graphs_of(graph_model).replays == 3
+    if returned == "plain":
+        assert copies == [] and slot.owner is None
+    else:
+        cache = given if given is not None else (out[CACHE_KWARG] if CACHE_KWARG in out else out.past_key_values)
+        assert copies == [cache] and not slot.holds(cache)
+        assert cache.buffer_addresses() != slot.cache.buffer_addresses()
+
+
 def test_a_first_capture_leaves_the_weights_where_later_calls_find_them(graph_model):
     """The joined step lays the weights out once, before anything is recorded: the second call captures nothing."""
     graph_model.warmup(batch_sizes=(1,), prompt_tokens=30)
@@ -431,6 +453,9 @@ def test_the_module_walk_gives_named_modules_order():
 
     model = _lora(reference_model())
     assert [id(m) for m in preorder_modules(model)] == [id(m) for _, m in model.named_modules()]
+    decoder = model.model.language_model  # a subtree walked already is spliced in, in the same order
+    spliced = preorder_modules(model, {id(decoder): preorder_modules(decoder)})
+    assert [id(m) for m in spliced] == [id(m) for _, m in model.named_modules()]
 
 
 def test_moved_torchao_weights_are_seen_as_moved():

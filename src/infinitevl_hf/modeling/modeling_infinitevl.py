@@ -737,7 +737,7 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         if made is not None and made is not given and not isinstance(made, InfiniteVLCache):
             made = model_kwargs[CACHE_KWARG] = InfiniteVLCache(self.config)
         if isinstance(made, InfiniteVLCache):
-            plan_generation(self, generation_config, made, self.lm_head.weight.device)
+            plan_generation(self, generation_config, made, self.lm_head.weight.device, cache_given=made is given)
 
     def prepare_inputs_for_generation(
         self,

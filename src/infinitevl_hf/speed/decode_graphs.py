@@ -33,9 +33,11 @@ def _addresses(tensor: torch.Tensor):
     return tuple(_addresses(getattr(tensor, name)) for name in names)
 
 
-def _weight_addresses(model) -> tuple:
-    """Where every parameter of the model lives, and its dtype (what the captured graphs depend on)."""
-    params = {id(p): p for module in preorder_modules(model) for p in module._parameters.values() if p is not None}
+def _weight_addresses(model, modules: list[torch.nn.Module] | None = None) -> tuple:
+    """Where every parameter of the model lives, and its dtype (what the captured graphs depend on). `modules`: the
+    model's walk (`preorder_modules(model)`), when the caller has it."""
+    modules = preorder_modules(model) if modules is None else modules
+    params = {id(p): p for module in modules for p in module._parameters.values() if p is not None}
     return tuple((_addresses(p), p.dtype) for p in params.values())
 
 
@@ -63,14 +65,16 @@ class GraphSlot:
         lay_out_weights(model)  # the weights' final place, before they are recorded and captured
         self.cache = InfiniteVLCache.empty_static(model.config, rows, dtype, device)
         self.addresses = self.cache.buffer_addresses()
-        self.weights = _weight_addresses(model)
+        self.weights = _weight_addresses(model)  # after the layout, so not the caller's record from before it
         self.decoder = None  # .step(input_ids) -> logits, over self.cache
         self.prompts: OrderedDict[PromptShape, tuple[PromptStep, Callable]] = OrderedDict()  # least recent first
         self.owner: weakref.ref | None = None
 
-    def valid_for(self, model) -> bool:
-        """Whether the buffers and weights the graphs read are still where they were at capture."""
-        return self.cache.buffer_addresses() == self.addresses and _weight_addresses(model) == self.weights
+    def valid_for(self, model, weights: tuple | None = None) -> bool:
+        """Whether the buffers and weights the graphs read are still where they were at capture (`weights`: the
+        model's `_weight_addresses` now, when the caller has them)."""
+        weights = _weight_addresses(model) if weights is None else weights
+        return self.cache.buffer_addresses() == self.addresses and weights == self.weights
 
     def holds(self, cache) -> bool:
         return (
@@ -123,11 +127,11 @@ class DecodeGraphs:
         self.replays = 0
         self.prompt_replays = 0
 
-    def _slot(self, model, rows: int, device: torch.device) -> GraphSlot:
+    def _slot(self, model, rows: int, device: torch.device, weights: tuple | None = None) -> GraphSlot:
         dtype = model.lm_head.weight.dtype
         key = (rows, dtype, device)
         slot = self.slots.get(key)
-        if slot is not None and not slot.valid_for(model):  # weights or buffers moved since capture: start over
+        if slot is not None and not slot.valid_for(model, weights):  # weights or buffers moved since capture: start over
             slot.release()
             slot = None
         if slot is None:
@@ -139,18 +143,28 @@ class DecodeGraphs:
         return slot
 
     def release_cache(self, cache) -> None:
-        """If `cache` holds a slot's buffers, give it its own copy (what `generate()` does before it returns)."""
+        """If `cache` holds a slot's buffers, give it its own copy (what `generate()` does before it returns the
+        cache, or returns with a cache its caller passed in)."""
         with self.lock:
             for slot in self.slots.values():
                 if slot.holds(cache):
                     slot.release()
 
-    def step(self, model, cache, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Logits [B, 1, V] of one decode step of `cache` (static, a prompt went through it); the cache advances."""
+    def forget_cache(self, cache) -> None:
+        """If `cache` holds a slot's buffers, let them go without a copy: for a cache nobody can reach any more (one
+        `generate()` made for itself and does not return), whose copy would only cost host time."""
+        with self.lock:
+            for slot in self.slots.values():
+                if slot.holds(cache):
+                    slot.owner = None
+
+    def step(self, model, cache, input_ids: torch.LongTensor, weights: tuple | None = None) -> torch.Tensor:
+        """Logits [B, 1, V] of one decode step of `cache` (static, a prompt went through it); the cache advances.
+        `weights`: the model's `_weight_addresses` now, when the caller has them."""
         with self.lock:
             slot = self.slots.get((cache.batch_rows, model.lm_head.weight.dtype, cache.next_positions.device))
             if slot is None or not slot.holds(cache):  # once per call: checking every weight's address is slow
-                slot = self._slot(model, cache.batch_rows, cache.next_positions.device)
+                slot = self._slot(model, cache.batch_rows, cache.next_positions.device, weights)
                 slot.bind(cache)
             if slot.decoder is None:
                 seen = slot.cache.seen_tokens
@@ -164,14 +178,14 @@ class DecodeGraphs:
             return logits
 
     def prompt(self, model, cache, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-               pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None
-               ) -> torch.Tensor | None:
+               pixel_values: torch.Tensor | None = None, image_grid_thw: torch.LongTensor | None = None,
+               weights: tuple | None = None) -> torch.Tensor | None:
         """Logits [B, 1, V] of a prompt's last position fed from a fresh state into `cache` (which then holds the
-        slot's buffers), or None when no captured shape serves it."""
+        slot's buffers), or None when no captured shape serves it. `weights` as for `step`."""
         if prompt_bucket(input_ids.shape[1], cache.min_window) is None:
             return None
         with self.lock:
-            slot = self._slot(model, input_ids.shape[0], input_ids.device)
+            slot = self._slot(model, input_ids.shape[0], input_ids.device, weights)
             prepared = prepare_prompt(model, slot.cache, input_ids, attention_mask, image_grid_thw)
             if prepared is None:
                 return None

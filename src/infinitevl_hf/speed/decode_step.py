@@ -125,7 +125,7 @@ def _adjacent(params: tuple[torch.Tensor, ...]) -> bool:
     return all(b == a + p.numel() for a, b, p in zip(offsets, offsets[1:], params))
 
 
-def decoder_problems(model) -> tuple[str | None, str | None]:
+def decoder_problems(model, decoder_modules: list[nn.Module] | None = None) -> tuple[str | None, str | None]:
     """(why no decode graph can serve this model, why the compiled step cannot read it beyond that), each None
     when there is none: one pass over the decoder and the head (generate() asks once per call, so the pass is kept
     cheap: a 4B model has about a thousand modules; names are looked up only for a problem found).
@@ -133,9 +133,11 @@ def decoder_problems(model) -> tuple[str | None, str | None]:
     A graph replays fixed kernels on fixed addresses of one device: accelerate's dispatch hooks (device_map,
     offloading), a decoder over several devices and sharded (DTensor) weights are out. Layers other than nn.Linear
     are captured only where their kernels are known to run without host syncs: peft's LoRA layers and torchao's
-    quantized weights; others (bitsandbytes' among them) keep the module path."""
-    text = model.model.language_model
-    modules = [*preorder_modules(text), model.lm_head]
+    quantized weights; others (bitsandbytes' among them) keep the module path. `decoder_modules`: the decoder's
+    walk (`preorder_modules(model.model.language_model)`), when the caller has it."""
+    if decoder_modules is None:
+        decoder_modules = preorder_modules(model.model.language_model)
+    modules = [*decoder_modules, model.lm_head]
     if any("_hf_hook" in vars(module) for module in modules):
         return "its modules are dispatched by accelerate hooks (device_map / offloading)", None
     weights = list({id(p): p for module in modules for p in module._parameters.values() if p is not None}.values())
@@ -169,13 +171,20 @@ def decoder_problems(model) -> tuple[str | None, str | None]:
     return None, compiled
 
 
-def preorder_modules(root: nn.Module) -> list[nn.Module]:
+def preorder_modules(root: nn.Module, walked: dict[int, list[nn.Module]] | None = None) -> list[nn.Module]:
     """`root` and every module below it, in `named_modules()` order, without building names (several times faster
-    on a large tree, which `generate()` walks on every call)."""
+    on a large tree, which `generate()` walks on every call). `walked`: subtrees walked already (id(module) -> that
+    module's own walk), spliced in rather than walked again."""
     out, stack, seen = [], [root], set()
     while stack:
         module = stack.pop()
         if id(module) in seen:
+            continue
+        subtree = walked.get(id(module)) if walked else None
+        if subtree is not None:
+            fresh = [m for m in subtree if id(m) not in seen]
+            seen.update(map(id, fresh))
+            out.extend(fresh)
             continue
         seen.add(id(module))
         out.append(module)

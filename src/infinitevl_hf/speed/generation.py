@@ -27,6 +27,8 @@ logger = logging.get_logger(__name__)
 class _Call:
     plan: DecodePlan | None = None
     cache: object = None
+    cache_returned: bool = True  # whether the caller can reach the cache after the call (then it gets its own copy)
+    weights: tuple | None = None  # the model's weight record, taken once per call for the graphs' check
 
 
 _CURRENT = contextvars.ContextVar("infinitevl_generate_call", default=None)
@@ -35,8 +37,9 @@ _CAPTURE_FAILED = "_decode_capture_failed"  # on a model whose modules would not
 
 @contextlib.contextmanager
 def generate_call(model):
-    """Scope of one `generate()` call: the plan made for its cache applies to it alone, and the cache it returns
-    holds memory of its own (not the captured graphs' buffers, which the next call overwrites)."""
+    """Scope of one `generate()` call: the plan made for its cache applies to it alone, and a cache its caller can
+    reach afterwards (passed in, or returned with `return_dict_in_generate`) holds memory of its own, not the
+    captured graphs' buffers, which the next call overwrites. A cache nobody can reach is let go without a copy."""
     call = _Call()
     token = _CURRENT.set(call)
     try:
@@ -45,16 +48,17 @@ def generate_call(model):
         _CURRENT.reset(token)
         graphs = model.__dict__.get("_decode_graphs")
         if graphs is not None and call.cache is not None:
-            graphs.release_cache(call.cache)
+            (graphs.release_cache if call.cache_returned else graphs.forget_cache)(call.cache)
 
 
-def plan_for_model(model, device: torch.device, generation_config=None) -> DecodePlan:
-    """`decode_plan` for this model on `device` with these generation flags."""
+def plan_for_model(model, device: torch.device, generation_config=None, decoder_modules=None) -> DecodePlan:
+    """`decode_plan` for this model on `device` with these generation flags (`decoder_modules`: the decoder's
+    walk, when the caller has it)."""
     from .decode_step import decoder_problems
 
     flags = generation_config
     cuda = device.type == "cuda"
-    problems = decoder_problems(model) if cuda else (None, None)  # (capture, compiled step)
+    problems = decoder_problems(model, decoder_modules) if cuda else (None, None)  # (capture, compiled step)
     text = model.config.get_text_config()
     return decode_plan(
         device_type=device.type,
@@ -72,13 +76,22 @@ def plan_for_model(model, device: torch.device, generation_config=None) -> Decod
     )
 
 
-def plan_generation(model, generation_config, cache, device: torch.device) -> DecodePlan:
-    """Choose the decode path of the current `generate()` call for `cache`, and say once why it is not a graph."""
+def plan_generation(model, generation_config, cache, device: torch.device, cache_given: bool = True) -> DecodePlan:
+    """Choose the decode path of the current `generate()` call for `cache`, and say once why it is not a graph.
+    cache_given: the caller passed `cache` in (so it holds it after the call)."""
+    from .decode_graphs import _weight_addresses
+    from .decode_step import preorder_modules
+
     cache.check_compatible(model.config)  # the captured paths bypass the decoder, which checks this itself
-    plan = plan_for_model(model, device, generation_config)
+    decoder = model.model.language_model
+    walked = preorder_modules(decoder) if device.type == "cuda" else None  # one walk per call, for both checks
+    plan = plan_for_model(model, device, generation_config, walked)
     call = _CURRENT.get()
     if call is not None:
         call.plan, call.cache = plan, cache
+        call.cache_returned = cache_given or bool(getattr(generation_config, "return_dict_in_generate", False))
+        if plan.path == "graph":
+            call.weights = _weight_addresses(model, preorder_modules(model, {id(decoder): walked}))
     if plan.reason is not None:
         if plan.path == "graph":
             message = ("InfiniteVL generate() replays the module path captured in a CUDA graph, not the compiled "
@@ -118,7 +131,7 @@ def _fast_decode(model, call: _Call, cache, input_ids: torch.LongTensor) -> torc
     if call.plan.path == "static":
         return None
     try:
-        return decode_graphs_of(model).step(model, cache, input_ids)
+        return decode_graphs_of(model).step(model, cache, input_ids, call.weights)
     except CaptureFailed as error:
         _capture_failed(model, call, error)
         return None
@@ -133,7 +146,8 @@ def _fast_prompt(model, call: _Call, cache, input_ids: torch.LongTensor, attenti
 
     check_vision_inputs(model.config, input_ids, pixel_values, image_grid_thw, None, None)  # as the module path does
     try:
-        return decode_graphs_of(model).prompt(model, cache, input_ids, attention_mask, pixel_values, image_grid_thw)
+        return decode_graphs_of(model).prompt(model, cache, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                              call.weights)
     except CaptureFailed as error:
         _capture_failed(model, call, error)
         return None
