@@ -11,7 +11,8 @@ cache would in a later process.
 A recorded choice is used only where the GPU name, the fla version and the Triton version all match the
 recording, for the exact tuning key it was recorded under, and only when it is one of the kernel's own candidate
 configs (the autotuner would have picked among them). Anything else autotunes as before. ``INFINITEVL_TUNED_KERNELS=0``
-turns seeding off; so does fla's own config cache (``FLA_CACHE_MODE``), which then decides.
+turns seeding off; so does fla's own config cache (``FLA_CACHE_MODE``), which then decides. A checkpoint's
+trust_remote_code files carry no recordings: without this package installed, the kernels autotune.
 """
 
 from __future__ import annotations
