@@ -136,6 +136,7 @@ def main(argv=None) -> None:
     parser.add_argument("--teacher-steady", type=int, default=1)
     parser.add_argument("--cases", nargs="+", default=["photo", "page", "text_1k", "photo_x8"])
     parser.add_argument("--skip-teacher", action="store_true")
+    parser.add_argument("--skip-module-path", action="store_true", help="skip disable_compile=True and pipeline()")
     parser.add_argument("--teacher-cases", nargs="+", default=None,
                         help="cases to time the teacher on (default: all of --cases)")
     args = parser.parse_args(argv)
@@ -159,12 +160,14 @@ def main(argv=None) -> None:
         results["infinitevl"][name] = measure(model, inputs[name], args.new_tokens, args.steady)
         log(json.dumps(results["infinitevl"][name]))
         save()
-    log("infinitevl module path (disable_compile=True)")
-    results["infinitevl"]["photo_module_path"] = measure(model, inputs["photo"], args.new_tokens, 1, disable_compile=True)
-    log(json.dumps(results["infinitevl"]["photo_module_path"]))
-    log("infinitevl pipeline")
-    results["infinitevl"]["photo_pipeline"] = measure_pipeline(model, processor, args.new_tokens, args.steady)
-    log(json.dumps(results["infinitevl"]["photo_pipeline"]))
+    if not args.skip_module_path:
+        log("infinitevl module path (disable_compile=True)")
+        results["infinitevl"]["photo_module_path"] = measure(model, inputs["photo"], args.new_tokens, 1,
+                                                             disable_compile=True)
+        log(json.dumps(results["infinitevl"]["photo_module_path"]))
+        log("infinitevl pipeline")
+        results["infinitevl"]["photo_pipeline"] = measure_pipeline(model, processor, args.new_tokens, args.steady)
+        log(json.dumps(results["infinitevl"]["photo_pipeline"]))
     del model
     torch.cuda.empty_cache()
 
