@@ -304,6 +304,58 @@ def test_only_a_cache_the_caller_can_reach_gets_its_own_copy(graph_model, monkey
         assert cache.buffer_addresses() != slot.cache.buffer_addresses()
 
 
+def _state(cache):
+    return [t.clone() for t in cache._state_tensors()]
+
+
+def test_a_cache_a_custom_generate_keeps_is_not_overwritten_by_the_next_call(graph_model):
+    """A `custom_generate` function may hand the cache back whatever return_dict_in_generate says: it gets its copy."""
+    from transformers import GenerationMixin
+
+    def decode(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
+               synced_gpus=False, streamer=None, **model_kwargs):
+        tokens = GenerationMixin._sample(model, input_ids, logits_processor=logits_processor,
+                                         stopping_criteria=stopping_criteria, generation_config=generation_config,
+                                         synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        return tokens, model_kwargs[CACHE_KWARG]
+
+    _, cache = graph_model.generate(input_ids=text_ids(1, 20), max_new_tokens=4, do_sample=False,
+                                    custom_generate=decode)
+    before = _state(cache)
+    graph_model.generate(input_ids=text_ids(1, 30, seed=1), max_new_tokens=4, do_sample=False)
+    assert decode_graphs_of(graph_model).replays == 6
+    assert all(torch.equal(a, b) for a, b in zip(before, _state(cache)))
+
+
+def test_return_dict_in_the_models_generation_config_counts_as_returning_the_cache(graph_model):
+    graph_model.generation_config.return_dict_in_generate = True
+    out = graph_model.generate(input_ids=text_ids(1, 20), max_new_tokens=4, do_sample=False)
+    cache = out[CACHE_KWARG] if CACHE_KWARG in out else out.past_key_values
+    slot = next(iter(decode_graphs_of(graph_model).slots.values()))
+    assert not slot.holds(cache) and cache.buffer_addresses() != slot.cache.buffer_addresses()
+
+
+def test_interleaved_first_calls_capture_the_decode_step_once(graph_model):
+    """Two calls whose first steps interleave (threads of a server without warmup(); here a logits processor
+    that calls generate()): the outer call's weight record predates the layout the inner call's slot made, which
+    must not make the slot look moved at every step of the outer call."""
+    from transformers import LogitsProcessorList
+
+    inner = {"running": False}
+
+    def processor(input_ids, scores):
+        if not inner["running"]:
+            inner["running"] = True
+            graph_model.generate(input_ids=text_ids(1, 20, seed=3), max_new_tokens=2, do_sample=False)
+            inner["running"] = False
+        return scores
+
+    built = EagerStep.built
+    graph_model.generate(input_ids=text_ids(1, 20), max_new_tokens=8, do_sample=False,
+                         logits_processor=LogitsProcessorList([processor]))
+    assert EagerStep.built - built == 1
+
+
 def test_a_first_capture_leaves_the_weights_where_later_calls_find_them(graph_model):
     """The joined step lays the weights out once, before anything is recorded: the second call captures nothing."""
     graph_model.warmup(batch_sizes=(1,), prompt_tokens=30)
@@ -367,6 +419,19 @@ def test_slots_are_bounded(graph_model):
 def test_prompts_per_slot_are_bounded(graph_model):
     graphs, _ = _bounded_to_one_slot_of_one_prompt(graph_model)
     assert all(len(slot.prompts) == 1 for slot in graphs.slots.values())
+
+
+def test_captured_prompts_are_bounded_by_their_tokens(graph_model):
+    """Rows x captured length, summed over a slot's prompts (what their activation memory grows with): with room
+    for one 64-token prompt, a second shape of that length evicts the first, though the count bound has room."""
+    graphs = decode_graphs_of(graph_model)
+    graphs.MAX_PROMPT_TOKENS_PER_SLOT = 64
+    _generate(graph_model, input_ids=text_ids(1, 20))
+    ids, pixels, grid = image_inputs(prefix=9, suffix=14)
+    _generate(graph_model, input_ids=ids, pixel_values=pixels, image_grid_thw=grid)
+    (slot,) = graphs.slots.values()
+    assert [shape.grids for shape in slot.prompts] == [tuple(tuple(g) for g in grid.tolist())]
+    assert graphs.prompt_replays == 2
 
 
 def test_an_evicted_slot_gives_the_same_tokens_again(graph_model):
@@ -454,6 +519,10 @@ def test_the_module_walk_gives_named_modules_order():
     model = _lora(reference_model())
     assert [id(m) for m in preorder_modules(model)] == [id(m) for _, m in model.named_modules()]
     decoder = model.model.language_model  # a subtree walked already is spliced in, in the same order
+    spliced = preorder_modules(model, {id(decoder): preorder_modules(decoder)})
+    assert [id(m) for m in spliced] == [id(m) for _, m in model.named_modules()]
+    model.model.visual.shared = decoder.layers[0].mlp  # a decoder module also reachable before the decoder
+    decoder.layers[1].shared = model.model.visual.blocks[0]  # and a vision module inside it
     spliced = preorder_modules(model, {id(decoder): preorder_modules(decoder)})
     assert [id(m) for m in spliced] == [id(m) for _, m in model.named_modules()]
 

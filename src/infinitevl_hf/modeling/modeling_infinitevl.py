@@ -714,7 +714,7 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         training mode and models the compiled step cannot read (quantized, LoRA, several devices), saying why once
         in the log. The cache is of constant size, so on CUDA `cache_implementation="static"` changes nothing (on a
         CPU it decodes over the static window rings instead of the growing window cache)."""
-        with generate_call(self):
+        with generate_call(self, custom_generate=kwargs.get("custom_generate") is not None):
             return super().generate(*args, **kwargs)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,), prompt_tokens: int = 64) -> None:

@@ -114,9 +114,12 @@ class DecodeGraphs:
     """
 
     # Bounds on what is kept (each slot holds a static cache, ~135 MB per row for InfiniteVL-4B, and each captured
-    # prompt its own activation memory): the least recently used slot or prompt goes first.
+    # prompt its own activation memory, which grows with its rows x length): the least recently used slot or
+    # prompt goes first. The token bound lets a slot hold every bucket of prompts spread over 1K-4K tokens (13)
+    # and caps long ones at 6 of 8,192 tokens.
     MAX_SLOTS = 4
-    MAX_PROMPTS_PER_SLOT = 8
+    MAX_PROMPTS_PER_SLOT = 16
+    MAX_PROMPT_TOKENS_PER_SLOT = 49152
 
     def __init__(self, capture_decode: Callable | None = None, capture_prompt: Callable | None = None):
         self.capture_decode = capture_decode or capture_decode_step
@@ -131,7 +134,9 @@ class DecodeGraphs:
         dtype = model.lm_head.weight.dtype
         key = (rows, dtype, device)
         slot = self.slots.get(key)
-        if slot is not None and not slot.valid_for(model, weights):  # weights or buffers moved since capture: start over
+        # Weights or buffers moved since capture: start over. A caller's record may predate the weights' layout (a
+        # call planned before another one built the slot): a mismatch is checked again against the weights now.
+        if slot is not None and not slot.valid_for(model, weights) and (weights is None or not slot.valid_for(model)):
             slot.release()
             slot = None
         if slot is None:
@@ -195,8 +200,11 @@ class DecodeGraphs:
             if entry is not None:
                 slot.prompts.move_to_end(shape)
             else:
-                while len(slot.prompts) >= self.MAX_PROMPTS_PER_SLOT:
-                    slot.prompts.popitem(last=False)
+                held = sum(kept.rows * kept.length for kept in slot.prompts)
+                while slot.prompts and (len(slot.prompts) >= self.MAX_PROMPTS_PER_SLOT
+                                        or held + shape.rows * shape.length > self.MAX_PROMPT_TOKENS_PER_SLOT):
+                    oldest, _ = slot.prompts.popitem(last=False)
+                    held -= oldest.rows * oldest.length
                 step = PromptStep(model, shape, inputs, pixel_values)
                 step.load(inputs, pixel_values)
                 # what the captured call depends on from the host: a cache that nothing went through

@@ -27,6 +27,7 @@ logger = logging.get_logger(__name__)
 class _Call:
     plan: DecodePlan | None = None
     cache: object = None
+    stock: bool = True  # generate() runs one of transformers' own decoding methods (no custom_generate)
     cache_returned: bool = True  # whether the caller can reach the cache after the call (then it gets its own copy)
     weights: tuple | None = None  # the model's weight record, taken once per call for the graphs' check
 
@@ -36,11 +37,12 @@ _CAPTURE_FAILED = "_decode_capture_failed"  # on a model whose modules would not
 
 
 @contextlib.contextmanager
-def generate_call(model):
+def generate_call(model, custom_generate: bool = False):
     """Scope of one `generate()` call: the plan made for its cache applies to it alone, and a cache its caller can
-    reach afterwards (passed in, or returned with `return_dict_in_generate`) holds memory of its own, not the
-    captured graphs' buffers, which the next call overwrites. A cache nobody can reach is let go without a copy."""
-    call = _Call()
+    reach afterwards (passed in, returned with `return_dict_in_generate`, or in the hands of a `custom_generate`
+    or Hub decoding method) holds memory of its own, not the captured graphs' buffers, which the next call
+    overwrites. A cache nobody can reach is let go without a copy."""
+    call = _Call(stock=not custom_generate)
     token = _CURRENT.set(call)
     try:
         yield
@@ -89,7 +91,8 @@ def plan_generation(model, generation_config, cache, device: torch.device, cache
     call = _CURRENT.get()
     if call is not None:
         call.plan, call.cache = plan, cache
-        call.cache_returned = cache_given or bool(getattr(generation_config, "return_dict_in_generate", False))
+        call.cache_returned = (cache_given or bool(getattr(generation_config, "return_dict_in_generate", False))
+                               or not call.stock or not _stock_decoding(generation_config))
         if plan.path == "graph":
             call.weights = _weight_addresses(model, preorder_modules(model, {id(decoder): walked}))
     if plan.reason is not None:
@@ -100,6 +103,17 @@ def plan_generation(model, generation_config, cache, device: torch.device, cache
             message = f"InfiniteVL generate() decodes through the module path ({plan.path} cache): {plan.reason}."
         (logger.info_once if device.type != "cuda" else logger.warning_once)(message)
     return plan
+
+
+def _stock_decoding(generation_config) -> bool:
+    """Whether transformers decodes this call with one of its own methods (which return the cache only with
+    `return_dict_in_generate`), not a decoding method loaded from the Hub; False when that cannot be told."""
+    try:
+        from transformers.generation.utils import GENERATION_MODES_MAPPING
+
+        return "/" not in GENERATION_MODES_MAPPING[generation_config.get_generation_mode()]
+    except Exception:  # another transformers layout: keep the copy
+        return False
 
 
 def fast_forward(model, cache, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
