@@ -101,6 +101,27 @@ def test_a_recording_from_another_gpu_or_version_seeds_nothing_and_says_why(kern
     assert value in reason and GPU in reason
 
 
+def test_a_recording_made_under_other_fla_switches_seeds_nothing(kernels, tmp_path, monkeypatch):
+    kernels.scale_kernel.cache[(64,)] = kernels.scale_kernel.configs[1]
+    recording = json.loads(tuned.record(GPU, tmp_path / "r.json", prefix="tunedfake").read_text())
+    assert recording["fla_env"] == {}
+    kernels.scale_kernel.cache.clear()
+    monkeypatch.setenv("FLA_USE_TMA", "1")  # selects another kernel variant under the same tuning key
+    count, reason = tuned.seed(recording, GPU)
+    assert count == 0 and "FLA_USE_TMA" in reason and kernels.scale_kernel.cache == {}
+
+
+def test_malformed_entries_are_skipped_and_the_rest_seeded(kernels, tmp_path):
+    scale = kernels.scale_kernel
+    scale.cache[(64,)] = scale.configs[1]
+    recording = json.loads(tuned.record(GPU, tmp_path / "r.json", prefix="tunedfake").read_text())
+    scale.cache.clear()
+    entries = recording["kernels"]["tunedfake_kernels:scale_kernel"]
+    entries[:0] = [{"config": entries[0]["config"]}, {"key": [[1, 2]], "config": entries[0]["config"]}, "junk"]
+    assert tuned.seed(recording, GPU) == (1, None)
+    assert scale.cache == {(64,): scale.configs[1]}
+
+
 def test_seed_autotuners_reads_the_packaged_file_once_and_obeys_the_switches(kernels, tmp_path, monkeypatch):
     kernels.scale_kernel.cache[(64,)] = kernels.scale_kernel.configs[1]
     monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path)
@@ -134,7 +155,7 @@ def test_the_packaged_recordings_are_well_formed():
     assert files, "no recorded autotuning choices are packaged"
     for path in files:
         recording = json.loads(path.read_text())
-        assert recording["format"] == tuned.FORMAT
+        assert recording["format"] == tuned.FORMAT and isinstance(recording["fla_env"], dict)
         assert tuned.recording_path(recording["gpu"]).name == path.name
         assert recording["kernels"], path.name
         for name, entries in recording["kernels"].items():

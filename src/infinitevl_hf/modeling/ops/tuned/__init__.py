@@ -8,9 +8,10 @@ the winners on disk, so only the first process of a machine pays, but a fresh co
 here; `seed_autotuners()` gives them back to each kernel's autotuner before its first call, as Triton's own disk
 cache would in a later process.
 
-A recorded choice is used only where the GPU name, the fla version and the Triton version all match the
-recording, for the exact tuning key it was recorded under, and only when it is one of the kernel's own candidate
-configs (the autotuner would have picked among them). Anything else autotunes as before. ``INFINITEVL_TUNED_KERNELS=0``
+A recorded choice is used only where the GPU name, the fla and Triton versions and fla's environment switches
+(``FLA_*``, which select kernel variants the tuning key does not show) all match the recording, for the exact
+tuning key it was recorded under, and only when it is one of the kernel's own candidate configs (the autotuner
+would have picked among them). Anything else autotunes as before. ``INFINITEVL_TUNED_KERNELS=0``
 turns seeding off; so does fla's own config cache (``FLA_CACHE_MODE``), which then decides. A checkpoint's
 trust_remote_code files carry no recordings: without this package installed, the kernels autotune.
 """
@@ -71,6 +72,11 @@ def autotuners(prefix: str = "fla.") -> dict[str, object]:
     return found
 
 
+def _fla_env() -> dict[str, str]:
+    """fla's environment switches in effect (they change which kernel variant a config runs)."""
+    return {name: value for name, value in sorted(os.environ.items()) if name.startswith("FLA_")}
+
+
 def _config_record(config) -> dict:
     return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages,
             "num_ctas": getattr(config, "num_ctas", 1), "maxnreg": getattr(config, "maxnreg", None)}
@@ -94,12 +100,13 @@ def record(gpu_name: str, path: Path | None = None, prefix: str = "fla.") -> Pat
     fla_version, triton_version = _versions()
     kernels = {}
     for name, autotuner in sorted(autotuners(prefix).items()):
-        entries = [{"key": list(key), "config": _config_record(config)}
-                   for key, config in autotuner.cache.items() if getattr(config, "pre_hook", None) is None]
+        entries = [{"key": list(key), "config": _config_record(config)} for key, config in autotuner.cache.items()
+                   if getattr(config, "pre_hook", None) is None and getattr(config, "ir_override", None) is None]
         if entries:
             kernels[name] = sorted(entries, key=lambda entry: json.dumps(entry["key"]))
     path = Path(path) if path is not None else recording_path(gpu_name)
-    body = {"format": FORMAT, "gpu": gpu_name, "fla": fla_version, "triton": triton_version, "kernels": kernels}
+    body = {"format": FORMAT, "gpu": gpu_name, "fla": fla_version, "triton": triton_version, "fla_env": _fla_env(),
+            "kernels": kernels}
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     staging.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
     os.replace(staging, path)
@@ -109,7 +116,7 @@ def record(gpu_name: str, path: Path | None = None, prefix: str = "fla.") -> Pat
 def _matching_config(autotuner, wanted: dict):
     """The autotuner's own candidate equal to the recorded config, or None."""
     for config in autotuner.configs:
-        if _config_record(config) == wanted:
+        if _config_record(config) == wanted and getattr(config, "ir_override", None) is None:
             return config
     return None
 
@@ -122,6 +129,8 @@ def seed(recording: dict, gpu_name: str) -> tuple[int, str | None]:
     if wanted != (FORMAT, gpu_name, fla_version, triton_version):
         return 0, (f"recorded for {wanted[1]} with fla {wanted[2]} and Triton {wanted[3]}; this is {gpu_name} with "
                    f"fla {fla_version} and Triton {triton_version}")
+    if recording.get("fla_env", {}) != _fla_env():
+        return 0, f"recorded with fla's switches {recording.get('fla_env', {})}, set here: {_fla_env()}"
     seeded = 0
     for name, entries in recording.get("kernels", {}).items():
         module_name, _, function = name.partition(":")
@@ -132,7 +141,11 @@ def seed(recording: dict, gpu_name: str) -> tuple[int, str | None]:
         if autotuner is None or _kernel_name(autotuner) != name:
             continue
         for entry in entries:
-            key, config = tuple(entry["key"]), _matching_config(autotuner, entry["config"])
+            try:
+                key, config = tuple(entry["key"]), _matching_config(autotuner, entry["config"])
+                hash(key)
+            except (KeyError, TypeError):  # a malformed entry: that kernel autotunes that key
+                continue
             if config is not None and key not in autotuner.cache:
                 autotuner.cache[key] = config
                 seeded += 1
@@ -143,7 +156,9 @@ def seeding_problem() -> str | None:
     """Why recorded choices are not seeded in this process, or None."""
     if os.environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return f"{SWITCH_ENV} is off"
-    if os.environ.get("FLA_CACHE_MODE", "disabled").strip().lower() != "disabled":
+    fla_cache = sys.modules.get("fla.ops.utils.cache")  # fla reads FLA_CACHE_MODE once, at import
+    mode = getattr(getattr(fla_cache, "FLA_CACHE_MODE", None), "value", None)
+    if (mode or os.environ.get("FLA_CACHE_MODE", "disabled")).strip().lower() != "disabled":
         return "FLA_CACHE_MODE is set (fla's own config cache decides)"
     return None
 
@@ -158,8 +173,11 @@ def seed_autotuners(gpu_name: str) -> int:
         problem = f"nothing was recorded on {gpu_name}"
     if problem is None:
         try:
-            count, problem = seed(json.loads(path.read_text()), gpu_name)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            recording = json.loads(path.read_text())
+            if not isinstance(recording, dict) or not isinstance(recording.get("kernels", {}), dict):
+                raise ValueError("not a recording")
+            count, problem = seed(recording, gpu_name)
+        except (OSError, ValueError, TypeError, AttributeError) as error:
             count, problem = 0, f"{path.name} is unreadable ({type(error).__name__}: {error})"
     if problem is not None:
         logger.info(f"fla kernels autotune on first use: {problem}.")
@@ -178,4 +196,9 @@ def seed_for_current_device() -> int:
         import triton  # noqa: F401
     except ImportError:
         return 0
-    return seed_autotuners(torch.cuda.get_device_name())
+    try:
+        return seed_autotuners(torch.cuda.get_device_name())
+    except Exception as error:  # seeding only saves time: the kernels then autotune, as without it
+        logger.warning_once(f"fla kernels autotune on first use: seeding their recorded choices failed "
+                            f"({type(error).__name__}: {error}).")
+        return 0
