@@ -61,7 +61,8 @@ def test_a_fresh_process_runs_the_recorded_kernels_without_autotuning():
     import fla
     import triton
 
-    matches = (recording.get("fla"), recording.get("triton")) == (fla.__version__, triton.__version__)
+    matches = ((recording.get("fla"), recording.get("triton"), recording.get("fla_env"))
+               == (fla.__version__, triton.__version__, tuned._fla_env()))
     if not matches:
         assert seeded["seeded"] == 0, "a recording of another GPU or version was used"
         return
