@@ -71,10 +71,12 @@ class GraphSlot:
         self.owner: weakref.ref | None = None
 
     def valid_for(self, model, weights: tuple | None = None) -> bool:
-        """Whether the buffers and weights the graphs read are still where they were at capture (`weights`: the
-        model's `_weight_addresses` now, when the caller has them)."""
-        weights = _weight_addresses(model) if weights is None else weights
-        return self.cache.buffer_addresses() == self.addresses and weights == self.weights
+        """Whether the buffers and weights the graphs read are still where they were at capture. `weights`: a
+        record of the model's `_weight_addresses` the caller took; it may predate the weights' layout (a call
+        planned before another one built this slot), so a mismatch is checked again against the weights now."""
+        if self.cache.buffer_addresses() != self.addresses:
+            return False
+        return weights == self.weights or _weight_addresses(model) == self.weights
 
     def holds(self, cache) -> bool:
         return (
@@ -84,9 +86,10 @@ class GraphSlot:
             and all(a is b for a, b in zip(cache.layers, self.cache.layers))
         )
 
-    def release(self) -> None:
-        """The cache holding the buffers now gets its own copy (it stays valid when the slot is fed anew)."""
-        owner = self.owner() if self.owner is not None else None
+    def release(self, copy: bool = True) -> None:
+        """The cache holding the buffers now gets its own copy (it stays valid when the slot is fed anew); with
+        copy=False it just lets go of them (a cache nobody can reach any more, whose copy would only cost time)."""
+        owner = self.owner() if self.owner is not None and copy else None
         if owner is not None and self.holds(owner):
             owner.own_buffers()
         self.owner = None
@@ -134,9 +137,7 @@ class DecodeGraphs:
         dtype = model.lm_head.weight.dtype
         key = (rows, dtype, device)
         slot = self.slots.get(key)
-        # Weights or buffers moved since capture: start over. A caller's record may predate the weights' layout (a
-        # call planned before another one built the slot): a mismatch is checked again against the weights now.
-        if slot is not None and not slot.valid_for(model, weights) and (weights is None or not slot.valid_for(model)):
+        if slot is not None and not slot.valid_for(model, weights):  # weights or buffers moved since capture: start over
             slot.release()
             slot = None
         if slot is None:
@@ -147,21 +148,14 @@ class DecodeGraphs:
         self.slots.move_to_end(key)
         return slot
 
-    def release_cache(self, cache) -> None:
+    def release_cache(self, cache, copy: bool = True) -> None:
         """If `cache` holds a slot's buffers, give it its own copy (what `generate()` does before it returns the
-        cache, or returns with a cache its caller passed in)."""
+        cache, or returns with a cache its caller passed in); copy=False lets the buffers go without one (a cache
+        `generate()` made for itself and does not return)."""
         with self.lock:
             for slot in self.slots.values():
                 if slot.holds(cache):
-                    slot.release()
-
-    def forget_cache(self, cache) -> None:
-        """If `cache` holds a slot's buffers, let them go without a copy: for a cache nobody can reach any more (one
-        `generate()` made for itself and does not return), whose copy would only cost host time."""
-        with self.lock:
-            for slot in self.slots.values():
-                if slot.holds(cache):
-                    slot.owner = None
+                    slot.release(copy)
 
     def step(self, model, cache, input_ids: torch.LongTensor, weights: tuple | None = None) -> torch.Tensor:
         """Logits [B, 1, V] of one decode step of `cache` (static, a prompt went through it); the cache advances.

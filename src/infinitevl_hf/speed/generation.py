@@ -50,7 +50,7 @@ def generate_call(model, custom_generate: bool = False):
         _CURRENT.reset(token)
         graphs = model.__dict__.get("_decode_graphs")
         if graphs is not None and call.cache is not None:
-            (graphs.release_cache if call.cache_returned else graphs.forget_cache)(call.cache)
+            graphs.release_cache(call.cache, copy=call.cache_returned)
 
 
 def plan_for_model(model, device: torch.device, generation_config=None, decoder_modules=None) -> DecodePlan:
