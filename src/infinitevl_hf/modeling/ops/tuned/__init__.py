@@ -55,8 +55,7 @@ def _autotuner_in(obj):
 
 def _kernel_name(autotuner) -> str:
     """``module:function`` of the Triton function an autotuner tunes (stable across processes)."""
-    fn = autotuner.base_fn if hasattr(autotuner, "base_fn") else autotuner.fn
-    return f"{fn.__module__}:{fn.__name__}"
+    return f"{autotuner.base_fn.__module__}:{autotuner.base_fn.__name__}"
 
 
 def autotuners(prefix: str = "fla.") -> dict[str, object]:
@@ -108,8 +107,11 @@ def record(gpu_name: str, path: Path | None = None, prefix: str = "fla.") -> Pat
     body = {"format": FORMAT, "gpu": gpu_name, "fla": fla_version, "triton": triton_version, "fla_env": _fla_env(),
             "kernels": kernels}
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
-    os.replace(staging, path)
+    try:
+        staging.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)  # a failed write leaves no half-written file behind
     return path
 
 
