@@ -72,6 +72,22 @@ class PhaseTimers:
             self.seconds[f"gc (generation {info['generation']})"] += time.perf_counter() - self._gc_start
             self.calls[f"gc (generation {info['generation']})"] += 1
 
+    def wrap_frames(self, owner, name: str, prefix: str) -> None:
+        """Time each call of `owner.name(code, ...)` under its own label: `prefix` + the frame's function and line."""
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(code, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(code, *args, **kwargs)
+            finally:
+                label = f"{prefix}{code.co_name} ({Path(code.co_filename).name}:{code.co_firstlineno})"
+                self.seconds[label] += time.perf_counter() - start
+                self.calls[label] += 1
+
+        setattr(owner, name, timed)
+
     def take(self) -> dict:
         """The counts since the last take, rounded, and reset."""
         report = {label: {"s": round(self.seconds[label], 3), "calls": self.calls[label]} for label in sorted(self.seconds)}
@@ -94,6 +110,7 @@ def install_timers() -> PhaseTimers:
         import torch._dynamo.convert_frame as convert_frame
 
         timers.wrap(convert_frame, "_compile", "torch.compile (dynamo + inductor)")
+        timers.wrap_frames(convert_frame, "_compile", "torch.compile frame: ")
         import torch._inductor.compile_fx as compile_fx
 
         timers.wrap(compile_fx, "compile_fx_inner", "inductor (graph compile)")

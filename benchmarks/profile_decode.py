@@ -1,11 +1,15 @@
 """Where a decode step of InfiniteVL-4B spends its GPU time: torch.profiler over eager static-cache steps.
 
     python benchmarks/profile_decode.py --context 1024
+    python benchmarks/profile_decode.py --fused --kernels --batch 8     # the 8-row graph step's kernels
+    python benchmarks/profile_decode.py --host                          # the module path's host time by op
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,6 +25,8 @@ def main(argv=None):
     parser.add_argument("--fused", action="store_true", help="profile the compiled DecodeStep instead of the modules")
     parser.add_argument("--trace", help="also write the Chrome trace (every kernel with its grid) to this path")
     parser.add_argument("--kernels", action="store_true", help="with --fused: joined projections and the Triton kernels, as generate() runs it")
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded together")
+    parser.add_argument("--host", action="store_true", help="sort the table by host (CPU) time instead of GPU time")
     args = parser.parse_args(argv)
 
     from infinitevl_hf import InfiniteVLCache
@@ -29,8 +35,8 @@ def main(argv=None):
 
     model = build_infinitevl()
     cache = InfiniteVLCache(model.config)
-    ids = torch.randint(0, 150000, (1, args.context), device="cuda")
-    token = torch.randint(0, 150000, (1, 1), device="cuda")
+    ids = torch.randint(0, 150000, (args.batch, args.context), device="cuda")
+    token = torch.randint(0, 150000, (args.batch, 1), device="cuda")
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
         cache.to_static()
@@ -42,6 +48,12 @@ def main(argv=None):
         for _ in range(3):
             step()
         torch.cuda.synchronize()
+        walls = []
+        for _ in range(10):  # unprofiled: what a step takes, host and GPU together
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - start)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 step()
@@ -51,9 +63,11 @@ def main(argv=None):
     averages = prof.key_averages()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     busy = sum(e.time_range.elapsed_us() for e in kernels) / args.steps / 1e3
-    print(f"{len(kernels) / args.steps:.0f} GPU kernels per step, {busy:.3f} ms of kernel time per step")
+    print(f"batch {args.batch}: {1e3 * statistics.median(walls):.2f} ms per step unprofiled (median of 10), "
+          f"{len(kernels) / args.steps:.0f} GPU kernels per step, {busy:.3f} ms of kernel time per step")
+    sort = "cpu_time_total" if args.host else "device_time_total"
     try:
-        print(averages.table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=70))
+        print(averages.table(sort_by=sort, row_limit=args.rows, max_name_column_width=70))
     except (AttributeError, KeyError):
         print(averages.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
 

@@ -1,7 +1,8 @@
 """How one attention layer's queries attend to what its cache holds: the one call `InfiniteVLAttention` makes.
 
 - packed sequences (training, `cu_seqlens`): a block-diagonal window mask;
-- one decode query over a ring (static cache): the ring decode op (`ops.decode_attention`'s torch definition);
+- one decode query over a ring (static cache): the ring decode op (`ops.decode_attention`: its split-key Triton
+  kernel on CUDA);
 - a long chunk (at least `LONG_CHUNK_TOKENS`, sdpa, inference, CUDA) over a full window of cached keys in token
   order: cuDNN's fused attention on three pieces of the band (`ops.window_attention`) or flex_attention's block
   mask (`ops.window_attention.flex`), which skip the keys outside the window;
@@ -19,7 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
 from .cache import AttentionKeys
-from .ops.decode_attention import ring_decode_attention
+from .ops.decode_attention import decode_attention
 from .ops.dispatch import reference_forced
 from .ops.window_attention import cudnn_window_attention_usable, window_attention
 from .ops.window_attention.flex import flex_attention_usable, window_flex_attention
@@ -139,7 +140,7 @@ def attend(
         mask = packed_window_mask(cu_seqlens, length, window, implementation, query.dtype, query.device)
     elif not seen.in_token_order:  # a ring in slot order (static decode): no host syncs
         if length == 1 and not module.training:
-            return ring_decode_attention(query, seen.keys, seen.values, seen.past_valid, scaling), None
+            return decode_attention(query, seen.keys, seen.values, seen.past_valid, scaling), None
         visible = seen.visible if seen.visible is not None else seen.past_valid[:, None, None, :]
         mask = mask_for(visible, implementation, query.dtype)
     elif path is not None and (

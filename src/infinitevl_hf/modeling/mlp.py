@@ -1,4 +1,4 @@
-"""The decoder's MLP: Qwen2's SwiGLU, with `silu(gate) * up` one compiled kernel for CUDA inference (two
+"""The decoder's MLP: Qwen2's SwiGLU, with `silu(gate) * up` one kernel for CUDA inference (two
 bf16 passes and a temporary eagerly; over a 4K-token prefill call that is 90 MB per layer)."""
 
 from __future__ import annotations
@@ -7,10 +7,11 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2MLP
 
 from .ops.elementwise import silu_mul
+from .projection import project
 
 
 class InfiniteVLMLP(Qwen2MLP):
-    """`Qwen2MLP` (same parameters) whose SiLU gate is compiled for CUDA inference."""
+    """`Qwen2MLP` (same parameters) whose SiLU gate is one kernel for CUDA inference (`ops.elementwise.silu_mul`)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -19,4 +20,4 @@ class InfiniteVLMLP(Qwen2MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hidden_act != "silu":
             return super().forward(x)
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return project(self.down_proj, silu_mul(project(self.gate_proj, x), project(self.up_proj, x)))

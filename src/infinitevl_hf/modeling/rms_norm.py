@@ -1,5 +1,5 @@
 """RMSNorm of the decoder (and, through `speed.vision`, of the vision blocks): Qwen2's RMSNorm math
-(`ops.norms.rms_norm`), one compiled kernel for inference on a GPU instead of five float32 passes, also joined
+(`ops.norms.rms_norm`), one kernel for inference on a GPU instead of five float32 passes, also joined
 with the residual add before it (`add_then_norm`)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from .ops.norms import add_rms_norm, rms_norm
 
 
 class InfiniteVLRMSNorm(Qwen2_5_VLRMSNorm):
-    """`Qwen2_5_VLRMSNorm` (same parameter) through `ops.norms.rms_norm`, compiled for CUDA inference."""
+    """`Qwen2_5_VLRMSNorm` (same parameter) through `ops.norms.rms_norm`, one kernel for CUDA inference."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def add_then_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(residual + delta, this norm of it) in one compiled kernel for CUDA inference."""
+        """(residual + delta, this norm of it) in one kernel for CUDA inference."""
         return add_rms_norm(residual, delta, self.weight, self.variance_epsilon)

@@ -15,8 +15,9 @@ Ops whose checks depend only on cheap facts (device type, grad mode) pass ``key=
 cached by those facts, so the per-call cost on the decode hot path is a dict lookup. Inside a graph being
 compiled nothing is cached or logged (the choice is part of the traced graph).
 
-``cuda_inference_op`` builds the elementwise ops (norms, gates, rotary): a ``torch.compile``d implementation
-for CUDA inference, the function itself otherwise.
+``cuda_inference_op`` builds the elementwise ops (norms, gates, rotary): a Triton kernel of the package for CUDA
+inference (`triton_elementwise.py`), a ``torch.compile``d implementation where that kernel does not serve, the
+function itself otherwise.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def fla_backward_problem(device: torch.device) -> str | None:
             "(upgrade Triton to >= 3.7.1 or install tilelang)")
 
 
-# ---- compiled for CUDA inference: the elementwise ops' fast implementation ------------------------------------
+# ---- compiled for CUDA inference: the elementwise ops' fallback where the package's kernel does not fit ------
 
 
 def cuda_inference_problem(first, *args) -> str | None:
@@ -284,9 +285,18 @@ def compile_lazily(fn: Callable) -> Callable:
 
 
 def cuda_inference_op(fn: Callable, name: str | None = None) -> Op:
-    """An elementwise op: `fn` compiled for CUDA inference (autograd off, not inside a caller's compiled graph),
-    `fn` itself otherwise. Arguments are positional. Registered as `name` when given (the package's ops);
-    without one it is an op of the caller's own (a benchmark's, a test's)."""
-    created = register_op(name, fn, key=_cuda_inference_key) if name else Op(fn.__name__, fn, _cuda_inference_key)
+    """An elementwise op for CUDA inference (autograd off, not inside a caller's compiled graph): the package's
+    Triton kernel of `name` where there is one and Triton imports (`triton_elementwise.KERNELS`), then `fn`
+    compiled; `fn` itself otherwise. Arguments are positional. Registered as `name` when given (the package's
+    ops); without one it is an op of the caller's own (a benchmark's, a test's)."""
+    kernel = problem = problem_key = None
+    if name is not None and triton_available():
+        from .triton_elementwise import KERNELS, problem, problem_key
+
+        kernel = KERNELS.get(name)
+    key = problem_key if kernel is not None else _cuda_inference_key
+    created = register_op(name, fn, key=key) if name else Op(fn.__name__, fn, key)
+    if kernel is not None:
+        created.register("triton", kernel, problem)
     created.register("compiled", compile_lazily(fn), cuda_inference_problem)
     return created

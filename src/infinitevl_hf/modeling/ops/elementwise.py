@@ -1,5 +1,6 @@
 """The decoder's and vision tower's small elementwise ops: SiLU gates and the text rotary embedding, each the
-torch definition (`torch_*`) and an op compiled for CUDA inference (`dispatch.cuda_inference_op`)."""
+torch definition (`torch_*`) and an op for CUDA inference (`dispatch.cuda_inference_op`: the package's Triton
+kernel, else compiled)."""
 
 from __future__ import annotations
 
@@ -32,4 +33,4 @@ def torch_apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
 
 silu_mul = cuda_inference_op(torch_silu_mul, "silu_mul")
 silu_glu = cuda_inference_op(torch_silu_glu, "silu_glu")
-apply_rotary = cuda_inference_op(torch_apply_rotary, "apply_rotary")  # one kernel for q and k
+apply_rotary = cuda_inference_op(torch_apply_rotary, "apply_rotary")

@@ -1,6 +1,6 @@
 """The RMSNorms of the decoder: the torch definitions (`torch_*`, shared by the fused decode step's references)
-and the ops the modules call, compiled for CUDA inference (`dispatch.cuda_inference_op`): one kernel instead of
-a few float32 passes over every token."""
+and the ops the modules call, one kernel each for CUDA inference (`dispatch.cuda_inference_op`: the package's
+Triton kernel, else compiled) instead of a few float32 passes over every token."""
 
 from __future__ import annotations
 

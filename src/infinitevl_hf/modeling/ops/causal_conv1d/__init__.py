@@ -1,26 +1,46 @@
 """Causal conv1d dispatcher: fla's Triton kernel for CUDA prefill, the torch reference otherwise.
 
-Decode (T == 1) always uses the torch path: it is a W-tap dot product per channel, cheaper than a
-kernel launch with state re-layout.
+Decode (T == 1) on CUDA takes the package's one-token kernel (`triton_step.py`): one launch where the torch
+path is a dozen; elsewhere the torch path.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..dispatch import FLA, fla_problem, register_fla_loader, register_op
+from ..dispatch import FLA, fla_problem, register_fla_loader, register_op, triton_available
 from .cuda import fla_causal_conv1d, load_fla_causal_conv1d
 from .reference import torch_causal_conv1d
+
+if triton_available():
+    from .triton_step import triton_conv1d_step
 
 
 def _fla_fits(x, weight=None, bias=None, activation=None, initial_state=None, *args, **kwargs) -> str | None:
     if x.shape[1] == 1:
-        return "one token: a W-tap dot product per channel, cheaper in torch"
+        return "one token: fla's kernel is for prompts"
     return fla_problem("causal_conv1d", x, weight, bias, initial_state)
+
+
+def _step_fits(x, weight=None, bias=None, activation=None, initial_state=None, output_final_state=False,
+               cu_seqlens=None) -> str | None:
+    if not x.is_cuda:
+        return "inputs are not on CUDA"
+    if x.shape[1] != 1 or cu_seqlens is not None:
+        return "more than one token per row"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_state)):
+        return "gradients needed (the kernel has no backward)"
+    if x.stride(-1) != 1 or not weight.is_contiguous() or (initial_state is not None and not initial_state.is_contiguous()):
+        return "x, the weight or the state is not contiguous"
+    if activation not in ("silu", "swish", None):
+        return f"activation {activation!r}"
+    return None
 
 
 register_fla_loader("causal_conv1d", load_fla_causal_conv1d)
 _causal_conv1d = register_op("causal_conv1d", torch_causal_conv1d)
+if triton_available():
+    _causal_conv1d.register("triton", triton_conv1d_step, _step_fits)
 _causal_conv1d.register(FLA, fla_causal_conv1d, _fla_fits)
 
 

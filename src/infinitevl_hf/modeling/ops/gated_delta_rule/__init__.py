@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import FLA, fla_problem, register_fla_loader, register_op, triton_available
+from ..dispatch import FLA, cuda_inference_op, fla_problem, register_fla_loader, register_op, triton_available
 from .cuda import fla_chunk_gated_delta_rule, fla_fused_recurrent_gated_delta_rule, load_fla_gated_delta_rule
 from .reference import (
     gated_output_norm,
@@ -17,11 +17,12 @@ from .reference import (
     torch_chunk_gated_delta_rule,
     torch_fused_recurrent_gated_delta_rule,
     torch_gated_delta_rule_decode_step,
+    torch_gdn_gates,
     torch_naive_gated_delta_rule,
 )
 
 if triton_available():
-    from .triton_decode import triton_gated_delta_rule_decode_step
+    from .triton_decode import triton_gated_delta_rule_decode_step, triton_recurrent_one_token
 
 
 def _fla_fits(name: str):
@@ -31,6 +32,25 @@ def _fla_fits(name: str):
     return fits
 
 
+def _one_token_fits(q, k=None, v=None, g=None, beta=None, scale=None, initial_state=None, output_final_state=False,
+                    *, cu_seqlens=None, use_qk_l2norm_in_kernel=False) -> str | None:
+    """Whether the package's one-token kernel serves this fused-recurrent call (the module path's decode step)."""
+    if not q.is_cuda:
+        return "inputs are not on CUDA"
+    if q.shape[1] != 1 or cu_seqlens is not None:
+        return "more than one token per row"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)):
+        return "gradients needed (the kernel has no backward)"
+    d_k, d_v = q.shape[-1], v.shape[-1]
+    if d_k & (d_k - 1) or d_v % 32 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        return f"the kernel needs a power-of-two key dim and value dims in multiples of 32, got {d_k} and {d_v}"
+    if not all(t.is_contiguous() for t in (q, k, v, g, beta)) or g.dtype != torch.float32:
+        return "q, k, v, g, beta are not contiguous, or g is not float32"
+    if initial_state is not None and (initial_state.dtype != torch.float32 or not initial_state.is_contiguous()):
+        return "the state is not contiguous float32"
+    return None
+
+
 _ops = {}
 for _name, _reference, _kernel in (
     ("chunk_gated_delta_rule", torch_chunk_gated_delta_rule, fla_chunk_gated_delta_rule),
@@ -38,6 +58,8 @@ for _name, _reference, _kernel in (
 ):
     register_fla_loader(_name, load_fla_gated_delta_rule)
     _ops[_name] = register_op(_name, _reference)
+    if _name == "fused_recurrent_gated_delta_rule" and triton_available():  # ahead of fla: one launch, little host work
+        _ops[_name].register("triton", triton_recurrent_one_token, _one_token_fits)
     _ops[_name].register(FLA, _kernel, _fla_fits(_name))
 
 
@@ -49,10 +71,13 @@ def _decode_step_fits(q, k, v, a, b, A_log, dt_bias, state, scale=None) -> str |
         return "the state is not contiguous float32"
     if d_k & (d_k - 1) or d_v % 32:
         return f"the kernel needs a power-of-two key dim and value dims in multiples of 32, got {d_k} and {d_v}"
-    if not all(t.stride(-1) == 1 and t.stride(0) == q.stride(0) for t in (q, k, v, a, b)):
-        return "q, k, v, a, b are not unit-stride views with one row stride"
+    if not all(t.stride(-1) == 1 for t in (q, k, v, a, b)):
+        return "q, k, v, a, b are not views with unit last stride"
     return None
 
+
+# (g, beta) of a layer from its raw a/b projections: one kernel for CUDA inference.
+gdn_gates = cuda_inference_op(torch_gdn_gates, "gdn_gates")
 
 _decode_step = register_op("gated_delta_rule_decode_step", torch_gated_delta_rule_decode_step)
 if triton_available():
@@ -139,9 +164,11 @@ __all__ = [
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
     "gated_delta_rule_decode_step",
+    "gdn_gates",
     "l2norm",
     "torch_chunk_gated_delta_rule",
     "torch_fused_recurrent_gated_delta_rule",
     "torch_gated_delta_rule_decode_step",
+    "torch_gdn_gates",
     "torch_naive_gated_delta_rule",
 ]

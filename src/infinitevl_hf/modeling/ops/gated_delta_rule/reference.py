@@ -264,6 +264,12 @@ def torch_chunk_gated_delta_rule(
                 cu_seqlens, use_qk_l2norm_in_kernel)
 
 
+def torch_gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
+    """A Gated DeltaNet layer's gates from its raw a/b projections [..., H]: (g, beta) with the log decay
+    g = -exp(A_log) * softplus(a + dt_bias) in float32 and beta = sigmoid(b) in b's dtype."""
+    return -A_log.float().exp() * F.softplus(a.float() + dt_bias.float()), b.sigmoid()
+
+
 def torch_gated_delta_rule_decode_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -287,8 +293,8 @@ def torch_gated_delta_rule_decode_step(
     """
     batch, heads, d_k, d_v = state.shape
     scale = d_k**-0.5 if scale is None else scale
-    beta = b.sigmoid().float()
-    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    g, beta = torch_gdn_gates(a, b, A_log, dt_bias)
+    beta = beta.float()
     q = l2norm(q.float().view(batch, heads, d_k)) * scale
     k = l2norm(k.float().view(batch, heads, d_k))
     S = state * g.exp()[..., None, None]

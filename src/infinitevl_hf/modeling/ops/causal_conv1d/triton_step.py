@@ -1,0 +1,62 @@
+"""One token through the depthwise causal convolution as a single Triton kernel (the module path's decode step).
+
+The torch definition of a one-token step is a dozen launches (casts, a concat, the W-tap product, the SiLU,
+the shifted state) for a few kilobytes of work; here each program takes a block of channels of one row, reads
+its W-1 carried inputs and the new one, and writes the output and the shifted state. `torch_causal_conv1d`
+(reference.py) is the definition: float32 math, results in x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # (transformers' remote-code import check skips try blocks: Triton stays optional)
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("the Triton conv step kernel needs Triton") from error
+
+
+@triton.jit
+def _conv_step_kernel(X, Wt, Bias, S, Y, S_out, D, x_stride, W: tl.constexpr, BLOCK_D: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr, STORE_STATE: tl.constexpr):
+    row, block = tl.program_id(0), tl.program_id(1)
+    channels = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    live = channels < D
+    x = tl.load(X + row * x_stride + channels, mask=live, other=0.0).to(tl.float32)
+    state_row = S + row * D * (W - 1) + channels * (W - 1)
+    out_row = S_out + row * D * (W - 1) + channels * (W - 1)
+    y = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for tap in tl.static_range(W - 1):  # the carried inputs, oldest first, then the new one: the reference's order
+        if HAS_STATE:
+            past = tl.load(state_row + tap, mask=live, other=0.0).to(tl.float32)
+        else:
+            past = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        y += past * tl.load(Wt + channels * W + tap, mask=live, other=0.0).to(tl.float32)
+        if STORE_STATE and tap > 0:
+            tl.store(out_row + tap - 1, past.to(S_out.dtype.element_ty), mask=live)
+    y += x * tl.load(Wt + channels * W + (W - 1), mask=live, other=0.0).to(tl.float32)
+    if STORE_STATE:
+        tl.store(out_row + (W - 2), x.to(S_out.dtype.element_ty), mask=live)
+    if HAS_BIAS:
+        y += tl.load(Bias + channels, mask=live, other=0.0).to(tl.float32)
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(Y + row * D + channels, y.to(Y.dtype.element_ty), mask=live)
+
+
+def triton_conv1d_step(x, weight, bias=None, activation="silu", initial_state=None, output_final_state=False,
+                       cu_seqlens=None, block_d: int = 256):
+    """`torch_causal_conv1d` for one token per row: x [B, 1, D] (unit channel stride), weight [D, W] and the
+    state [B, D, W-1] contiguous. Returns (y [B, 1, D], the new state [B, D, W-1] or None), both in x's dtype."""
+    batch, _, channels = x.shape
+    taps = weight.shape[1]
+    y = torch.empty(batch, 1, channels, dtype=x.dtype, device=x.device)
+    final = torch.empty(batch, channels, taps - 1, dtype=x.dtype, device=x.device) if output_final_state else None
+    grid = (batch, triton.cdiv(channels, block_d))
+    _conv_step_kernel[grid](
+        x, weight, bias if bias is not None else weight, initial_state if initial_state is not None else weight, y,
+        final if final is not None else y, channels, x.stride(0), W=taps, BLOCK_D=block_d, HAS_BIAS=bias is not None,
+        HAS_STATE=initial_state is not None, SILU=activation is not None, STORE_STATE=final is not None, num_warps=4,
+    )
+    return y, final

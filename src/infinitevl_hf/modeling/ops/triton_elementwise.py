@@ -1,0 +1,218 @@
+"""The decoder's norms, SiLU gates, text rotary and Gated DeltaNet gates as one Triton kernel each, for CUDA
+inference.
+
+Each kernel computes its torch definition (`norms.torch_*`, `elementwise.torch_*`) in float32 with the
+definition's explicit casts (RMSNorm casts back before its scale), rounding once at the end where eager torch
+rounds after each half-precision op (as `torch.compile` does; tests hold both as close to float32). At one
+decode token their cost is launches, so a plain kernel launch (no guard checks or wrappers around it) is what
+keeps the module path's decode step off the host; on a prompt they stream each row once. Inputs may have any
+strides (a row that is not unit-stride is copied first).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # (transformers' remote-code import check skips try blocks: Triton stays optional)
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("the Triton elementwise kernels need Triton") from error
+
+MAX_FEATURES = 16384  # a whole row per program up to this width
+
+
+def _warps(block: int) -> int:
+    return 1 if block <= 256 else 4 if block <= 2048 else 8
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, features] without a copy where its layout allows, else a contiguous copy."""
+    return x.reshape(-1, x.shape[-1]) if x.stride(-1) == 1 else x.contiguous().view(-1, x.shape[-1])
+
+
+@triton.jit
+def _rms_norm_kernel(X, R, W, Y, H, x_stride, r_stride, D, eps, BLOCK: tl.constexpr, ADD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    live = cols < D
+    x = tl.load(X + row * x_stride + cols, mask=live, other=0.0)
+    if ADD:  # the residual add, rounded to its dtype, is what gets normalised
+        x = (x.to(tl.float32) + tl.load(R + row * r_stride + cols, mask=live, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + row * D + cols, x, mask=live)
+    xf = x.to(tl.float32)
+    normed = (xf * tl.math.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype)  # cast back before the scale
+    w = tl.load(W + cols, mask=live, other=0.0).to(tl.float32)
+    tl.store(Y + row * D + cols, (normed.to(tl.float32) * w).to(Y.dtype.element_ty), mask=live)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`norms.torch_rms_norm` as one kernel."""
+    rows = _rows(x)
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    block = triton.next_power_of_2(x.shape[-1])
+    _rms_norm_kernel[(rows.shape[0],)](rows, rows, weight, out, out, rows.stride(0), 0, x.shape[-1], eps,
+                                       BLOCK=block, ADD=False, num_warps=_warps(block))
+    return out
+
+
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """`norms.torch_add_rms_norm` as one kernel: (residual + delta, its norm)."""
+    if residual.shape != delta.shape:
+        residual, delta = torch.broadcast_tensors(residual, delta)
+    a, b = _rows(residual), _rows(delta)
+    hidden = torch.empty(residual.shape, dtype=torch.promote_types(residual.dtype, delta.dtype), device=residual.device)
+    out = torch.empty(residual.shape, dtype=torch.promote_types(weight.dtype, hidden.dtype), device=residual.device)
+    block = triton.next_power_of_2(residual.shape[-1])
+    _rms_norm_kernel[(a.shape[0],)](a, b, weight, out, hidden, a.stride(0), b.stride(0), residual.shape[-1], eps,
+                                    BLOCK=block, ADD=True, num_warps=_warps(block))
+    return hidden, out
+
+
+@triton.jit
+def _gated_rms_norm_kernel(X, G, W, Y, x_stride, g_stride, D, eps, BLOCK: tl.constexpr, GATE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    live = cols < D
+    x = tl.load(X + row * x_stride + cols, mask=live, other=0.0).to(tl.float32)
+    y = x * tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps) * tl.load(W + cols, mask=live, other=0.0).to(tl.float32)
+    if GATE:
+        g = tl.load(G + row * g_stride + cols, mask=live, other=0.0).to(tl.float32)
+        y = y * (g * tl.sigmoid(g))
+    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=live)
+
+
+def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`norms.torch_gated_rms_norm` as one kernel."""
+    rows = _rows(x)
+    gates = _rows(gate.expand(x.shape)) if gate is not None else rows
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(x.shape[-1])
+    _gated_rms_norm_kernel[(rows.shape[0],)](rows, gates, weight, out, rows.stride(0), gates.stride(0), x.shape[-1],
+                                             eps, BLOCK=block, GATE=gate is not None, num_warps=_warps(block))
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(G, U, Y, g_stride, u_stride, N, BLOCK: tl.constexpr):
+    row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    live = cols < N
+    g = tl.load(G + row * g_stride + cols, mask=live, other=0.0)
+    u = tl.load(U + row * u_stride + cols, mask=live, other=0.0)
+    gf = g.to(tl.float32)
+    tl.store(Y + row * N + cols, (gf * tl.sigmoid(gf) * u.to(tl.float32)).to(Y.dtype.element_ty), mask=live)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`elementwise.torch_silu_mul` as one kernel."""
+    if gate.shape != up.shape:
+        gate, up = torch.broadcast_tensors(gate, up)
+    g, u = _rows(gate), _rows(up)
+    return _silu_mul(g, u, gate.shape, torch.promote_types(gate.dtype, up.dtype))
+
+
+def silu_glu(gate_up: torch.Tensor) -> torch.Tensor:
+    """`elementwise.torch_silu_glu` as one kernel: the halves of the last dim are gate and up."""
+    rows, half = _rows(gate_up), gate_up.shape[-1] // 2
+    return _silu_mul(rows[:, :half], rows[:, half:], (*gate_up.shape[:-1], half), gate_up.dtype)
+
+
+def _silu_mul(g, u, shape, dtype):
+    out = torch.empty(shape, dtype=dtype, device=g.device)
+    n = g.shape[-1]
+    block = min(1024, triton.next_power_of_2(n))
+    _silu_mul_kernel[(g.shape[0], triton.cdiv(n, block))](g, u, out, g.stride(0), u.stride(0), n, BLOCK=block,
+                                                           num_warps=_warps(block))
+    return out
+
+
+@triton.jit
+def _rotary_kernel(X, C, S, Y, heads, length, x_b, x_h, x_t, c_b, c_t, s_b, s_t, y_b, y_h, y_t,
+                   HALF: tl.constexpr, BLOCK: tl.constexpr):
+    bt, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    b, t = bt // length, bt % length
+    cols = tl.arange(0, BLOCK)
+    live = cols < HALF
+    x = X + b * x_b + head * x_h + t * x_t
+    x1 = tl.load(x + cols, mask=live, other=0.0).to(tl.float32)
+    x2 = tl.load(x + HALF + cols, mask=live, other=0.0).to(tl.float32)
+    c1 = tl.load(C + b * c_b + t * c_t + cols, mask=live, other=0.0).to(tl.float32)
+    c2 = tl.load(C + b * c_b + t * c_t + HALF + cols, mask=live, other=0.0).to(tl.float32)
+    s1 = tl.load(S + b * s_b + t * s_t + cols, mask=live, other=0.0).to(tl.float32)
+    s2 = tl.load(S + b * s_b + t * s_t + HALF + cols, mask=live, other=0.0).to(tl.float32)
+    y = Y + b * y_b + head * y_h + t * y_t
+    tl.store(y + cols, (x1 * c1 - x2 * s1).to(Y.dtype.element_ty), mask=live)
+    tl.store(y + HALF + cols, (x2 * c2 + x1 * s2).to(Y.dtype.element_ty), mask=live)
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x, cos, sin = _unit_rows(x), _unit_rows(cos), _unit_rows(sin)
+    batch, heads, length, dim = x.shape
+    out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))  # x's layout, as eager torch keeps it
+    cos, sin = cos.expand(batch, length, dim), sin.expand(batch, length, dim)
+    block = triton.next_power_of_2(dim // 2)
+    _rotary_kernel[(batch * length, heads)](
+        x, cos, sin, out, heads, length, *x.stride()[:3], *cos.stride()[:2], *sin.stride()[:2], *out.stride()[:3],
+        HALF=dim // 2, BLOCK=block, num_warps=1,
+    )
+    return out
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """`elementwise.torch_apply_rotary` (q, k [B, H, T, D]; cos, sin [B, T, D]), a kernel for each of q and k."""
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+@triton.jit
+def _gdn_gates_kernel(A, B, A_log, dt_bias, G, Beta, heads, a_stride, b_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    live = cols < heads
+    a = tl.load(A + row * a_stride + cols, mask=live, other=0.0).to(tl.float32)
+    a = a + tl.load(dt_bias + cols, mask=live, other=0.0).to(tl.float32)
+    softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))  # F.softplus's threshold
+    tl.store(G + row * heads + cols, -tl.exp(tl.load(A_log + cols, mask=live, other=0.0).to(tl.float32)) * softplus,
+             mask=live)
+    b = tl.load(B + row * b_stride + cols, mask=live, other=0.0).to(tl.float32)
+    tl.store(Beta + row * heads + cols, tl.sigmoid(b).to(Beta.dtype.element_ty), mask=live)
+
+
+def gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
+    """`gated_delta_rule.torch_gdn_gates` as one kernel: (g float32, beta in b's dtype), each shaped as a."""
+    rows_a, rows_b = _rows(a), _rows(b)
+    g = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    beta = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+    block = triton.next_power_of_2(a.shape[-1])
+    _gdn_gates_kernel[(rows_a.shape[0],)](rows_a, rows_b, A_log, dt_bias, g, beta, a.shape[-1], rows_a.stride(0),
+                                          rows_b.stride(0), BLOCK=block, num_warps=1)
+    return g, beta
+
+
+# The ops (`dispatch.cuda_inference_op` names) these kernels implement.
+KERNELS = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "gated_rms_norm": gated_rms_norm,
+           "silu_mul": silu_mul, "silu_glu": silu_glu, "apply_rotary": apply_rotary, "gdn_gates": gdn_gates}
+
+
+def problem(first: torch.Tensor, *others) -> str | None:
+    """Why these kernels cannot serve a call whose first argument is `first`, or None. It reads only what
+    `problem_key` holds, so the answer can be cached by it."""
+    if torch.is_grad_enabled():
+        return "autograd is on"
+    if not first.is_cuda:
+        return "inputs are not on CUDA"
+    if torch.compiler.is_compiling():
+        return "inside a graph being compiled"
+    if first.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"a {first.dtype} input"
+    if first.shape[-1] > MAX_FEATURES:
+        return f"rows of {first.shape[-1]} features, more than the kernels take ({MAX_FEATURES})"
+    return None
+
+
+def problem_key(first: torch.Tensor, *others) -> tuple:
+    return first.device.type, torch.is_grad_enabled(), first.dtype, first.shape[-1] <= MAX_FEATURES

@@ -1,0 +1,102 @@
+"""Run by test_module_kernels.py in a subprocess with TRITON_INTERPRET=1 (set before Triton is imported): the
+kernels the module path runs on CUDA (norms, SiLU gates, text rotary, the one-token conv and delta rule) under
+Triton's CPU interpreter against their torch definitions. Exits non-zero on the first mismatch, printing every
+comparison."""
+
+import os
+import sys
+
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+from infinitevl_hf.modeling.ops import elementwise as E  # noqa: E402
+from infinitevl_hf.modeling.ops import norms as N  # noqa: E402
+from infinitevl_hf.modeling.ops import triton_elementwise as T  # noqa: E402
+from infinitevl_hf.modeling.ops.causal_conv1d.reference import torch_causal_conv1d  # noqa: E402
+from infinitevl_hf.modeling.ops.causal_conv1d.triton_step import triton_conv1d_step  # noqa: E402
+from infinitevl_hf.modeling.ops.gated_delta_rule.reference import (  # noqa: E402
+    torch_fused_recurrent_gated_delta_rule,
+    torch_gdn_gates,
+)
+from infinitevl_hf.modeling.ops.gated_delta_rule.triton_decode import triton_recurrent_one_token  # noqa: E402
+
+# As in interpreted_decode_kernels.py: the interpreter does not round float32 -> bfloat16 to nearest even.
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 3e-2}
+failures = []
+
+
+def check(name, got, expected, dtype):
+    if got is None or expected is None:
+        ok = got is None and expected is None
+        error = 0.0
+    else:
+        assert got.shape == expected.shape and got.dtype == expected.dtype, (name, got.shape, expected.shape, got.dtype, expected.dtype)
+        got, expected = got.float(), expected.float()
+        error = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+        ok = error <= TOLERANCE[dtype]
+    print(f"{'ok  ' if ok else 'FAIL'} {name:40s} {str(dtype):15s} relative error {error:.2e}")
+    if not ok:
+        failures.append(name)
+
+
+for dtype in (torch.float32, torch.bfloat16):
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 40, dtype=dtype)[:, ::2]  # strided rows, 40 features (not a power of two)
+    w = torch.rand(40, dtype=dtype) + 0.5
+    check("rms_norm", T.rms_norm(x, w, 1e-6), N.torch_rms_norm(x, w, 1e-6), dtype)
+    check("rms_norm, float32 weight", T.rms_norm(x, w.float(), 1e-6), N.torch_rms_norm(x, w.float(), 1e-6), dtype)
+    delta = torch.randn(3, 5, 40, dtype=dtype)
+    for got, expected in zip(T.add_rms_norm(x, delta, w, 1e-6), N.torch_add_rms_norm(x, delta, w, 1e-6)):
+        check("add_rms_norm", got, expected, dtype)
+    o, gate = torch.randn(2, 3, 4, 48, dtype=dtype), torch.randn(2, 3, 4, 48, dtype=dtype)
+    w48 = torch.rand(48) + 0.5
+    check("gated_rms_norm", T.gated_rms_norm(o, w48, gate, 1e-5), N.torch_gated_rms_norm(o, w48, gate, 1e-5), dtype)
+    check("gated_rms_norm, no gate", T.gated_rms_norm(o, w48, None, 1e-5), N.torch_gated_rms_norm(o, w48, None, 1e-5), dtype)
+    check("gated_rms_norm, float32 x", T.gated_rms_norm(o.float(), w48, gate, 1e-5),
+          N.torch_gated_rms_norm(o.float(), w48, gate, 1e-5), dtype)
+    g, u = torch.randn(2, 3, 1300, dtype=dtype), torch.randn(2, 3, 1300, dtype=dtype)  # two column blocks
+    check("silu_mul", T.silu_mul(g, u), E.torch_silu_mul(g, u), dtype)
+    gu = torch.randn(5, 74, dtype=dtype)
+    check("silu_glu", T.silu_glu(gu), E.torch_silu_glu(gu), dtype)
+    q = torch.randn(2, 3, 4, 16, dtype=dtype).transpose(1, 2)  # [B, H, T, D] as the attention's view
+    k = torch.randn(2, 3, 2, 16, dtype=dtype).transpose(1, 2)
+    for cos_batch in (2, 1):
+        cos, sin = torch.randn(cos_batch, 3, 16, dtype=dtype), torch.randn(cos_batch, 3, 16, dtype=dtype)
+        for got, expected in zip(T.apply_rotary(q, k, cos, sin), E.torch_apply_rotary(q, k, cos, sin)):
+            check(f"apply_rotary (cos batch {cos_batch})", got, expected, dtype)
+            assert got.stride() == expected.stride(), (got.stride(), expected.stride())
+
+    for channels in (40, 300):  # one block of channels, then two with the last partial
+        xs = torch.randn(2, 1, channels, dtype=dtype)
+        cw, cb = torch.randn(channels, 4, dtype=dtype), torch.randn(channels, dtype=dtype)
+        for bias in (None, cb):
+            for state in (None, torch.randn(2, channels, 3, dtype=dtype)):
+                for activation in ("silu", None):
+                    label = f"conv step D={channels} bias={bias is not None} state={state is not None} {activation}"
+                    got = triton_conv1d_step(xs, cw, bias, activation, state, True)
+                    expected = torch_causal_conv1d(xs, cw, bias, activation, state, True)
+                    check(label, got[0], expected[0], dtype)
+                    check(label + " (state)", got[1], expected[1], dtype)
+        assert triton_conv1d_step(xs, cw, None, "silu", None, False)[1] is None
+
+    a, b = torch.randn(2, 5, 6, dtype=dtype) * 8, torch.randn(2, 5, 6, dtype=dtype)  # past softplus' threshold too
+    A_log, dt_bias = torch.randn(6), torch.randn(6, dtype=dtype)
+    for got, expected in zip(T.gdn_gates(a, b, A_log, dt_bias), torch_gdn_gates(a, b, A_log, dt_bias)):
+        check("gdn_gates", got, expected, dtype)
+
+    heads, d_k, d_v = 3, 16, 64  # two blocks of value columns
+    q1, k1 = torch.randn(2, 1, heads, d_k, dtype=dtype), torch.randn(2, 1, heads, d_k, dtype=dtype)
+    v1 = torch.randn(2, 1, heads, d_v, dtype=dtype)
+    g1, beta1 = -torch.rand(2, 1, heads), torch.rand(2, 1, heads, dtype=dtype)
+    for state in (None, torch.randn(2, heads, d_k, d_v) * 0.1):
+        for norm in (True, False):
+            label = f"recurrent one token state={state is not None} l2norm={norm}"
+            got = triton_recurrent_one_token(q1, k1, v1, g1, beta1, None, state, True, use_qk_l2norm_in_kernel=norm)
+            expected = torch_fused_recurrent_gated_delta_rule(q1, k1, v1, g1, beta1, None, state, True,
+                                                               use_qk_l2norm_in_kernel=norm)
+            check(label, got[0], expected[0], dtype)
+            check(label + " (state)", got[1], expected[1], torch.float32 if dtype == torch.float32 else dtype)
+    assert triton_recurrent_one_token(q1, k1, v1, g1, beta1, 0.5, None, False)[1] is None
+
+sys.exit(1 if failures else 0)

@@ -1,0 +1,127 @@
+"""The kernels the module path takes on CUDA (`triton_elementwise`, the one-token conv and delta rule) against
+their torch definitions, under Triton's CPU interpreter everywhere and compiled on a GPU; and the choice of
+them, made per call by `dispatch`."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import run_under_triton_interpreter
+from infinitevl_hf.modeling.ops import dispatch
+
+
+def test_kernels_match_their_torch_definitions_under_the_triton_interpreter():
+    output = run_under_triton_interpreter(Path(__file__).with_name("interpreted_module_kernels.py"))
+    assert output.count("ok  ") == 110 and "FAIL" not in output, output
+
+
+def test_the_module_path_ops_prefer_the_package_kernels_and_say_why_not_off_cuda():
+    from infinitevl_hf.modeling.ops import causal_conv1d, elementwise, gated_delta_rule, norms  # noqa: F401 (registers)
+
+    for name in ("rms_norm", "add_rms_norm", "gated_rms_norm", "silu_mul", "silu_glu", "apply_rotary",
+                 "gdn_gates", "causal_conv1d", "fused_recurrent_gated_delta_rule"):
+        assert [i.name for i in dispatch.op(name).implementations][0] == "triton", name
+    x = torch.randn(1, 1, 8)
+    with torch.no_grad():
+        assert dispatch.decide("rms_norm", x, torch.ones(8), 1e-6) == ("torch", "triton: inputs are not on CUDA")
+    assert dispatch.decide("causal_conv1d", x, torch.randn(8, 4), None, "silu", torch.zeros(1, 8, 3), True) == (
+        "torch", "triton: inputs are not on CUDA")
+
+
+def test_the_kernels_fit_one_token_of_cuda_inference_only():
+    from infinitevl_hf.modeling.ops.causal_conv1d import _step_fits
+    from infinitevl_hf.modeling.ops.gated_delta_rule import _one_token_fits
+    from infinitevl_hf.modeling.ops.triton_elementwise import problem
+
+    meta = dict(device="meta")
+    q, v = torch.empty(2, 1, 3, 16, **meta), torch.empty(2, 1, 3, 64, **meta)
+    g, state = torch.empty(2, 1, 3, **meta), torch.empty(2, 3, 16, 64, **meta)
+    cuda_like = type("CudaLike", (), {})  # the fit checks ask is_cuda first: stand in for a CUDA tensor
+
+    def on_cuda(t):
+        wrapper = cuda_like()
+        for attr in ("shape", "dtype", "requires_grad", "stride", "is_contiguous", "dim"):
+            setattr(wrapper, attr, getattr(t, attr))
+        wrapper.is_cuda = True
+        return wrapper
+
+    args = [on_cuda(t) for t in (q, q, v, g, g)]
+    assert _one_token_fits(*args, None, on_cuda(state), True) is None
+    longer = on_cuda(torch.empty(2, 2, 3, 16, **meta))
+    assert _one_token_fits(longer, *args[1:], None, None, False) == "more than one token per row"
+    odd = [on_cuda(t) for t in (torch.empty(2, 1, 3, 12, **meta), torch.empty(2, 1, 3, 12, **meta), v, g, g)]
+    assert "power-of-two key dim" in _one_token_fits(*odd, None, None, False)
+    x = on_cuda(torch.empty(2, 1, 40, **meta))
+    assert _step_fits(x, on_cuda(torch.empty(40, 4, **meta)), None, "silu", None, True) is None
+    assert _step_fits(on_cuda(torch.empty(2, 5, 40, **meta)), on_cuda(torch.empty(40, 4, **meta))) == "more than one token per row"
+    with torch.no_grad():
+        assert problem(torch.empty(4, 8)) == "inputs are not on CUDA"
+        assert problem(on_cuda(torch.empty(4, 8, **meta))) is None
+        assert "features" in problem(on_cuda(torch.empty(4, 20000, **meta)))
+        assert "torch.int64" in problem(on_cuda(torch.empty(4, 8, dtype=torch.long, **meta)))
+    with torch.enable_grad():
+        assert problem(on_cuda(torch.empty(4, 8, **meta))) == "autograd is on"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernels_match_their_torch_definitions_on_the_gpu():
+    """bf16 at InfiniteVL-4B's widths, prompt and decode sizes: within bf16 rounding of the torch definition."""
+    from infinitevl_hf.modeling.ops import elementwise as E
+    from infinitevl_hf.modeling.ops import norms as N
+    from infinitevl_hf.modeling.ops import triton_elementwise as T
+    from infinitevl_hf.modeling.ops.causal_conv1d.reference import torch_causal_conv1d
+    from infinitevl_hf.modeling.ops.causal_conv1d.triton_step import triton_conv1d_step
+    from infinitevl_hf.modeling.ops.gated_delta_rule.reference import torch_fused_recurrent_gated_delta_rule, torch_gdn_gates
+    from infinitevl_hf.modeling.ops.gated_delta_rule.triton_decode import triton_recurrent_one_token
+
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    def close(fn, *args, **kwargs):
+        """fn's kernel against its torch definition on the same bf16 inputs and on float32 ones."""
+        kernel, definition = getattr(T, fn.__name__.removeprefix("torch_")), fn
+        exact = definition(*(a.float() if torch.is_tensor(a) else a for a in args), **kwargs)
+        for got, eager, truth in zip(*(o if isinstance(o, tuple) else (o,) for o in
+                                       (kernel(*args, **kwargs), definition(*args, **kwargs), exact))):
+            assert got.shape == eager.shape and got.dtype == eager.dtype and got.stride() == eager.stride(), fn.__name__
+            # rounded once where eager rounds after every bf16 op: as close to float32 as eager
+            assert rel(got, eager) < 1e-2 and rel(got, truth) <= 1.5 * rel(eager, truth) + 1e-3, (
+                fn.__name__, rel(got, eager), rel(got, truth), rel(eager, truth))
+
+    for rows in (1, 3328):
+        x, delta = torch.randn(1, rows, 2048, device=dev, dtype=dt), torch.randn(1, rows, 2048, device=dev, dtype=dt)
+        w = torch.rand(2048, device=dev, dtype=dt) + 0.5
+        close(N.torch_rms_norm, x, w, 1e-6)
+        close(N.torch_add_rms_norm, x, delta, w, 1e-6)
+        o, gate = torch.randn(1, rows, 16, 256, device=dev, dtype=dt), torch.randn(1, rows, 16, 256, device=dev, dtype=dt)
+        close(N.torch_gated_rms_norm, o, torch.rand(256, device=dev, dtype=dt) + 0.5, gate, 1e-5)
+        g, u = torch.randn(1, rows, 11008, device=dev, dtype=dt), torch.randn(1, rows, 11008, device=dev, dtype=dt)
+        close(E.torch_silu_mul, g, u)
+        close(E.torch_silu_glu, torch.cat([g, u], -1))
+        q = torch.randn(1, rows, 16, 128, device=dev, dtype=dt).transpose(1, 2)
+        k = torch.randn(1, rows, 2, 128, device=dev, dtype=dt).transpose(1, 2)
+        angles = torch.rand(1, rows, 128, device=dev) * 6.3
+        close(E.torch_apply_rotary, q, k, angles.cos().to(dt), angles.sin().to(dt))
+        a, b = torch.randn(1, rows, 16, device=dev, dtype=dt) * 8, torch.randn(1, rows, 16, device=dev, dtype=dt)
+        close(torch_gdn_gates, a, b, torch.randn(16, device=dev), torch.randn(16, device=dev))
+
+    for batch in (1, 8):
+        x = torch.randn(batch, 1, 4096, device=dev, dtype=dt)
+        cw, state = torch.randn(4096, 4, device=dev, dtype=dt), torch.randn(batch, 4096, 3, device=dev, dtype=dt)
+        got, expected = triton_conv1d_step(x, cw, None, "silu", state, True), torch_causal_conv1d(x, cw, None, "silu", state, True)
+        assert rel(got[0], expected[0]) < 1e-2  # both compute in float32 and round once
+        assert (got[0] == expected[0]).float().mean() > 0.95
+        assert torch.equal(got[1], expected[1])  # the shifted state is the inputs themselves
+        q, k = torch.randn(batch, 1, 16, 128, device=dev, dtype=dt), torch.randn(batch, 1, 16, 128, device=dev, dtype=dt)
+        v = torch.randn(batch, 1, 16, 256, device=dev, dtype=dt)
+        g, beta = -torch.rand(batch, 1, 16, device=dev), torch.rand(batch, 1, 16, device=dev, dtype=dt)
+        h0 = torch.randn(batch, 16, 128, 256, device=dev) * 0.1
+        got = triton_recurrent_one_token(q, k, v, g, beta, None, h0, True, use_qk_l2norm_in_kernel=True)
+        expected = torch_fused_recurrent_gated_delta_rule(q, k, v, g, beta, None, h0, True, use_qk_l2norm_in_kernel=True)
+        assert rel(got[0], expected[0]) < 1e-2 and (got[0] == expected[0]).float().mean() > 0.95
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
