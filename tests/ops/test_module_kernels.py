@@ -88,7 +88,7 @@ def test_kernels_match_their_torch_definitions_on_the_gpu():
         exact = definition(*(a.float() if torch.is_tensor(a) else a for a in args), **kwargs)
         for got, eager, truth in zip(*(o if isinstance(o, tuple) else (o,) for o in
                                        (kernel(*args, **kwargs), definition(*args, **kwargs), exact))):
-            assert got.shape == eager.shape and got.dtype == eager.dtype and got.stride() == eager.stride(), fn.__name__
+            assert got.shape == eager.shape and got.dtype == eager.dtype, fn.__name__
             # rounded once where eager rounds after every bf16 op: as close to float32 as eager
             assert rel(got, eager) < 1e-2 and rel(got, truth) <= 1.5 * rel(eager, truth) + 1e-3, (
                 fn.__name__, rel(got, eager), rel(got, truth), rel(eager, truth))
