@@ -20,7 +20,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .attention_paths import attend, update_cache
 from .ops.elementwise import apply_rotary
-from .projection import project
 from .configuration_infinitevl import ROPE_TYPES, InfiniteVLTextConfig
 
 
@@ -97,13 +96,13 @@ class InfiniteVLAttention(nn.Module):
         gives them (eager; the keys are the cached window followed by the new tokens), else None."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
-        query = project(self.q_proj, hidden_states).view(shape).transpose(1, 2)
-        key = project(self.k_proj, hidden_states).view(shape).transpose(1, 2)
-        value = project(self.v_proj, hidden_states).view(shape).transpose(1, 2)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         query, key = apply_rotary(query, key, *position_embeddings)
 
         implementation = self.config._attn_implementation or "sdpa"
         cu_seqlens = kwargs.pop("cu_seqlens", None)
         seen, path = update_cache(self, cache, query, key, value, implementation, token_valid, cu_seqlens)
         output, weights = attend(self, query, seen, path, implementation, token_valid, cu_seqlens, **kwargs)
-        return project(self.o_proj, output.reshape(batch, length, -1).contiguous()), weights
+        return self.o_proj(output.reshape(batch, length, -1).contiguous()), weights

@@ -28,7 +28,6 @@ from .configuration_infinitevl import InfiniteVLTextConfig
 from .ops import causal_conv1d, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from .ops.gated_delta_rule import gdn_gates
 from .ops.norms import gated_rms_norm
-from .projection import project
 
 # Prompts up to this many tokens use the recurrent kernel, as the official release does.
 RECURRENT_MAX_TOKENS = 64
@@ -131,7 +130,7 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         def masked(x: torch.Tensor) -> torch.Tensor:
             return x if token_valid is None else torch.where(token_valid[..., None], x, torch.zeros_like(x))
 
-        q, k, v = (masked(project(proj, hidden_states)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = masked(self.q_proj(hidden_states)), masked(self.k_proj(hidden_states)), masked(self.v_proj(hidden_states))
         if self.use_short_conv:
             convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
             outputs = []
@@ -149,7 +148,7 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         q = q.view(batch, length, -1, self.head_k_dim)
         k = k.view(batch, length, -1, self.head_k_dim)
         v = v.view(batch, length, -1, self.head_v_dim)
-        g, beta = gdn_gates(project(self.a_proj, hidden_states), project(self.b_proj, hidden_states), self.A_log, self.dt_bias)
+        g, beta = gdn_gates(self.a_proj(hidden_states), self.b_proj(hidden_states), self.A_log, self.dt_bias)
         if token_valid is not None:
             beta = torch.where(token_valid[..., None], beta, torch.zeros_like(beta))
             g = torch.where(token_valid[..., None], g, torch.zeros_like(g))
@@ -171,6 +170,6 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         if keep_state:
             layer_cache.update_recurrent_state(final_state, state_idx=0)
 
-        gate = project(self.g_proj, hidden_states).view(batch, length, -1, self.head_v_dim) if self.use_gate else None
+        gate = self.g_proj(hidden_states).view(batch, length, -1, self.head_v_dim) if self.use_gate else None
         o = self.o_norm(o, gate)
-        return project(self.o_proj, o.reshape(batch, length, -1))
+        return self.o_proj(o.reshape(batch, length, -1))

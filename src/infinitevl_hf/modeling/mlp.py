@@ -7,7 +7,6 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2MLP
 
 from .ops.elementwise import silu_mul
-from .projection import project
 
 
 class InfiniteVLMLP(Qwen2MLP):
@@ -20,4 +19,4 @@ class InfiniteVLMLP(Qwen2MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hidden_act != "silu":
             return super().forward(x)
-        return project(self.down_proj, silu_mul(project(self.gate_proj, x), project(self.up_proj, x)))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))

@@ -30,7 +30,6 @@ from .mlp import InfiniteVLMLP
 from .outputs import InfiniteVLCausalLMOutputWithPast, InfiniteVLModelOutputWithPast, hidden_state_selection
 from .loading import LEGACY_KEY_MAPPING, check_loading_info
 from .positions import mrope_position_ids, num_vision_tokens, packed_mrope_position_ids
-from .projection import project
 from .remote_code import set_auto_map, write_model_card, write_remote_code
 from .rms_norm import InfiniteVLRMSNorm
 from ..speed.vision import speed_up_vision_tower
@@ -689,7 +688,7 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = project(self.lm_head, hidden_states[:, keep, :])
+        logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if wants_loss:
             loss = self.loss_function(
