@@ -66,6 +66,9 @@ for dtype in (torch.float32, torch.bfloat16):
         for got, expected in zip(T.apply_rotary(q, k, cos, sin), E.torch_apply_rotary(q, k, cos, sin)):
             check(f"apply_rotary (cos batch {cos_batch})", got, expected, dtype)
             assert got.stride() == expected.stride(), (got.stride(), expected.stride())
+    mixed = torch.randn(1, 3, 16)  # a float32 sin beside a bf16 cos: the result takes the promoted dtype
+    for got, expected in zip(T.apply_rotary(q, k, cos, mixed), E.torch_apply_rotary(q, k, cos, mixed)):
+        check("apply_rotary (float32 sin)", got, expected, dtype)
 
     for channels in (40, 300):  # one block of channels, then two with the last partial
         xs = torch.randn(2, 1, channels, dtype=dtype)

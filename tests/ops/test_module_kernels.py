@@ -13,7 +13,7 @@ from infinitevl_hf.modeling.ops import dispatch
 
 def test_kernels_match_their_torch_definitions_under_the_triton_interpreter():
     output = run_under_triton_interpreter(Path(__file__).with_name("interpreted_module_kernels.py"))
-    assert output.count("ok  ") == 110 and "FAIL" not in output, output
+    assert output.count("ok  ") == 114 and "FAIL" not in output, output
 
 
 def test_the_module_path_ops_prefer_the_package_kernels_and_say_why_not_off_cuda():
@@ -29,43 +29,82 @@ def test_the_module_path_ops_prefer_the_package_kernels_and_say_why_not_off_cuda
         "torch", "triton: inputs are not on CUDA")
 
 
-def test_the_kernels_fit_one_token_of_cuda_inference_only():
+class _CudaLike:
+    """Stands in for a CUDA tensor in the fit checks (they read metadata only): a meta tensor's shape, dtype and
+    strides, on `device`."""
+
+    def __init__(self, t: torch.Tensor, device: str = "cuda:0"):
+        for attr in ("shape", "dtype", "requires_grad", "stride", "is_contiguous", "dim"):
+            setattr(self, attr, getattr(t, attr))
+        self.is_cuda, self.device = True, torch.device(device)
+
+
+@pytest.fixture
+def current_device_0(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_the_kernels_fit_one_token_of_cuda_inference_on_the_current_device_only(current_device_0):
     from infinitevl_hf.modeling.ops.causal_conv1d import _step_fits
+    from infinitevl_hf.modeling.ops.decode_attention import _kernel_fits as attention_fits
     from infinitevl_hf.modeling.ops.gated_delta_rule import _one_token_fits
     from infinitevl_hf.modeling.ops.triton_elementwise import problem
 
-    meta = dict(device="meta")
-    q, v = torch.empty(2, 1, 3, 16, **meta), torch.empty(2, 1, 3, 64, **meta)
-    g, state = torch.empty(2, 1, 3, **meta), torch.empty(2, 3, 16, 64, **meta)
-    cuda_like = type("CudaLike", (), {})  # the fit checks ask is_cuda first: stand in for a CUDA tensor
+    def meta(*shape, **kwargs):
+        return torch.empty(*shape, device="meta", **kwargs)
 
-    def on_cuda(t):
-        wrapper = cuda_like()
-        for attr in ("shape", "dtype", "requires_grad", "stride", "is_contiguous", "dim"):
-            setattr(wrapper, attr, getattr(t, attr))
-        wrapper.is_cuda = True
-        return wrapper
-
-    args = [on_cuda(t) for t in (q, q, v, g, g)]
-    assert _one_token_fits(*args, None, on_cuda(state), True) is None
-    longer = on_cuda(torch.empty(2, 2, 3, 16, **meta))
-    assert _one_token_fits(longer, *args[1:], None, None, False) == "more than one token per row"
-    odd = [on_cuda(t) for t in (torch.empty(2, 1, 3, 12, **meta), torch.empty(2, 1, 3, 12, **meta), v, g, g)]
+    q, v, g, state = meta(2, 1, 3, 16), meta(2, 1, 3, 64), meta(2, 1, 3), meta(2, 3, 16, 64)
+    args = [_CudaLike(t) for t in (q, q, v, g, g)]
+    assert _one_token_fits(*args, None, _CudaLike(state), True) is None
+    assert _one_token_fits(_CudaLike(meta(2, 2, 3, 16)), *args[1:], None, None, False) == "more than one token per row"
+    odd = [_CudaLike(t) for t in (meta(2, 1, 3, 12), meta(2, 1, 3, 12), v, g, g)]
     assert "power-of-two key dim" in _one_token_fits(*odd, None, None, False)
-    x = on_cuda(torch.empty(2, 1, 40, **meta))
-    assert _step_fits(x, on_cuda(torch.empty(40, 4, **meta)), None, "silu", None, True) is None
-    assert _step_fits(on_cuda(torch.empty(2, 5, 40, **meta)), on_cuda(torch.empty(40, 4, **meta))) == "more than one token per row"
+    assert "not on the current device" in _one_token_fits(*[_CudaLike(t, "cuda:1") for t in (q, q, v, g, g)], None, None, False)
+
+    x, conv_w = _CudaLike(meta(2, 1, 40)), _CudaLike(meta(40, 4))
+    assert _step_fits(x, conv_w, None, "silu", None, True) is None
+    assert _step_fits(_CudaLike(meta(2, 5, 40)), conv_w) == "more than one token per row"
+    assert _step_fits(_CudaLike(meta(2, 1, 40, dtype=torch.float64)), conv_w) == "a torch.float64 input"
+    assert "cuda:1" in _step_fits(_CudaLike(meta(2, 1, 40), "cuda:1"), conv_w)
+
     with torch.no_grad():
         assert problem(torch.empty(4, 8)) == "inputs are not on CUDA"
-        assert problem(on_cuda(torch.empty(4, 8, **meta))) is None
-        assert "features" in problem(on_cuda(torch.empty(4, 20000, **meta)))
-        assert "torch.int64" in problem(on_cuda(torch.empty(4, 8, dtype=torch.long, **meta)))
+        assert problem(_CudaLike(meta(4, 8))) is None
+        assert "features" in problem(_CudaLike(meta(4, 20000)))
+        assert "torch.int64" in problem(_CudaLike(meta(4, 8, dtype=torch.long)))
+        assert "not on the current device" in problem(_CudaLike(meta(4, 8), "cuda:1"))
     with torch.enable_grad():
-        assert problem(on_cuda(torch.empty(4, 8, **meta))) == "autograd is on"
+        assert problem(_CudaLike(meta(4, 8))) == "autograd is on"
+
+    query, keys, valid = meta(1, 4, 1, 16), meta(1, 2, 32, 16), meta(1, 32, dtype=torch.bool)
+    assert attention_fits(_CudaLike(query), _CudaLike(keys), _CudaLike(keys), _CudaLike(valid), 0.25) is None
+    trained = _CudaLike(meta(1, 4, 1, 16, requires_grad=True))
+    with torch.enable_grad():  # eval mode with autograd on: the kernel has no backward
+        assert "gradients" in attention_fits(trained, _CudaLike(keys), _CudaLike(keys), _CudaLike(valid), 0.25)
+
+
+def test_the_cached_choice_follows_the_current_device(current_device_0, monkeypatch):
+    from infinitevl_hf.modeling.ops.triton_elementwise import problem_key
+
+    x = _CudaLike(torch.empty(1, 8, device="meta"), "cuda:1")
+    away = problem_key(x)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert problem_key(x) != away
+
+
+def test_silu_glu_refuses_an_odd_width_as_its_definition_does():
+    from infinitevl_hf.modeling.ops import triton_elementwise as T
+    from infinitevl_hf.modeling.ops.elementwise import torch_silu_glu
+
+    with pytest.raises(RuntimeError):
+        torch_silu_glu(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="even last dim"):
+        T.silu_glu(torch.randn(3, 7))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()  # inference, where the module path takes the kernels
 def test_kernels_match_their_torch_definitions_on_the_gpu():
     """bf16 at InfiniteVL-4B's widths, prompt and decode sizes: within bf16 rounding of the torch definition."""
     from infinitevl_hf.modeling.ops import elementwise as E
@@ -84,7 +123,9 @@ def test_kernels_match_their_torch_definitions_on_the_gpu():
 
     def close(fn, *args, **kwargs):
         """fn's kernel against its torch definition on the same bf16 inputs and on float32 ones."""
-        kernel, definition = getattr(T, fn.__name__.removeprefix("torch_")), fn
+        name = fn.__name__.removeprefix("torch_")
+        kernel, definition = getattr(T, name), fn
+        assert dispatch.select(name, *args, **kwargs) == "triton", name  # what the module path runs
         exact = definition(*(a.float() if torch.is_tensor(a) else a for a in args), **kwargs)
         for got, eager, truth in zip(*(o if isinstance(o, tuple) else (o,) for o in
                                        (kernel(*args, **kwargs), definition(*args, **kwargs), exact))):
@@ -102,7 +143,7 @@ def test_kernels_match_their_torch_definitions_on_the_gpu():
         close(N.torch_gated_rms_norm, o, torch.rand(256, device=dev, dtype=dt) + 0.5, gate, 1e-5)
         g, u = torch.randn(1, rows, 11008, device=dev, dtype=dt), torch.randn(1, rows, 11008, device=dev, dtype=dt)
         close(E.torch_silu_mul, g, u)
-        close(E.torch_silu_glu, torch.cat([g, u], -1))
+        close(E.torch_silu_glu, torch.randn(1, rows, 6840, device=dev, dtype=dt))  # the vision MLP's joined product
         q = torch.randn(1, rows, 16, 128, device=dev, dtype=dt).transpose(1, 2)
         k = torch.randn(1, rows, 2, 128, device=dev, dtype=dt).transpose(1, 2)
         angles = torch.rand(1, rows, 128, device=dev) * 6.3

@@ -185,6 +185,18 @@ def triton_available() -> bool:
     return True
 
 
+def current_device_problem(tensor: torch.Tensor) -> str | None:
+    """Why a package Triton kernel cannot launch for the CUDA tensor `tensor` now, or None: Triton launches on the
+    current device and its stream, so a tensor on another device (a model placed on cuda:1) is left to torch's ops,
+    which follow their tensors. Not asked inside a graph being compiled (its own device guards hold)."""
+    if torch.compiler.is_compiling():
+        return None
+    current = torch.cuda.current_device()
+    if tensor.device.index == current:
+        return None
+    return f"inputs are on {tensor.device}, not on the current device cuda:{current} that Triton launches on"
+
+
 def not_all_cuda(*tensors) -> str | None:
     """Why tensors (None ignored) do not all sit on CUDA, or None."""
     present = [t for t in tensors if t is not None]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import current_device_problem
+
 try:  # (transformers' remote-code import check skips try blocks: Triton stays optional)
     import triton
     import triton.language as tl
@@ -114,6 +116,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def silu_glu(gate_up: torch.Tensor) -> torch.Tensor:
     """`elementwise.torch_silu_glu` as one kernel: the halves of the last dim are gate and up."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"silu_glu needs an even last dim ([gate | up]), got {gate_up.shape[-1]}")
     rows, half = _rows(gate_up), gate_up.shape[-1] // 2
     return _silu_mul(rows[:, :half], rows[:, half:], (*gate_up.shape[:-1], half), gate_up.dtype)
 
@@ -153,7 +157,8 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x, cos, sin = _unit_rows(x), _unit_rows(cos), _unit_rows(sin)
     batch, heads, length, dim = x.shape
-    out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))  # x's layout, as eager torch keeps it
+    dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+    out = torch.empty_like(x, dtype=dtype)  # x's layout, as eager torch keeps it
     cos, sin = cos.expand(batch, length, dim), sin.expand(batch, length, dim)
     block = triton.next_power_of_2(dim // 2)
     _rotary_kernel[(batch * length, heads)](
@@ -207,6 +212,9 @@ def problem(first: torch.Tensor, *others) -> str | None:
         return "inputs are not on CUDA"
     if torch.compiler.is_compiling():
         return "inside a graph being compiled"
+    elsewhere = current_device_problem(first)
+    if elsewhere is not None:
+        return elsewhere
     if first.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"a {first.dtype} input"
     if first.shape[-1] > MAX_FEATURES:
@@ -215,4 +223,5 @@ def problem(first: torch.Tensor, *others) -> str | None:
 
 
 def problem_key(first: torch.Tensor, *others) -> tuple:
-    return first.device.type, torch.is_grad_enabled(), first.dtype, first.shape[-1] <= MAX_FEATURES
+    here = first.device.index == torch.cuda.current_device() if first.is_cuda else None
+    return first.device.type, here, torch.is_grad_enabled(), first.dtype, first.shape[-1] <= MAX_FEATURES

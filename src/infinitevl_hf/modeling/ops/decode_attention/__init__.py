@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import register_op, triton_available
+from ..dispatch import current_device_problem, register_op, triton_available
 from .reference import ring_decode_attention
 
 if triton_available():
@@ -16,6 +16,11 @@ def _kernel_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, va
                  scaling: float) -> str | None:
     if not query.is_cuda:
         return "inputs are not on CUDA"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return "gradients needed (the kernel has no backward)"
+    elsewhere = current_device_problem(query)
+    if elsewhere is not None:
+        return elsewhere
     dim = query.shape[-1]
     if dim & (dim - 1):
         return f"the kernel needs a power-of-two head dim, got {dim}"

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import FLA, cuda_inference_op, fla_problem, register_fla_loader, register_op, triton_available
+from ..dispatch import (
+    FLA,
+    cuda_inference_op,
+    current_device_problem,
+    fla_problem,
+    register_fla_loader,
+    register_op,
+    triton_available,
+)
 from .cuda import fla_chunk_gated_delta_rule, fla_fused_recurrent_gated_delta_rule, load_fla_gated_delta_rule
 from .reference import (
     gated_output_norm,
@@ -41,6 +49,11 @@ def _one_token_fits(q, k=None, v=None, g=None, beta=None, scale=None, initial_st
         return "more than one token per row"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)):
         return "gradients needed (the kernel has no backward)"
+    if torch.compiler.is_compiling():
+        return "inside a graph being compiled"
+    elsewhere = current_device_problem(q)
+    if elsewhere is not None:
+        return elsewhere
     d_k, d_v = q.shape[-1], v.shape[-1]
     if d_k & (d_k - 1) or d_v % 32 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         return f"the kernel needs a power-of-two key dim and value dims in multiples of 32, got {d_k} and {d_v}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import register_op, triton_available
+from ..dispatch import current_device_problem, register_op, triton_available
 from .reference import split_qkv, vision_rotary_qk_reference
 
 if triton_available():
@@ -17,6 +17,9 @@ def _kernel_fits(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Te
         return "inputs are not on CUDA"
     if torch.is_grad_enabled():
         return "autograd is on"
+    elsewhere = current_device_problem(qkv)
+    if elsewhere is not None:
+        return elsewhere
     if qkv.dim() != 2:
         return "qkv is not [tokens, 3 * heads * dim]"
     dim = qkv.shape[1] // (3 * heads)
