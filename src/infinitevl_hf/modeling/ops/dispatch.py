@@ -197,6 +197,18 @@ def current_device_problem(tensor: torch.Tensor) -> str | None:
     return f"inputs are on {tensor.device}, not on the current device cuda:{current} that Triton launches on"
 
 
+def one_token_kernel_problem(first: torch.Tensor, *tensors) -> str | None:
+    """Why a package Triton kernel without a backward cannot take a call on `first` (and `tensors`, None
+    ignored), or None: CUDA tensors on the current device, no gradients needed, not inside a graph being compiled."""
+    if not first.is_cuda:
+        return "inputs are not on CUDA"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (first, *tensors)):
+        return "gradients needed (the kernel has no backward)"
+    if torch.compiler.is_compiling():
+        return "inside a graph being compiled"
+    return current_device_problem(first)
+
+
 def not_all_cuda(*tensors) -> str | None:
     """Why tensors (None ignored) do not all sit on CUDA, or None."""
     present = [t for t in tensors if t is not None]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import current_device_problem
+from .dispatch import cuda_inference_problem, current_device_problem
 
 try:  # (transformers' remote-code import check skips try blocks: Triton stays optional)
     import triton
@@ -206,13 +206,7 @@ KERNELS = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "gated_rms_norm":
 def problem(first: torch.Tensor, *others) -> str | None:
     """Why these kernels cannot serve a call whose first argument is `first`, or None. It reads only what
     `problem_key` holds, so the answer can be cached by it."""
-    if torch.is_grad_enabled():
-        return "autograd is on"
-    if not first.is_cuda:
-        return "inputs are not on CUDA"
-    if torch.compiler.is_compiling():
-        return "inside a graph being compiled"
-    elsewhere = current_device_problem(first)
+    elsewhere = cuda_inference_problem(first) or current_device_problem(first)
     if elsewhere is not None:
         return elsewhere
     if first.dtype not in (torch.float16, torch.bfloat16, torch.float32):

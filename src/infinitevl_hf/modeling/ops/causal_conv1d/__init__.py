@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import FLA, current_device_problem, fla_problem, register_fla_loader, register_op, triton_available
+from ..dispatch import FLA, fla_problem, one_token_kernel_problem, register_fla_loader, register_op, triton_available
 from .cuda import fla_causal_conv1d, load_fla_causal_conv1d
 from .reference import torch_causal_conv1d
 
@@ -24,19 +24,13 @@ def _fla_fits(x, weight=None, bias=None, activation=None, initial_state=None, *a
 
 def _step_fits(x, weight=None, bias=None, activation=None, initial_state=None, output_final_state=False,
                cu_seqlens=None) -> str | None:
-    if not x.is_cuda:
-        return "inputs are not on CUDA"
+    problem = one_token_kernel_problem(x, weight, bias, initial_state)
+    if problem is not None:
+        return problem
     if x.shape[1] != 1 or cu_seqlens is not None:
         return "more than one token per row"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_state)):
-        return "gradients needed (the kernel has no backward)"
-    if torch.compiler.is_compiling():
-        return "inside a graph being compiled"
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"a {x.dtype} input"
-    elsewhere = current_device_problem(x)
-    if elsewhere is not None:
-        return elsewhere
     if x.stride(-1) != 1 or not weight.is_contiguous() or (initial_state is not None and not initial_state.is_contiguous()):
         return "x, the weight or the state is not contiguous"
     if activation not in ("silu", "swish", None):

@@ -12,8 +12,8 @@ import torch
 from ..dispatch import (
     FLA,
     cuda_inference_op,
-    current_device_problem,
     fla_problem,
+    one_token_kernel_problem,
     register_fla_loader,
     register_op,
     triton_available,
@@ -43,17 +43,11 @@ def _fla_fits(name: str):
 def _one_token_fits(q, k=None, v=None, g=None, beta=None, scale=None, initial_state=None, output_final_state=False,
                     *, cu_seqlens=None, use_qk_l2norm_in_kernel=False) -> str | None:
     """Whether the package's one-token kernel serves this fused-recurrent call (the module path's decode step)."""
-    if not q.is_cuda:
-        return "inputs are not on CUDA"
+    problem = one_token_kernel_problem(q, k, v, g, beta, initial_state)
+    if problem is not None:
+        return problem
     if q.shape[1] != 1 or cu_seqlens is not None:
         return "more than one token per row"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)):
-        return "gradients needed (the kernel has no backward)"
-    if torch.compiler.is_compiling():
-        return "inside a graph being compiled"
-    elsewhere = current_device_problem(q)
-    if elsewhere is not None:
-        return elsewhere
     d_k, d_v = q.shape[-1], v.shape[-1]
     if d_k & (d_k - 1) or d_v % 32 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         return f"the kernel needs a power-of-two key dim and value dims in multiples of 32, got {d_k} and {d_v}"
