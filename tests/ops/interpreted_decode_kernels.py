@@ -9,6 +9,7 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
+from interpreted_checks import check, failures  # noqa: E402
 from infinitevl_hf.modeling.ops.decode_attention.reference import ring_decode_attention  # noqa: E402
 from infinitevl_hf.modeling.ops.decode_attention.triton_decode_attention import triton_ring_decode_attention  # noqa: E402
 from infinitevl_hf.modeling.ops.gated_delta_rule.reference import torch_gated_delta_rule_decode_step  # noqa: E402
@@ -16,21 +17,7 @@ from infinitevl_hf.modeling.ops.gated_delta_rule.triton_decode import triton_gat
 from infinitevl_hf.modeling.ops.matvec import reference as R  # noqa: E402
 from infinitevl_hf.modeling.ops.matvec import triton_matvec as T  # noqa: E402
 
-# The interpreter rounds float32 -> bfloat16 differently from the GPU (not to nearest even), and a product
-# with its gate rounds four times on the way, so bfloat16 agrees to a few units in the last place; float32
-# must agree to accumulation order.
-TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 3e-2}
 CONFIG = dict(BLOCK_N=8, BLOCK_K=64, num_warps=4)  # K=96 makes the last input block partial
-failures = []
-
-
-def check(name, got, expected, dtype):
-    got, expected = got.float(), expected.float()
-    error = ((got - expected).norm() / expected.norm()).item()
-    ok = error <= TOLERANCE[dtype]
-    print(f"{'ok  ' if ok else 'FAIL'} {name:32s} {str(dtype):15s} relative error {error:.2e}")
-    if not ok:
-        failures.append(name)
 
 
 for dtype in (torch.float32, torch.bfloat16):

@@ -10,6 +10,7 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
+from interpreted_checks import check, failures  # noqa: E402
 from infinitevl_hf.modeling.ops import elementwise as E  # noqa: E402
 from infinitevl_hf.modeling.ops import norms as N  # noqa: E402
 from infinitevl_hf.modeling.ops import triton_elementwise as T  # noqa: E402
@@ -20,24 +21,6 @@ from infinitevl_hf.modeling.ops.gated_delta_rule.reference import (  # noqa: E40
     torch_gdn_gates,
 )
 from infinitevl_hf.modeling.ops.gated_delta_rule.triton_decode import triton_recurrent_one_token  # noqa: E402
-
-# As in interpreted_decode_kernels.py: the interpreter does not round float32 -> bfloat16 to nearest even.
-TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 3e-2}
-failures = []
-
-
-def check(name, got, expected, dtype):
-    if got is None or expected is None:
-        ok = got is None and expected is None
-        error = 0.0
-    else:
-        assert got.shape == expected.shape and got.dtype == expected.dtype, (name, got.shape, expected.shape, got.dtype, expected.dtype)
-        got, expected = got.float(), expected.float()
-        error = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-        ok = error <= TOLERANCE[dtype]
-    print(f"{'ok  ' if ok else 'FAIL'} {name:40s} {str(dtype):15s} relative error {error:.2e}")
-    if not ok:
-        failures.append(name)
 
 
 for dtype in (torch.float32, torch.bfloat16):
