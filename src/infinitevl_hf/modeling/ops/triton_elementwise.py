@@ -174,15 +174,21 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
 
 @triton.jit
+def gdn_log_decay(a, dt_bias, A_log):
+    """A Gated DeltaNet layer's log decay g = -exp(A_log) * softplus(a + dt_bias) in float32 (F.softplus's
+    threshold); the gates kernel here and the decode-step kernel (`gated_delta_rule/triton_decode.py`) share it."""
+    a = a.to(tl.float32) + dt_bias.to(tl.float32)
+    return -tl.exp(A_log.to(tl.float32)) * tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
+
+
+@triton.jit
 def _gdn_gates_kernel(A, B, A_log, dt_bias, G, Beta, heads, a_stride, b_stride, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     live = cols < heads
-    a = tl.load(A + row * a_stride + cols, mask=live, other=0.0).to(tl.float32)
-    a = a + tl.load(dt_bias + cols, mask=live, other=0.0).to(tl.float32)
-    softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))  # F.softplus's threshold
-    tl.store(G + row * heads + cols, -tl.exp(tl.load(A_log + cols, mask=live, other=0.0).to(tl.float32)) * softplus,
-             mask=live)
+    g = gdn_log_decay(tl.load(A + row * a_stride + cols, mask=live, other=0.0),
+                      tl.load(dt_bias + cols, mask=live, other=0.0), tl.load(A_log + cols, mask=live, other=0.0))
+    tl.store(G + row * heads + cols, g, mask=live)
     b = tl.load(B + row * b_stride + cols, mask=live, other=0.0).to(tl.float32)
     tl.store(Beta + row * heads + cols, tl.sigmoid(b).to(Beta.dtype.element_ty), mask=live)
 

@@ -23,6 +23,7 @@ try:  # (transformers' remote-code import check skips try blocks: Triton stays o
 except ImportError as error:
     raise ImportError("the Triton decode-step kernel needs Triton") from error
 
+from ..triton_elementwise import gdn_log_decay
 from .reference import L2NORM_EPS
 
 
@@ -46,15 +47,13 @@ def _decode_step_kernel(
         k = k * tl.math.rsqrt(tl.sum(k * k, axis=0) + eps)
     q = q * scale
     b = tl.load(B + row * b_stride + head)
-    a = tl.load(A + row * a_stride + head).to(tl.float32)
+    a = tl.load(A + row * a_stride + head)
     if RAW_GATES:
         beta = tl.sigmoid(b.to(tl.float32)).to(B.dtype.element_ty).to(tl.float32)  # torch takes it in b's dtype
-        a = a + tl.load(dt_bias + head).to(tl.float32)
-        softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))  # F.softplus's threshold
-        decay = tl.exp(-tl.exp(tl.load(A_log + head).to(tl.float32)) * softplus)
+        decay = tl.exp(gdn_log_decay(a, tl.load(dt_bias + head), tl.load(A_log + head)))
     else:
         beta = b.to(tl.float32)
-        decay = tl.exp(a)
+        decay = tl.exp(a.to(tl.float32))
 
     offsets = row_head * D_K * D_V + keys[:, None] * D_V + values[None, :]
     if HAS_STATE:
