@@ -14,6 +14,7 @@ teacher: its dynamic cache and `cache_implementation="static"` (compiled by tran
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -127,6 +128,20 @@ def measure_pipeline(model, processor, new_tokens: int, steady: int) -> dict:
     return {"first_call_s": first, "answer_s": statistics.median(runs), "answer_runs_s": runs}
 
 
+@contextlib.contextmanager
+def transformers_loop():
+    """generate() decodes through transformers' own sampling loop, which waits for the GPU after every token,
+    instead of the package's (`speed.sampling_loop`): the side-by-side of the two loops."""
+    from infinitevl_hf.modeling import modeling_infinitevl
+
+    ahead = modeling_infinitevl.samples_ahead
+    modeling_infinitevl.samples_ahead = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        modeling_infinitevl.samples_ahead = ahead
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -137,6 +152,9 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", nargs="+", default=["photo", "page", "text_1k", "photo_x8"])
     parser.add_argument("--skip-teacher", action="store_true")
     parser.add_argument("--skip-module-path", action="store_true", help="skip disable_compile=True and pipeline()")
+    parser.add_argument("--compare-loop", nargs="*", default=[],
+                        help="cases to time again through transformers' own decoding loop (the host waits for the GPU "
+                             "after every token), in the same process, beside the default loop")
     parser.add_argument("--teacher-cases", nargs="+", default=None,
                         help="cases to time the teacher on (default: all of --cases)")
     args = parser.parse_args(argv)
@@ -159,6 +177,12 @@ def main(argv=None) -> None:
         log("infinitevl", name)
         results["infinitevl"][name] = measure(model, inputs[name], args.new_tokens, args.steady)
         log(json.dumps(results["infinitevl"][name]))
+        save()
+    for name in args.compare_loop:
+        log("infinitevl", name, "through transformers' loop")
+        with transformers_loop():
+            results["infinitevl"][f"{name}_transformers_loop"] = measure(model, inputs[name], args.new_tokens, args.steady)
+        log(json.dumps(results["infinitevl"][f"{name}_transformers_loop"]))
         save()
     if not args.skip_module_path:
         log("infinitevl module path (disable_compile=True)")
@@ -196,6 +220,8 @@ def markdown(results: dict, cases) -> str:
              "| case | model | first call s | TTFT s | answer s | new tok/s | decode ms/tok |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     rows = [(c, "InfiniteVL generate()", results["infinitevl"].get(c)) for c in cases]
+    rows += [(c, "InfiniteVL generate(), transformers' loop", results["infinitevl"].get(f"{c}_transformers_loop"))
+             for c in cases]
     rows.append(("photo", "InfiniteVL disable_compile=True", results["infinitevl"].get("photo_module_path")))
     for c in cases:
         rows += [(c, "teacher dynamic", results["teacher"].get(f"{c}_dynamic")),

@@ -73,6 +73,33 @@ def test_default_generate_gives_the_module_path_tokens(model, kind):
     assert torch.equal(fast, reference)
 
 
+def test_the_host_runs_a_step_ahead_and_stops_where_transformers_loop_stops(model, monkeypatch):
+    """The default call runs the loop that reads the stop one step late (`speed.sampling_loop`); with rows ending
+    on an end token at different steps it returns transformers' loop's ids over the module path, and its graph
+    replays one step more than it keeps."""
+    import infinitevl_hf.modeling.modeling_infinitevl as modeling
+    from infinitevl_hf.speed import decode_graphs_of
+
+    inputs = _text(rows=2, seed=31)
+    free = _greedy(model, inputs)[:, 150:]
+    flags = dict(max_new_tokens=NEW, do_sample=False, eos_token_id=sorted({int(free[0, 9]), int(free[1, 20])}),
+                 pad_token_id=0)
+    ran = []
+    late = modeling.sample_ahead
+    monkeypatch.setattr(modeling, "sample_ahead", lambda *args, **kw: ran.append(1) or late(*args, **kw))
+    graphs = decode_graphs_of(model)
+    replays = graphs.replays
+    with torch.no_grad():
+        got = model.generate(**inputs, **flags)
+    assert ran == [1]
+    assert graphs.replays - replays == got.shape[1] - 150  # new tokens - 1, plus the step read too late
+    monkeypatch.setattr(modeling, "samples_ahead", lambda *args, **kw: False)
+    with torch.no_grad():
+        expected = model.generate(**inputs, **flags, disable_compile=True)
+    assert ran == [1] and torch.equal(got, expected)
+    assert expected.shape[1] <= 150 + 21 and (expected[:, 150:] == 0).any()  # stopped early, one row padded
+
+
 def _second_call(model):
     """Captures and compiled graphs counted before and after a second call of the same captured prompt length."""
     from torch._dynamo.utils import counters

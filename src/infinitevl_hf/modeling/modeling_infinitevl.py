@@ -22,7 +22,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from .attention import InfiniteVLAttention, InfiniteVLRotaryEmbedding
 from .cache import InfiniteVLCache
 from .compat import CACHE_KWARG, pop_cache_kwarg
-from ..speed.generation import fast_forward, generate_call, plan_generation, warmup
+from ..speed.generation import fast_forward, generate_call, plan_generation, samples_ahead, warmup
+from ..speed.sampling_loop import sample_ahead
 from .configuration_infinitevl import InfiniteVLConfig, InfiniteVLTextConfig
 from .gated_deltanet import InfiniteVLGatedDeltaNet, initial_decay_parameters
 from .input_checks import check_vision_inputs
@@ -716,6 +717,16 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         CPU it decodes over the static window rings instead of the growing window cache)."""
         with generate_call(self, custom_generate=kwargs.get("custom_generate") is not None):
             return super().generate(*args, **kwargs)
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        """transformers' greedy / sampling loop; on CUDA, where the caller does not get the cache back, with the host a
+        step ahead of the GPU instead of waiting for it after every token (`speed.sampling_loop`)."""
+        if samples_ahead(self, generation_config, synced_gpus, model_kwargs):
+            return sample_ahead(self, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+                                **model_kwargs)
+        return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                               synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,), prompt_tokens: int = 64) -> None:
         """Compile and capture the decode step for these batch sizes now (e.g. at server start-up), so that no

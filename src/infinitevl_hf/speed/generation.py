@@ -19,6 +19,7 @@ from transformers.utils import logging
 from ..modeling.ops.dispatch import triton_available
 from .decode_graphs import CaptureFailed, decode_graphs_of
 from .plan import DecodePlan, decode_plan
+from .sampling_loop import loop_problem
 
 logger = logging.get_logger(__name__)
 
@@ -103,6 +104,25 @@ def plan_generation(model, generation_config, cache, device: torch.device, cache
             message = f"InfiniteVL generate() decodes through the module path ({plan.path} cache): {plan.reason}."
         (logger.info_once if device.type != "cuda" else logger.warning_once)(message)
     return plan
+
+
+def samples_ahead(model, generation_config, synced_gpus: bool, model_kwargs: dict) -> bool:
+    """Whether this call's greedy / sampling loop runs with the host a step ahead (`sampling_loop.sample_ahead`);
+    where it cannot, says why once in the log (CUDA only: elsewhere the host never waits on a queue)."""
+    call = _CURRENT.get()
+    device = model.lm_head.weight.device
+    problem = loop_problem(
+        device_type=device.type,
+        synced_gpus=bool(synced_gpus),
+        is_assistant=bool(getattr(generation_config, "is_assistant", False)),
+        return_dict_in_generate=bool(generation_config.return_dict_in_generate),
+        cache_returned=call is None or call.cache_returned,
+        auto_compile=device.type == "cuda" and model._valid_auto_compile_criteria(model_kwargs, generation_config),
+        available=hasattr(model, "_prefill") and hasattr(model, "_optimize_model_for_decode"),
+    )
+    if problem is not None and device.type == "cuda":
+        logger.info_once(f"InfiniteVL generate() waits for the GPU after every token: {problem}.")
+    return problem is None
 
 
 def _stock_decoding(generation_config) -> bool:
