@@ -418,9 +418,10 @@ def main(argv=None):
     parser.add_argument("--skip-infinitevl", action="store_true")
     parser.add_argument("--resume", type=Path, default=None,
                         help="results.json of a first part of the run (same GPU) to complete, e.g. with --skip-infinitevl")
-    parser.add_argument("--compile", choices=["fused", "modules", "layers"], default=None,
-                        help="decode graph of compiled fused layer steps (with concatenated projections and the Triton "
-                        "matvec, as generate() builds it), compiled norms/MLPs or compiled decoder layers")
+    parser.add_argument("--compile", choices=["kernels", "fused", "modules", "layers"], default=None,
+                        help="decode graph of the fused layer steps over the package's kernels (concatenated projections, "
+                        "the Triton matvec: what generate() builds for one row), the same steps compiled, compiled "
+                        "norms/MLPs or compiled decoder layers")
     parser.add_argument("--teacher-static", type=int, nargs="*", default=[],
                         help="contexts at which to also time the teacher's compiled static-cache generate()")
     args = parser.parse_args(argv)
@@ -441,8 +442,8 @@ def main(argv=None):
         weight_bytes = decoder_weight_bytes(model)
         for length in args.lengths:
             row = guarded(f"infinitevl {length}", lambda: infinitevl_context(
-                model, length, args.steps, CACHE_KWARG, args.compile, concat=args.compile == "fused",
-                matvec=args.compile == "fused"))
+                model, length, args.steps, CACHE_KWARG, args.compile, concat=args.compile in ("kernels", "fused"),
+                matvec=args.compile in ("kernels", "fused")))
             results["infinitevl"][str(length)] = row
             log("infinitevl", length, row)
             write_outputs(results, args.out)

@@ -1,5 +1,6 @@
-"""Decode ms/token of InfiniteVL-4B under each CUDA-graph variant (eager kernels, fused compiled layer steps with
-or without concatenated projections and the Triton matvec, compiled modules, compiled layers).
+"""Decode ms/token of InfiniteVL-4B under each CUDA-graph variant (eager kernels, fused layer steps compiled or
+not (`kernels_*`), with or without concatenated projections and the Triton matvec, compiled modules, compiled
+layers).
 
     python benchmarks/decode_variants.py --context 1024
 """

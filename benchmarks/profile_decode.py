@@ -22,9 +22,9 @@ def main(argv=None):
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=30)
-    parser.add_argument("--fused", action="store_true", help="profile the compiled DecodeStep instead of the modules")
+    parser.add_argument("--fused", action="store_true", help="profile the DecodeStep instead of the modules")
     parser.add_argument("--trace", help="also write the Chrome trace (every kernel with its grid) to this path")
-    parser.add_argument("--kernels", action="store_true", help="with --fused: joined projections and the Triton kernels, as generate() runs it")
+    parser.add_argument("--kernels", action="store_true", help="with --fused: joined projections and the Triton kernels, as generate() runs it (compiled only with more than one row)")
     parser.add_argument("--batch", type=int, default=1, help="rows decoded together")
     parser.add_argument("--host", action="store_true", help="sort the table by host (CPU) time instead of GPU time")
     args = parser.parse_args(argv)
@@ -41,7 +41,8 @@ def main(argv=None):
         model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
         cache.to_static()
         if args.fused:
-            fused = DecodeStep(model, cache, compile=True, concat_projections=args.kernels, triton_matvec=args.kernels)
+            compile = not DecodeStep.kernels_only(args.batch, args.kernels, args.kernels)  # as generate() builds it
+            fused = DecodeStep(model, cache, compile=compile, concat_projections=args.kernels, triton_matvec=args.kernels)
             step = lambda: fused(token)  # noqa: E731
         else:
             step = lambda: model(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})  # noqa: E731

@@ -134,6 +134,24 @@ def test_a_second_image_call_captures_nothing():
     assert decode_graphs_of(fresh).captures == captures == 2
 
 
+def test_one_row_decodes_through_kernels_alone_without_torch_compile():
+    """At one row every op of the captured decode step is one of the package's kernels: a fresh model's first
+    text call compiles no graph; two rows still compile the step (cuBLAS products, torch ops between them)."""
+    from torch._dynamo.utils import counters
+
+    from infinitevl_hf.speed import decode_graphs_of
+
+    fresh = _build()
+    frames = counters["stats"]["unique_graphs"]
+    _greedy(fresh, _text(seed=41))
+    assert decode_graphs_of(fresh).captures == 2  # the prompt and the decode step
+    assert counters["stats"]["unique_graphs"] == frames
+    (decoder,) = [slot.decoder for (rows, *_), slot in decode_graphs_of(fresh).slots.items() if rows == 1]
+    assert decoder.decode_step is not None and not decoder.decode_step.compiled
+    _greedy(fresh, _text(rows=2, seed=42))
+    assert counters["stats"]["unique_graphs"] > frames
+
+
 def test_batched_rows_equal_the_rows_alone(model):
     rows = [_text(length=40 + 13 * i, seed=10 + i)["input_ids"] for i in range(4)]
     width = max(r.shape[1] for r in rows)

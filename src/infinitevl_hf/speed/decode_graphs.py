@@ -224,13 +224,15 @@ class DecodeGraphs:
 
 
 def capture_decode_step(model, cache):
-    """The CUDA graph of the compiled one-token step (joined projections, Triton matrix-vector kernels), or of the
-    module path for models that step cannot read (`DecodeStep.unsupported`: quantized or LoRA layers)."""
+    """The CUDA graph of the one-token `DecodeStep` (joined projections, Triton matrix-vector kernels; compiled with
+    more than one row, where torch ops are left between cuBLAS's products), or of the module path for models that
+    step cannot read (`DecodeStep.unsupported`: quantized or LoRA layers)."""
     from .decode_step import DecodeStep
     from .graph_capture import CUDAGraphDecoder
 
-    compiled = DecodeStep.unsupported(model) is None
-    return CUDAGraphDecoder(model, cache, compile=compiled, concat_projections=compiled, triton_matvec=compiled)
+    step = DecodeStep.unsupported(model) is None
+    compile = step and not DecodeStep.kernels_only(cache.batch_rows, concat_projections=True, triton_matvec=True)
+    return CUDAGraphDecoder(model, cache, compile=compile, concat_projections=step, triton_matvec=step)
 
 
 def capture_prompt_graph(step: PromptStep, cache) -> Callable[[], torch.Tensor]:

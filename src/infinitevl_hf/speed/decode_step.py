@@ -6,8 +6,9 @@ costs a few microseconds of GPU time, several times the matrix-vector products t
 speed. Here a whole decoder layer is one function of tensors (weights, states and activations), with
 no Python objects inside, built from ops that pair a torch definition with a Triton kernel: each
 matrix-vector product carries the norm, gate, convolution or residual next to it (`ops.matvec`) and
-the delta rule is one kernel with its gates (`ops.gated_delta_rule`). `torch.compile(fullgraph=True)`
-fuses what is left, and one compiled function serves every layer of its type.
+the delta rule is one kernel with its gates (`ops.gated_delta_rule`). At one row every op is such a kernel;
+with more rows the products are cuBLAS's and `torch.compile(fullgraph=True)` fuses the ops between them, one
+compiled function serving every layer of its type.
 
 The math is the module path's, op for op (`InfiniteVLGatedDeltaNet` with the torch recurrence,
 `InfiniteVLAttention` over a ring, Qwen2's RMSNorm and MLP); tests compare the two. Used by
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.ops.elementwise import torch_apply_rotary
+from ..modeling.ops.elementwise import apply_rotary, torch_apply_rotary
 from ..modeling.cache import InfiniteVLCache, InfiniteVLLinearAttentionLayer, InfiniteVLRingAttentionLayer
 from ..modeling.gated_deltanet import InfiniteVLGatedDeltaNet
 from ..modeling.ops.decode_attention import decode_attention
@@ -100,7 +101,7 @@ def attention_layer_step(
     kv = kv_heads * head_dim
     qkv = rms_norm_matvec(hidden, norm_w, eps, in_w, in_b, fast=fast)
     q, k, v = (t.reshape(batch, -1, 1, head_dim) for t in qkv.split((qkv.shape[-1] - 2 * kv, kv, kv), dim=-1))
-    q, k = torch_apply_rotary(q, k, cos[:, None], sin[:, None])  # cos, sin [B, D] -> [B, T=1, D]
+    q, k = (apply_rotary if fast else torch_apply_rotary)(q, k, cos[:, None], sin[:, None])  # cos, sin [B, D] -> [B, 1, D]
     slot = step % keys.shape[2]
     keys.index_copy_(2, slot, k)
     values.index_copy_(2, slot, v)
@@ -289,8 +290,11 @@ class DecodeStep:
 
     triton_matvec: run one row through the Triton kernels (CUDA): each product streams its weight once with
     the norm, gate, convolution or residual beside it fused in (`ops.matvec`), and the delta rule with its
-    gates is one kernel (`ops.gated_delta_rule`). A Gated DeltaNet layer is then five kernels. Needs joined
+    gates is one kernel (`ops.gated_delta_rule`). A Gated DeltaNet layer is then six kernels. Needs joined
     projections to use them (separate weights keep the torch path).
+
+    compile: `torch.compile` the layer functions, which fuses the torch ops between the products. One row with
+    triton_matvec and joined projections has none left (`kernels_only`): every op is one of the package's kernels.
     """
 
     def __init__(self, model, cache: InfiniteVLCache, compile: bool = False, concat_projections: bool = False,
@@ -302,11 +306,12 @@ class DecodeStep:
             raise ValueError(f"DecodeStep cannot run this model: {problem}.")
         text = model.model.language_model
         self.model, self.text, self.cache = model, text, cache
-        self.fns = _step_functions(compile)
-        self.eps = text.config.rms_norm_eps
         if triton_matvec and not matvec_available():
             raise ValueError("triton_matvec=True needs Triton (a CUDA install).")
         self.fast = triton_matvec
+        self.compiled = compile
+        self.fns = _step_functions(compile)
+        self.eps = text.config.rms_norm_eps
         self.layers: list[GatedDeltaNetLayer | AttentionLayer] = []
         for layer, layer_cache in zip(text.layers, cache.layers):
             mixer = layer.self_attn
@@ -327,6 +332,13 @@ class DecodeStep:
                     _single(self._joined(projections, "bias", concat_projections)), layer_cache))
             else:
                 raise ValueError(f"DecodeStep cannot decode a {type(layer_cache).__name__} layer.")
+
+    @staticmethod
+    def kernels_only(rows: int, concat_projections: bool, triton_matvec: bool) -> bool:
+        """Whether every op of a step is one of the package's kernels (products with their norms, gates, convs and
+        residuals, the delta rule, the output norm, rotary, attention), leaving torch.compile nothing to fuse: one
+        row through joined weights and the Triton matvec."""
+        return triton_matvec and concat_projections and rows == 1
 
     @classmethod
     def join_weights(cls, model) -> None:

@@ -52,9 +52,9 @@ class CUDAGraphDecoder:
 
     def __init__(self, model, cache, warmup_steps: int = 2, compile: bool = False, concat_projections: bool = False,
                  triton_matvec: bool = False):
-        """compile=False captures the module path's kernels; compile=True the compiled `DecodeStep` (each decoder
-        layer one `torch.compile`d function of tensors, which fuses the many small elementwise kernels of a
-        one-token step; results then differ from the module path by rounding). concat_projections, triton_matvec
+        """compile=False (and triton_matvec=False) captures the module path's kernels; otherwise the `DecodeStep`
+        (each decoder layer one function of tensors over the package's kernels; compile=True `torch.compile`s them,
+        which fuses the torch ops left between the kernels; results then differ from the module path by rounding). concat_projections, triton_matvec
         (with compile=True): see `DecodeStep`."""
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
@@ -64,8 +64,8 @@ class CUDAGraphDecoder:
         lay_out_weights(model)  # before any capture: see `speed.weight_layout`
         # Built outside the capture (concatenating weights inside it would record the copies into the graph).
         self.decode_step = None
-        if compile:
-            self.decode_step = DecodeStep(model, cache, compile=True, concat_projections=concat_projections,
+        if compile or triton_matvec:
+            self.decode_step = DecodeStep(model, cache, compile=compile, concat_projections=concat_projections,
                                           triton_matvec=triton_matvec)
             warmup_steps = max(warmup_steps, 3)  # the first calls compile; capture only after the kernels settled
         self.model, self.cache = model, cache

@@ -18,6 +18,7 @@ from ..dispatch import (
     register_op,
     triton_available,
 )
+from ..norms import gated_rms_norm, torch_gated_rms_norm
 from .cuda import fla_chunk_gated_delta_rule, fla_fused_recurrent_gated_delta_rule, load_fla_gated_delta_rule
 from .reference import (
     gated_output_norm,
@@ -160,11 +161,13 @@ def gated_delta_rule_decode_step(
     fast: bool = True,
 ) -> torch.Tensor:
     """One decode token from raw activations, optionally through the gated output norm (see
-    :func:`torch_gated_delta_rule_decode_step`): on CUDA the delta rule with its gates is one Triton kernel
-    (the norm stays torch, which `torch.compile` fuses into one kernel); the torch definition otherwise or
-    with fast=False."""
+    :func:`torch_gated_delta_rule_decode_step`): on CUDA the delta rule with its gates is one Triton kernel and
+    the norm another (`norms.gated_rms_norm`; inside a compiled graph, its torch definition, which inductor
+    fuses); the torch definition otherwise or with fast=False."""
     o = _decode_step(q, k, v, a, b, A_log, dt_bias, state, scale, reference=not fast)
-    return o if gate is None else gated_output_norm(o, gate, norm_weight, norm_eps)
+    if gate is None:
+        return o
+    return gated_output_norm(o, gate, norm_weight, norm_eps, norm=gated_rms_norm if fast else torch_gated_rms_norm)
 
 
 __all__ = [

@@ -305,7 +305,9 @@ def torch_gated_delta_rule_decode_step(
     return o if gate is None else gated_output_norm(o, gate, norm_weight, norm_eps)
 
 
-def gated_output_norm(o: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The layer's output norm `gated_rms_norm` per head: o and gate [B, H*V], norm_weight [V]."""
+def gated_output_norm(o: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                      norm=torch_gated_rms_norm) -> torch.Tensor:
+    """The layer's output norm `gated_rms_norm` per head: o and gate [B, H*V], norm_weight [V]. `norm`: the gated
+    RMSNorm that computes it (its torch definition, or the dispatched op `norms.gated_rms_norm`)."""
     batch, head_dim = o.shape[0], norm_weight.shape[0]
-    return torch_gated_rms_norm(o.view(batch, -1, head_dim), norm_weight, gate.reshape(batch, -1, head_dim), eps).view(batch, -1)
+    return norm(o.view(batch, -1, head_dim), norm_weight, gate.reshape(batch, -1, head_dim), eps).view(batch, -1)
