@@ -136,7 +136,7 @@ def test_a_second_image_call_captures_nothing():
 
 def test_one_row_decodes_through_kernels_alone_without_torch_compile():
     """At one row every op of the captured decode step is one of the package's kernels: a fresh model's first
-    text call compiles no graph; two rows still compile the step (cuBLAS products, torch ops between them)."""
+    text call compiles no graph; more rows still compile the step (cuBLAS products, torch ops between them)."""
     from torch._dynamo.utils import counters
 
     from infinitevl_hf.speed import decode_graphs_of
@@ -148,7 +148,7 @@ def test_one_row_decodes_through_kernels_alone_without_torch_compile():
     assert counters["stats"]["unique_graphs"] == frames
     (decoder,) = [slot.decoder for (rows, *_), slot in decode_graphs_of(fresh).slots.items() if rows == 1]
     assert decoder.decode_step is not None and not decoder.decode_step.compiled
-    _greedy(fresh, _text(rows=2, seed=42))
+    _greedy(fresh, _text(rows=3, seed=42))  # a batch size no other test of this file compiles
     assert counters["stats"]["unique_graphs"] > frames
 
 
