@@ -709,8 +709,9 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
 
     @torch.no_grad()
     def generate(self, *args, **kwargs):
-        """transformers' `generate()`. On CUDA each new token replays one captured CUDA graph of the compiled decode
-        step, kept on the model and reused by later calls (`warmup()` pays its one-time cost up front).
+        """transformers' `generate()`. On CUDA each new token replays one captured CUDA graph of the fused decode
+        step (`speed.decode_step`), kept on the model and reused by later calls (`warmup()` pays its one-time cost up
+        front), and the loop reads the stop one step late (`speed.sampling_loop`).
         `disable_compile=True` decodes through the module path; so do `output_attentions`, `output_hidden_states`,
         training mode and models the compiled step cannot read (quantized, LoRA, several devices), saying why once
         in the log. The cache is of constant size, so on CUDA `cache_implementation="static"` changes nothing (on a

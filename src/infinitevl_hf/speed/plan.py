@@ -1,6 +1,6 @@
 """Which path a `generate()` call decodes through: a plain function of the device, the flags and the model.
 
-- "graph": each new token replays one captured CUDA graph (`decode_graphs.py`) of the compiled decode step, or,
+- "graph": each new token replays one captured CUDA graph (`decode_graphs.py`) of the fused decode step, or,
   for models that step cannot read (quantized or LoRA layers), of the module path itself (`step="modules"`).
 - "static": the module path over a static cache (window rings); no per-step host work grows with the context.
 - "dynamic": the module path over the growing window cache: the reference, and what CPUs run.
@@ -21,7 +21,7 @@ class DecodePlan:
 
     path: str  # "graph", "static" or "dynamic"
     reason: str | None = None
-    step: str = "compiled"  # what a "graph" replays: the compiled decode step, or the "modules" captured as they are
+    step: str = "compiled"  # what a "graph" replays: the fused decode step (compiled for batches), or the "modules"
 
 
 def decode_plan(
