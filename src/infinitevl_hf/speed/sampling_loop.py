@@ -41,8 +41,8 @@ class LateStop:
         flag.copy_(unfinished.max() == 0, non_blocking=True)
         if self.streamer is not None:
             host_tokens.copy_(tokens, non_blocking=True)
-        if copied is not None:
-            copied.record()
+        if copied is not None:  # on the stream of the rows' device, which need not be the current one
+            copied.record(torch.cuda.current_stream(unfinished.device))
         if self.pending is not None:
             self.finished = self._read(self.pending)
         self.pending = buffers
