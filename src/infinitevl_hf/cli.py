@@ -189,7 +189,7 @@ def env(args):
     elif not triton_available():
         info["fused decode"] = "unavailable: no Triton (static-cache generate captures the module path)"
     else:
-        info["fused decode"] = "available: compiled step + Triton matvec (static-cache generate)"
+        info["fused decode"] = "available: fused step over the Triton kernels (generate decodes through its CUDA graph)"
     for optional in ("matplotlib", "av", "torchvision"):
         try:
             module = __import__(optional)

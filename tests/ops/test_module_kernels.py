@@ -83,6 +83,22 @@ def test_the_kernels_fit_one_token_of_cuda_inference_on_the_current_device_only(
         assert "gradients" in attention_fits(trained, _CudaLike(keys), _CudaLike(keys), _CudaLike(valid), 0.25)
 
 
+def test_the_decode_step_kernels_serve_the_current_device_only(current_device_0):
+    """The fused decode step's products and delta rule, like the module path's kernels: a tensor on cuda:1 while
+    cuda:0 is current is left to torch (Triton would launch on cuda:0)."""
+    from infinitevl_hf.modeling.ops.gated_delta_rule import _decode_step_fits
+    from infinitevl_hf.modeling.ops.matvec import _kernel_problem
+
+    def meta(*shape, **kwargs):
+        return torch.empty(*shape, device="meta", **kwargs)
+
+    assert "not on the current device" in _kernel_problem(_CudaLike(meta(1, 64), "cuda:1"), meta(32, 64))
+    q, v, a = _CudaLike(meta(1, 48)), _CudaLike(meta(1, 96)), _CudaLike(meta(1, 3))
+    state = meta(1, 3, 16, 32, dtype=torch.float32)
+    assert _decode_step_fits(q, q, v, a, a, None, None, _CudaLike(state)) is None
+    assert "not on the current device" in _decode_step_fits(q, q, v, a, a, None, None, _CudaLike(state, "cuda:1"))
+
+
 def test_the_cached_choice_follows_the_current_device(current_device_0, monkeypatch):
     from infinitevl_hf.modeling.ops.triton_elementwise import problem_key
 

@@ -56,6 +56,18 @@ def test_a_lora_model_replays_its_modules_captured_on_cuda():
     assert (plan.path, plan.step) == ("graph", "modules") and "LoRA" in plan.reason
 
 
+def test_a_model_on_another_gpu_than_the_current_one_keeps_the_module_path(monkeypatch):
+    """Graphs capture the current device's stream and Triton launches there: a model on cuda:1 while cuda:0 is
+    current decodes through its modules, saying how to let the graphs serve it."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    model = tiny_model()
+    plan = plan_for_model(model, torch.device("cuda", 1))
+    assert plan.path == "static" and "not on the current device cuda:0" in plan.reason
+    assert "set_device(1)" in plan.reason
+    here = plan_for_model(model, torch.device("cuda", 0))
+    assert here.reason is None or "current device" not in here.reason
+
+
 def test_a_layer_of_unknown_kernels_keeps_the_module_path_on_cuda():
     class Wrapped(nn.Linear):  # a LoRA or quantized layer whose forward is not F.linear
         pass

@@ -77,6 +77,7 @@ def test_rows_that_finish_early_get_the_same_padding_and_one_extra_step_is_dropp
     got, calls = _generate(model, monkeypatch, True, **inputs)
     assert torch.equal(got, expected)
     assert expected.shape[1] <= 10 + 8 and (expected[:, 10:] == 0).any()  # stopped early; finished rows padded
+    assert got.is_contiguous()  # the dropped step leaves no strided view behind
     assert calls == expected_calls + 1  # the stop is read one step late
 
 
@@ -140,12 +141,13 @@ def test_the_loop_runs_only_where_it_can():
         (dict(device_type="cpu"), "cpu"),
         (dict(synced_gpus=True), "synced_gpus"),
         (dict(is_assistant=True), "assisted"),
-        (dict(return_dict_in_generate=True), "cache back"),
-        (dict(cache_returned=True), "cache back"),
+        (dict(return_dict_in_generate=True), "see the cache"),
+        (dict(cache_returned=True), "see the cache"),
+        (dict(planned=False), "without a cache"),
         (dict(auto_compile=True), "compiles"),
         (dict(available=False), "prefill"),
     ],
-    ids=["cpu", "synced", "assistant", "return-dict", "cache-given", "auto-compile", "old-transformers"],
+    ids=["cpu", "synced", "assistant", "return-dict", "cache-given", "unplanned", "auto-compile", "old-transformers"],
 )
 def test_each_reason_for_transformers_loop_is_named(flags, words):
     assert words in loop_problem(**{**READY, **flags})

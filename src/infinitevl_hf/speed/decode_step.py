@@ -1,4 +1,4 @@
-"""One-token decode over a static cache, written as plain tensor functions for `torch.compile` to fuse.
+"""One-token decode over a static cache, written as plain tensor functions over the package's kernels.
 
 A decode step of the module path launches thousands of tiny kernels (norm, cast, gate, conv and
 recurrence pieces, each its own launch); inside a CUDA graph their launches are cheap, but each still
@@ -6,13 +6,15 @@ costs a few microseconds of GPU time, several times the matrix-vector products t
 speed. Here a whole decoder layer is one function of tensors (weights, states and activations), with
 no Python objects inside, built from ops that pair a torch definition with a Triton kernel: each
 matrix-vector product carries the norm, gate, convolution or residual next to it (`ops.matvec`) and
-the delta rule is one kernel with its gates (`ops.gated_delta_rule`). At one row every op is such a kernel;
-with more rows the products are cuBLAS's and `torch.compile(fullgraph=True)` fuses the ops between them, one
-compiled function serving every layer of its type.
+the delta rule is one kernel with its gates (`ops.gated_delta_rule`). At one row every product, norm, gate,
+conv, delta rule and attention is such a kernel, and what is left is a few small torch ops (the embedding, the
+rotary angles, the ring writes) that a CUDA graph replays cheaply, so the step is not compiled. With more rows
+the products are cuBLAS's and `torch.compile(fullgraph=True)` fuses the ops between them, one compiled function
+serving every layer of its type.
 
 The math is the module path's, op for op (`InfiniteVLGatedDeltaNet` with the torch recurrence,
 `InfiniteVLAttention` over a ring, Qwen2's RMSNorm and MLP); tests compare the two. Used by
-`CUDAGraphDecoder(..., compile=True)`, which `generate()` replays on CUDA (`speed.decode_graphs`).
+`CUDAGraphDecoder(..., triton_matvec=True)`, which `generate()` replays on CUDA (`speed.decode_graphs`).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def gated_deltanet_layer_step(
     in_w: the q, k, v, a, b, g projection weights, joined in that order or as a tuple; conv: the q/k/v short
     convolutions and their states [B, D, W-1]; gate_up: the MLP's gate and up weights, joined or a tuple. The
     conv states and the float32 recurrent state [B, H, d_k, d_v] are updated in place. With fast=True one CUDA
-    row runs as five kernels: norm + projections + convs, the delta rule with its gates and output norm,
+    row runs as six kernels: norm + projections + convs, the delta rule with its gates, the gated output norm,
     o_proj + residual, and the MLP's two products."""
     heads, d_k, d_v = recurrent.shape[1:]
     proj = rms_norm_matvec(hidden, norm_w, eps, in_w, conv=conv, fast=fast)  # q, k, v convolved; a, b, g raw
@@ -294,7 +296,7 @@ class DecodeStep:
     projections to use them (separate weights keep the torch path).
 
     compile: `torch.compile` the layer functions, which fuses the torch ops between the products. One row with
-    triton_matvec and joined projections has none left (`kernels_only`): every op is one of the package's kernels.
+    triton_matvec and joined projections has nothing left worth it (`kernels_only`).
     """
 
     def __init__(self, model, cache: InfiniteVLCache, compile: bool = False, concat_projections: bool = False,
@@ -335,9 +337,9 @@ class DecodeStep:
 
     @staticmethod
     def kernels_only(rows: int, concat_projections: bool, triton_matvec: bool) -> bool:
-        """Whether every op of a step is one of the package's kernels (products with their norms, gates, convs and
-        residuals, the delta rule, the output norm, rotary, attention), leaving torch.compile nothing to fuse: one
-        row through joined weights and the Triton matvec."""
+        """Whether a step's work is all in the package's kernels (products with their norms, gates, convs and
+        residuals, the delta rule, the output norm, rotary, attention), leaving torch.compile only a few small ops
+        (embedding, rotary angles, ring writes) to fuse: one row through joined weights and the Triton matvec."""
         return triton_matvec and concat_projections and rows == 1
 
     @classmethod

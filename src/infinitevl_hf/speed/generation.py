@@ -62,6 +62,7 @@ def plan_for_model(model, device: torch.device, generation_config=None, decoder_
     flags = generation_config
     cuda = device.type == "cuda"
     problems = decoder_problems(model, decoder_modules) if cuda else (None, None)  # (capture, compiled step)
+    elsewhere = _off_current_device(device) if cuda else None
     text = model.config.get_text_config()
     return decode_plan(
         device_type=device.type,
@@ -72,11 +73,23 @@ def plan_for_model(model, device: torch.device, generation_config=None, decoder_
         output_hidden_states=bool(getattr(flags, "output_hidden_states", False)),
         triton_available=triton_available() if cuda else True,
         model_problem=problems[1],
-        capture_problem=model.__dict__.get(_CAPTURE_FAILED) or problems[0],
+        capture_problem=model.__dict__.get(_CAPTURE_FAILED) or problems[0] or elsewhere,
         static_requested=getattr(flags, "cache_implementation", None) == "static",
         static_possible=all(text.window_for_layer(i) is not None
                             for i, kind in enumerate(text.layer_types) if kind != "linear_attention"),
     )
+
+
+def _off_current_device(device: torch.device) -> str | None:
+    """Why graphs cannot serve a model on `device` now: a CUDA graph captures the current device's stream and
+    Triton launches there, so a model on another GPU keeps the module path until that GPU is made current."""
+    if device.index is None:  # "cuda": the current device
+        return None
+    current = torch.cuda.current_device()
+    if device.index == current:
+        return None
+    return (f"the model is on {device}, not on the current device cuda:{current} that graphs and Triton kernels run "
+            f"on (torch.cuda.set_device({device.index}) lets them serve it)")
 
 
 def plan_generation(model, generation_config, cache, device: torch.device, cache_given: bool = True) -> DecodePlan:
@@ -117,6 +130,7 @@ def samples_ahead(model, generation_config, synced_gpus: bool, model_kwargs: dic
         is_assistant=bool(getattr(generation_config, "is_assistant", False)),
         return_dict_in_generate=bool(generation_config.return_dict_in_generate),
         cache_returned=call is None or call.cache_returned,
+        planned=call is not None and call.cache is not None,
         auto_compile=device.type == "cuda" and model._valid_auto_compile_criteria(model_kwargs, generation_config),
         available=hasattr(model, "_prefill") and hasattr(model, "_optimize_model_for_decode"),
     )

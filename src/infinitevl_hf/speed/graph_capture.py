@@ -9,8 +9,8 @@ The same holds for feeding a fixed number of tokens, e.g. one video frame per ca
 `CUDAGraphPrefill` captures the decoder over `length` input embeddings (the vision tower stays eager;
 `frame_graph.CUDAGraphFrames` captures whole calls of frames, tower included).
 
-`generate()` on CUDA replays decode steps of the compiled `DecodeStep` (`compile=True`, concatenated
-projections, the Triton matvec), kept on the model by `speed.decode_graphs`; or use them directly:
+`generate()` on CUDA replays decode steps of the fused `DecodeStep` (concatenated projections, the Triton matvec;
+`compile=True` for batches of rows), kept on the model by `speed.decode_graphs`; or use them directly:
 
 ```python
 >>> decoder = CUDAGraphDecoder(model, cache)     # cache: a prompt already went through it
@@ -52,10 +52,10 @@ class CUDAGraphDecoder:
 
     def __init__(self, model, cache, warmup_steps: int = 2, compile: bool = False, concat_projections: bool = False,
                  triton_matvec: bool = False):
-        """compile=False (and triton_matvec=False) captures the module path's kernels; otherwise the `DecodeStep`
+        """compile=False and triton_matvec=False capture the module path's kernels; otherwise the `DecodeStep`
         (each decoder layer one function of tensors over the package's kernels; compile=True `torch.compile`s them,
-        which fuses the torch ops left between the kernels; results then differ from the module path by rounding). concat_projections, triton_matvec
-        (with compile=True): see `DecodeStep`."""
+        which fuses the torch ops left between the kernels; results then differ from the module path by rounding).
+        concat_projections, triton_matvec: see `DecodeStep`."""
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
         if not torch.cuda.is_available() or cache.next_positions is None or not cache.next_positions.is_cuda:
@@ -67,7 +67,7 @@ class CUDAGraphDecoder:
         if compile or triton_matvec:
             self.decode_step = DecodeStep(model, cache, compile=compile, concat_projections=concat_projections,
                                           triton_matvec=triton_matvec)
-            warmup_steps = max(warmup_steps, 3)  # the first calls compile; capture only after the kernels settled
+            warmup_steps = max(warmup_steps, 3)  # the first calls compile (JIT); capture after the kernels settled
         self.model, self.cache = model, cache
         self.input_ids = torch.zeros(cache.batch_rows, 1, dtype=torch.long, device=cache.next_positions.device)
         self.graph, self.logits = capture_over_cache(cache, self._forward, warmup_steps)

@@ -7,10 +7,12 @@ step late on Apple GPUs only (`DeferredStopCheck`). `sample_ahead` is the same l
 pieces (prefill, input preparation, logits processors, stopping criteria), with the answer read one step late
 (`LateStop`): the host queues step n + 1 while the GPU runs step n.
 
-Reading one step late means that a call ended by an end-of-sequence token runs one step more than needed; its
-token is dropped, so the returned ids are transformers' loop's. The cache holds that step, which is why the loop
-serves only calls whose cache nobody sees afterwards (`loop_problem`). With `do_sample=True` that step also draws
-one more sample, so the random generator ends one draw further on.
+Reading one step late means that a call ended by an end-of-sequence token (or stop string) runs one step more
+than needed; its token is dropped, so the returned ids are transformers' loop's. That step runs like the others:
+the forward, the logits processors and the stopping criteria see one call more (a stateful processor of the
+caller's, or classifier-free guidance's own forward, among them), and with `do_sample=True` the random generator
+ends one draw further on. The cache holds that step too, which is why the loop serves only calls whose cache
+nobody sees afterwards (`loop_problem`). A call ended by its length stops on time.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class LateStop:
         cuda = device.type == "cuda"
         self.buffers = [(torch.zeros((), dtype=torch.bool, pin_memory=cuda),
                          torch.zeros(rows, dtype=torch.long, pin_memory=cuda),
-                         torch.cuda.Event() if cuda else None) for _ in range(2)]
+                         torch.cuda.Event(blocking=True) if cuda else None) for _ in range(2)]  # waits sleep
         self.max_length, self.streamer = max_length, streamer
         self.pending = None  # the buffers of the last step, not read yet
         self.finished = False  # every row had finished one step before the last one
@@ -73,18 +75,23 @@ def loop_problem(
     cache_returned: bool,
     auto_compile: bool,
     available: bool = True,
+    planned: bool = True,
 ) -> str | None:
-    """Why `sample_ahead` cannot run this `generate()` call (transformers' own loop does), or None."""
+    """Why `sample_ahead` cannot run this `generate()` call (transformers' own loop does), or None. planned: the
+    call's cache is an `InfiniteVLCache` that the package set up (`plan_generation`)."""
     if not available:
         return "this transformers' generation has no prefill step to build the loop from"
     if device_type != "cuda":
-        return f"the model runs on {device_type}, where the host does not wait on a queue"
+        return f"the model runs on {device_type}: the loop reads the stop late on CUDA only"
     if synced_gpus:
         return "synced_gpus=True: every rank checks the stop together"
     if is_assistant:
         return "the model drafts for assisted decoding"
+    if not planned:
+        return "the call runs without a cache the package set up"
     if return_dict_in_generate or cache_returned:
-        return "the caller gets the cache back, and it would hold the one step too many"
+        return ("the caller may see the cache afterwards (return_dict_in_generate, a cache passed in, a custom "
+                "decoding method), and it would hold the one step too many")
     if auto_compile:
         return "transformers compiles the forward itself"
     return None
@@ -124,7 +131,7 @@ def sample_ahead(model, input_ids: torch.LongTensor, logits_processor, stopping_
             stopping = stop(unfinished, tokens, input_ids.shape[1])
     extra = stop.finish()  # steps run past the stop
     if extra:
-        input_ids = input_ids[:, :-extra]
+        input_ids = input_ids[:, :-extra].contiguous()  # as transformers' loop returns it
     if streamer is not None:
         streamer.end()
     return input_ids
