@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import logging
 
-from ..modeling.ops.dispatch import triton_available
+from ..modeling.ops.dispatch import off_current_device, triton_available
 from .decode_graphs import CaptureFailed, decode_graphs_of
 from .plan import DecodePlan, decode_plan
 from .sampling_loop import loop_problem
@@ -83,13 +83,11 @@ def plan_for_model(model, device: torch.device, generation_config=None, decoder_
 def _off_current_device(device: torch.device) -> str | None:
     """Why graphs cannot serve a model on `device` now: a CUDA graph captures the current device's stream and
     Triton launches there, so a model on another GPU keeps the module path until that GPU is made current."""
-    if device.index is None:  # "cuda": the current device
+    where = off_current_device(device)
+    if where is None:
         return None
-    current = torch.cuda.current_device()
-    if device.index == current:
-        return None
-    return (f"the model is on {device}, not on the current device cuda:{current} that graphs and Triton kernels run "
-            f"on (torch.cuda.set_device({device.index}) lets them serve it)")
+    return (f"the model is on {where} that graphs and Triton kernels run on "
+            f"(torch.cuda.set_device({device.index}) lets them serve it)")
 
 
 def plan_generation(model, generation_config, cache, device: torch.device, cache_given: bool = True) -> DecodePlan:

@@ -5,7 +5,9 @@ that read waits for the GPU to finish the step, so the GPU idles while the host 
 launches the next step: 0.2-0.4 ms a token next to a captured step of 2.5 ms. transformers reads that answer one
 step late on Apple GPUs only (`DeferredStopCheck`). `sample_ahead` is the same loop, built from transformers' own
 pieces (prefill, input preparation, logits processors, stopping criteria), with the answer read one step late
-(`LateStop`): the host queues step n + 1 while the GPU runs step n.
+(`LateStop`): the host queues step n + 1 while the GPU runs step n. `LateStop` is `DeferredStopCheck`'s idea
+without its cache rollback (the loop never returns the cache), recording on the rows' own device rather than the
+current one, and without events off CUDA, so that the same loop runs, and is tested, on a CPU.
 
 Reading one step late means that a call ended by an end-of-sequence token (or stop string) runs one step more
 than needed; its token is dropped, so the returned ids are transformers' loop's. That step runs like the others:

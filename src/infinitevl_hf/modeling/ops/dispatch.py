@@ -185,16 +185,23 @@ def triton_available() -> bool:
     return True
 
 
+def off_current_device(device: torch.device) -> str | None:
+    """"cuda:1, not on the current device cuda:0" for a CUDA `device` other than the current one, else None (an
+    unindexed "cuda" is the current one). Triton kernels and CUDA graph captures run on the current device."""
+    if device.index is None:
+        return None
+    current = torch.cuda.current_device()
+    return None if device.index == current else f"{device}, not on the current device cuda:{current}"
+
+
 def current_device_problem(tensor: torch.Tensor) -> str | None:
     """Why a package Triton kernel cannot launch for the CUDA tensor `tensor` now, or None: Triton launches on the
     current device and its stream, so a tensor on another device (a model placed on cuda:1) is left to torch's ops,
     which follow their tensors. Not asked inside a graph being compiled (its own device guards hold)."""
     if torch.compiler.is_compiling():
         return None
-    current = torch.cuda.current_device()
-    if tensor.device.index == current:
-        return None
-    return f"inputs are on {tensor.device}, not on the current device cuda:{current} that Triton launches on"
+    where = off_current_device(tensor.device)
+    return None if where is None else f"inputs are on {where} that Triton launches on"
 
 
 def one_token_kernel_problem(first: torch.Tensor, *tensors) -> str | None:
