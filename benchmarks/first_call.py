@@ -25,6 +25,7 @@ import io
 import json
 import pstats
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -42,7 +43,8 @@ class PhaseTimers:
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
-        self._depth: dict[str, int] = defaultdict(int)
+        self._depth: dict[tuple[str, int], int] = defaultdict(int)
+        self._main = threading.get_ident()
         self._gc_start = None
         gc.callbacks.append(self._gc)
 
@@ -53,15 +55,18 @@ class PhaseTimers:
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
-            self._depth[label] += 1
+            # per thread: compiles ahead run on worker threads (`speed.compile_ahead`), summed under their own label
+            thread = threading.get_ident()
+            self._depth[label, thread] += 1
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                self._depth[label] -= 1
-                if self._depth[label] == 0:
-                    self.seconds[label] += time.perf_counter() - start
-                    self.calls[label] += 1
+                self._depth[label, thread] -= 1
+                if self._depth[label, thread] == 0:
+                    key = label if thread == self._main else f"{label} [worker threads, summed]"
+                    self.seconds[key] += time.perf_counter() - start
+                    self.calls[key] += 1
 
         setattr(owner, name, timed)
         return True
@@ -101,7 +106,7 @@ def install_timers() -> PhaseTimers:
     import triton.runtime.autotuner as autotuner
     import triton.runtime.jit as jit
 
-    from infinitevl_hf.speed import decode_graphs
+    from infinitevl_hf.speed import decode_graphs, graph_capture
 
     timers = PhaseTimers()
     timers.wrap(autotuner.Autotuner, "_bench", "triton autotune (config benchmarks)")
@@ -119,6 +124,7 @@ def install_timers() -> PhaseTimers:
         pass
     timers.wrap(decode_graphs, "capture_prompt_graph", "capture: prompt (warm-up runs included)")
     timers.wrap(decode_graphs, "capture_decode_step", "capture: decode step (warm-up + compile included)")
+    timers.wrap(graph_capture, "compile_ahead", "compile ahead (Triton kernels compiled on worker threads)")
     return timers
 
 

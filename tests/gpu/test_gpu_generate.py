@@ -221,3 +221,52 @@ def test_a_model_the_compiled_step_cannot_read_replays_its_modules_captured(mode
     assert "module path captured in a CUDA graph" in said, said
     assert decode_graphs_of(other).replays == NEW - 1
     assert torch.equal(fast, _greedy(other, _text(seed=21), disable_compile=True))
+
+
+_FRESH_PROCESS = """
+import json, sys, threading
+sys.path.insert(0, "tests/gpu")
+import torch
+from triton import knobs
+import infinitevl_hf.speed.compile_ahead as ahead
+import infinitevl_hf.speed.graph_capture as capture
+import test_gpu_generate as t
+
+ahead_counts, compiles = [], {"main": 0, "workers": 0}
+original = ahead.compile_ahead
+capture.compile_ahead = lambda run: ahead_counts.append(original(run)) or ahead_counts[-1]
+main = threading.get_ident()
+
+def count(**kwargs):
+    compiles["main" if threading.get_ident() == main else "workers"] += 1
+
+knobs.runtime.jit_post_compile_hook = count
+model = t._build()
+inputs = t._image(model)
+fast = t._greedy(model, inputs)
+first = dict(compiles)
+reference = t._greedy(model, inputs, disable_compile=True)
+print(json.dumps({"equal": bool(torch.equal(fast, reference)), "ahead": ahead_counts, "first_call": first}))
+"""
+
+
+def test_a_fresh_process_compiles_its_kernels_ahead_and_gives_the_module_path_tokens(tmp_path):
+    """With an empty Triton cache, the first call's captures compile their Triton kernels on worker threads before
+    their warm-up runs (`speed.compile_ahead`), and the tokens equal the module path's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               PYTHONPATH=os.pathsep.join([str(root / "src"), str(root / "tests"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("INFINITEVL_COMPILE_AHEAD", None)
+    done = subprocess.run([sys.executable, "-c", _FRESH_PROCESS], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["equal"], result
+    assert len(result["ahead"]) == 2 and all(n is not None for n in result["ahead"]), result  # prompt and decode step
+    assert sum(result["ahead"]) > 0 and result["first_call"]["workers"] >= sum(result["ahead"]), result

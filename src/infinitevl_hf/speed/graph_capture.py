@@ -23,16 +23,24 @@ from __future__ import annotations
 import torch
 
 from ..modeling.compat import CACHE_KWARG
+from .compile_ahead import compile_ahead
 from .decode_step import DecodeStep
 from .weight_layout import lay_out_weights
 
 def capture_over_cache(cache, forward, warmup_steps: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Warm `forward(cache)` up on a fork of the cache (kernels pick their configs and allocate outside the
-    capture, the real state untouched), then capture one call over the real cache: (graph, its output)."""
-    scratch = cache.fork()
+    capture, the real state untouched), then capture one call over the real cache: (graph, its output).
+
+    The first warm-up is a `compile_ahead` pass on a fork of its own (its skipped kernels leave garbage), which
+    compiles the Triton kernels met for the first time side by side; at least one real warm-up follows."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
+        fork = cache.fork()
+        if compile_ahead(lambda: forward(fork)) is not None:
+            warmup_steps = max(1, warmup_steps - 1)
+        del fork
+        scratch = cache.fork()
         for _ in range(warmup_steps):
             forward(scratch)
     torch.cuda.current_stream().wait_stream(stream)

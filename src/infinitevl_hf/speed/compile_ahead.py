@@ -1,0 +1,108 @@
+"""Triton kernels compiled side by side on worker threads, ahead of their first launch.
+
+Triton compiles a kernel when it is first launched, and a fresh process meets the model's kernels one after
+another: on an H200 the first `generate()` spent 8.6 s compiling 29 kernels, most of it waiting on ptxas and on
+the C compiler that builds each kernel's launcher. Those are separate processes, so several compiles can overlap.
+
+`compile_ahead(run)` calls `run()` once with every first launch of a Triton kernel skipped and handed to
+a thread pool instead (through Triton's `jit_cache_hook`, which is asked before each compile), then waits for the
+pool. The kernels are then in Triton's cache, launchers built, and the real calls that follow compile nothing.
+
+The skipped kernels leave their outputs unwritten, so `run()` must be a call whose results are thrown away and
+whose control flow does not depend on tensor values: the warm-up of a region about to be captured as a CUDA graph
+(a captured region cannot read values on the host), on a fork of the cache. Only the thread that called
+`compile_ahead` skips launches; other threads' kernels and an autotuner's timing runs launch as usual.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+SWITCH_ENV = "INFINITEVL_COMPILE_AHEAD"
+_active = threading.Lock()  # one compile-ahead pass at a time: the hook is process-wide
+
+
+def compile_ahead_problem() -> str | None:
+    """Why kernels cannot be compiled ahead here, or None when they can."""
+    if os.environ.get(SWITCH_ENV, "1") == "0":
+        return f"{SWITCH_ENV}=0"
+    try:
+        from triton import knobs
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return "this Triton has no `triton.knobs` (Triton 3.4 or newer has it)"
+    if not hasattr(knobs.runtime, "jit_cache_hook") or not hasattr(JITFunction, "preload"):
+        return "this Triton has no `jit_cache_hook` or `JITFunction.preload`"
+    return None
+
+
+def _in_autotuner_timing(frame, depth: int = 16) -> bool:
+    """Whether a Triton autotuner is timing its candidates up the stack (those launches must run to be timed)."""
+    while frame is not None and depth:
+        code = frame.f_code
+        if code.co_name == "_bench" and code.co_filename.endswith("autotuner.py"):
+            return True
+        frame, depth = frame.f_back, depth - 1
+    return False
+
+
+def _compile(jit_function, specialization_data: str, device: int) -> None:
+    """Compile one kernel into its function's cache and build its launcher (the two slow parts of a first launch)."""
+    torch.cuda.set_device(device)
+    kernel = jit_function.preload(specialization_data)
+    if kernel is not None:
+        kernel._init_handles()
+
+
+def compile_ahead(run: Callable[[], object], workers: int | None = None) -> int | None:
+    """Call `run()` once with each Triton kernel it launches for the first time compiled on a worker thread instead
+    of launched (for the current CUDA device, where Triton launches); wait for the compiles. Returns how many kernels were compiled, or None when nothing was done
+    (`compile_ahead_problem`, or another pass is running): the caller's own calls then compile as usual.
+
+    A compile that fails on a worker is dropped (logged at debug level); the kernel's next real launch compiles
+    it again and raises the error there."""
+    if compile_ahead_problem() is not None or not _active.acquire(blocking=False):
+        return None
+    from triton import knobs
+
+    owner, previous = threading.get_ident(), knobs.runtime.jit_cache_hook
+    index = torch.cuda.current_device()
+    pool = ThreadPoolExecutor(max_workers=workers or max(2, min(8, os.cpu_count() or 2)),
+                              thread_name_prefix="infinitevl-compile")
+    submitted, jobs = set(), []
+
+    def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled, **rest):
+        if threading.get_ident() != owner or is_manual_warmup or _in_autotuner_timing(sys._getframe(1)):
+            return previous(key=key, repr=repr, fn=fn, compile=compile, is_manual_warmup=is_manual_warmup,
+                            already_compiled=already_compiled, **rest) if previous else None
+        name = (id(fn.jit_function), key)
+        if name not in submitted:
+            submitted.add(name)
+            jobs.append((repr, pool.submit(_compile, fn.jit_function, compile["specialization_data"], index)))
+        return True  # skip this compile and launch: the pool compiles it
+
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        run()
+    except Exception as error:  # noqa: BLE001 - the real warm-up that follows runs the same call and reports it
+        logger.debug("The compile-ahead pass stopped early (%s); the rest compiles at first launch.", error)
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+        pool.shutdown(wait=True)
+        _active.release()
+    compiled = 0
+    for repr, job in jobs:
+        if job.exception() is None:
+            compiled += 1
+        else:
+            logger.debug("Compiling %s ahead failed (%s); its first launch compiles it.", repr, job.exception())
+    return compiled
