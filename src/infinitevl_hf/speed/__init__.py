@@ -9,6 +9,7 @@ and `generation.fast_forward` at the top of `forward` (inside `generate()` only;
 - `decode_graphs` / `prompt_graphs`: graphs kept on the model (one static cache per batch size, dtype and
   device), reused by every later call; prompts are captured in bucketed lengths.
 - `graph_capture`: capture over a cache (`capture_over_cache`), the captured decode step and captured prefill.
+- `compile_ahead`: a capture's first warm-up, with Triton's first launches compiled side by side on threads.
 - `frame_graphs`: a whole streamed call (vision tower included) captured as one graph (`StreamingSession`).
 - `decode_step`: the decoder's one-token step as plain tensor functions for `torch.compile`, the one second
   formulation of the layer math (its docstring says why; tests pin it to the modules).
