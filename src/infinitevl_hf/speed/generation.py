@@ -18,6 +18,7 @@ from transformers.utils import logging
 
 from ..modeling.ops.dispatch import off_current_device, triton_available
 from .decode_graphs import CaptureFailed, decode_graphs_of
+from .model_walk import ModelWalk, model_walk
 from .plan import DecodePlan, decode_plan
 from .sampling_loop import loop_problem
 
@@ -54,14 +55,16 @@ def generate_call(model, custom_generate: bool = False):
             graphs.release_cache(call.cache, copy=call.cache_returned)
 
 
-def plan_for_model(model, device: torch.device, generation_config=None, decoder_modules=None) -> DecodePlan:
-    """`decode_plan` for this model on `device` with these generation flags (`decoder_modules`: the decoder's
-    walk, when the caller has it)."""
-    from .decode_step import decoder_problems
-
+def plan_for_model(model, device: torch.device, generation_config=None, walk: ModelWalk | None = None,
+                   weights: tuple | None = None) -> DecodePlan:
+    """`decode_plan` for this model on `device` with these generation flags (`walk`: the model's `model_walk`, and
+    `weights` its `weights()`, when the caller has them)."""
     flags = generation_config
     cuda = device.type == "cuda"
-    problems = decoder_problems(model, decoder_modules) if cuda else (None, None)  # (capture, compiled step)
+    problems = (None, None)  # (capture, compiled step)
+    if cuda:
+        walk = model_walk(model) if walk is None else walk
+        problems = walk.problems(model, walk.weights() if weights is None else weights)
     elsewhere = _off_current_device(device) if cuda else None
     text = model.config.get_text_config()
     return decode_plan(
@@ -93,20 +96,17 @@ def _off_current_device(device: torch.device) -> str | None:
 def plan_generation(model, generation_config, cache, device: torch.device, cache_given: bool = True) -> DecodePlan:
     """Choose the decode path of the current `generate()` call for `cache`, and say once why it is not a graph.
     cache_given: the caller passed `cache` in (so it holds it after the call)."""
-    from .decode_graphs import _weight_addresses
-    from .decode_step import preorder_modules
-
     cache.check_compatible(model.config)  # the captured paths bypass the decoder, which checks this itself
-    decoder = model.model.language_model
-    walked = preorder_modules(decoder) if device.type == "cuda" else None  # one walk per call, for both checks
-    plan = plan_for_model(model, device, generation_config, walked)
+    walk = model_walk(model) if device.type == "cuda" else None  # walked once per module tree (`speed.model_walk`)
+    weights = walk.weights() if walk is not None else None  # read on every call, for both checks
+    plan = plan_for_model(model, device, generation_config, walk, weights)
     call = _CURRENT.get()
     if call is not None:
         call.plan, call.cache = plan, cache
         call.cache_returned = (cache_given or bool(getattr(generation_config, "return_dict_in_generate", False))
                                or not call.stock or not _stock_decoding(generation_config))
         if plan.path == "graph":
-            call.weights = _weight_addresses(model, preorder_modules(model, {id(decoder): walked}))
+            call.weights = weights if weights is not None else model_walk(model).weights()
     if plan.reason is not None:
         if plan.path == "graph":
             message = ("InfiniteVL generate() replays the module path captured in a CUDA graph, not the compiled "

@@ -126,8 +126,8 @@ def sample_ahead(model, input_ids: torch.LongTensor, logits_processor, stopping_
                 tokens = torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
             else:
                 tokens = torch.argmax(scores, dim=-1)
-            if pads_finished:  # rows that finished get padding
-                tokens = tokens * unfinished + pad_token_id * (1 - unfinished)
+            if pads_finished:  # rows that finished get padding (transformers' arithmetic blend, in two kernels, not four)
+                tokens = torch.where(unfinished.bool(), tokens, pad_token_id)
             input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
             unfinished = unfinished & ~stopping_criteria(input_ids, None)
             stopping = stop(unfinished, tokens, input_ids.shape[1])
