@@ -3,6 +3,7 @@
 The model reaches it through two calls: `speed.vision.speed_up_vision_tower` when it builds its vision tower,
 and `generation.fast_forward` at the top of `forward` (inside `generate()` only; None means "run the modules").
 
+- `model_walk`: the model's modules and weights as the per-call checks read them, walked once per module tree.
 - `plan`: which decode path a `generate()` call takes (captured graph, or the module path over a static or
   dynamic cache), as a plain function of device, flags and model, with the reason for every fallback.
 - `generation`: the per-call scope (`generate_call`), the plan for the call's cache, `fast_forward`, `warmup`.
