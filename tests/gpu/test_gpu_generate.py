@@ -232,21 +232,23 @@ import infinitevl_hf.speed.compile_ahead as ahead
 import infinitevl_hf.speed.graph_capture as capture
 import test_gpu_generate as t
 
-ahead_counts, compiles = [], {"main": 0, "workers": 0}
+ahead_counts, compiled = [], {"main": [], "workers": []}
 original = ahead.compile_ahead
 capture.compile_ahead = lambda run: ahead_counts.append(original(run)) or ahead_counts[-1]
 main = threading.get_ident()
 
-def count(**kwargs):
-    compiles["main" if threading.get_ident() == main else "workers"] += 1
+def count(*, key, fn, **kwargs):
+    compiled["main" if threading.get_ident() == main else "workers"].append(f"{fn.module}.{fn.name}/{key}")
 
 knobs.runtime.jit_post_compile_hook = count
 model = t._build()
 inputs = t._image(model)
 fast = t._greedy(model, inputs)
-first = dict(compiles)
+first = {where: len(keys) for where, keys in compiled.items()}
 reference = t._greedy(model, inputs, disable_compile=True)
-print(json.dumps({"equal": bool(torch.equal(fast, reference)), "ahead": ahead_counts, "first_call": first}))
+twice = sorted(set(compiled["main"]) & set(compiled["workers"]))
+print(json.dumps({"equal": bool(torch.equal(fast, reference)), "ahead": ahead_counts, "first_call": first,
+                  "compiled_twice": twice}))
 """
 
 
@@ -270,3 +272,4 @@ def test_a_fresh_process_compiles_its_kernels_ahead_and_gives_the_module_path_to
     assert result["equal"], result
     assert len(result["ahead"]) == 2 and all(n is not None for n in result["ahead"]), result  # prompt and decode step
     assert sum(result["ahead"]) > 0 and result["first_call"]["workers"] >= sum(result["ahead"]), result
+    assert result["compiled_twice"] == [], result  # what the workers compiled, the real launches found compiled

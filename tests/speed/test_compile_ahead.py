@@ -40,6 +40,7 @@ def compiled(monkeypatch):
             raise RuntimeError("does not compile")
         with lock:
             done.append((jit_function.name, specialization_data, device))
+        return jit_function.name != "declined"  # another hook declined it: preload gave no kernel
 
     monkeypatch.setattr(ahead, "_compile", fake_compile)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
@@ -99,18 +100,23 @@ def test_an_autotuners_timing_runs_launch(compiled):
     assert ahead._in_autotuner_timing(None) is False
 
 
-def test_failed_compiles_and_a_failing_pass_are_not_errors(compiled):
+def test_failed_or_declined_compiles_are_not_counted_and_a_pass_that_raises_is_not_finished(compiled):
     def run():
-        _first_launch(FakeKernel("broken"))
-        _first_launch(FakeKernel("fine"))
-        raise ValueError("a pass over garbage tripped")
+        for name in ("broken", "declined", "fine"):
+            _first_launch(FakeKernel(name))
 
     assert ahead.compile_ahead(run) == 1  # the broken kernel compiles (and raises) at its real launch
-    assert [name for name, _, _ in compiled] == ["fine"]
+
+    def stops():
+        _first_launch(FakeKernel("before the stop"))
+        raise ValueError("a pass over garbage tripped")
+
+    assert ahead.compile_ahead(stops) is None  # the caller keeps all its warm-ups
+    assert sorted(name for name, _, _ in compiled) == ["before the stop", "declined", "fine"]  # still compiled
     assert knobs.runtime.jit_cache_hook is None
 
 
-def test_switched_off_or_already_running_does_nothing(compiled, monkeypatch):
+def test_switched_off_or_another_threads_pass_does_nothing_and_a_nested_pass_raises(compiled, monkeypatch):
     calls = []
     monkeypatch.setenv(ahead.SWITCH_ENV, "0")
     assert ahead.compile_ahead_problem() == f"{ahead.SWITCH_ENV}=0"
@@ -119,8 +125,29 @@ def test_switched_off_or_already_running_does_nothing(compiled, monkeypatch):
     monkeypatch.delenv(ahead.SWITCH_ENV)
     assert ahead.compile_ahead_problem() is None
 
-    def outer():
+    def other_thread():
         calls.append(ahead.compile_ahead(lambda: calls.append("inner ran")))
+
+    def outer():
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        with pytest.raises(RuntimeError, match="inside its own pass"):
+            ahead.compile_ahead(lambda: calls.append("nested ran"))
 
     assert ahead.compile_ahead(outer) == 0
     assert calls == [None]
+
+
+def test_a_hook_set_during_the_pass_is_left_in_place(compiled):
+    def theirs(**kwargs):
+        return None
+
+    def run():
+        knobs.runtime.jit_cache_hook = theirs  # e.g. another thread installs its own hook meanwhile
+
+    try:
+        assert ahead.compile_ahead(run) == 0
+        assert knobs.runtime.jit_cache_hook is theirs
+    finally:
+        knobs.runtime.jit_cache_hook = None

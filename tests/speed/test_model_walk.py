@@ -1,7 +1,11 @@
 """`speed.model_walk`: the per-call checks of the model's modules and weights, walked once per module tree.
 
-The kept walk must give what a fresh walk gives (the graphs' weight record, the decoder's problems), and be walked
-again whenever the tree changes, however it changes."""
+The kept walk must give what a fresh walk gives (the graphs' weight record, the decoder's problems), be walked again
+whenever a module or parameter of the tree is added, removed or replaced or a module's class swapped, and keep
+nothing of the model alive."""
+
+import gc
+import weakref
 
 import pytest
 import torch
@@ -49,33 +53,48 @@ def _add_a_module(model):
     model.model.language_model.layers[0].mlp.extra = nn.Linear(2, 2)
 
 
+class _NotPlainLinear(nn.Linear):
+    pass
+
+
+def _swap_a_class(model):
+    model.model.language_model.layers[0].mlp.up_proj.__class__ = _NotPlainLinear
+
+
+def _replace_with_a_subclass(model):
+    mlp = model.model.language_model.layers[0].mlp
+    mlp.up_proj = _NotPlainLinear(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=False)
+
+
 @pytest.mark.parametrize("change", [_replace_a_projection, _delete_a_norm, _write_the_children_dict,
-                                    _replace_a_parameter, _add_a_module])
+                                    _replace_a_parameter, _add_a_module, _swap_a_class, _replace_with_a_subclass])
 def test_any_change_of_the_tree_walks_again(model, change):
     walk = model_walk(model)
+    walk.problems(model, walk.weights())
     change(model)
     again = model_walk(model)
     assert again is not walk
     assert again.weights() == _weight_addresses(model)
+    assert again.problems(model, again.weights()) == decoder_problems(model)
     assert model_walk(model) is again
+    if change in (_swap_a_class, _replace_with_a_subclass):
+        assert "not a plain nn.Linear" in again.problems(model, again.weights())[0]
 
 
-def test_moved_weights_and_hooks_are_read_on_every_call(model):
+def test_the_walk_keeps_nothing_alive(model):
     walk = model_walk(model)
-    before = walk.weights()
-    layer = model.model.language_model.layers[0].mlp.down_proj
-    with torch.no_grad():
-        layer.weight.data = layer.weight.data.clone()  # same parameter object, new storage: the tree is unchanged
-    assert model_walk(model) is walk
-    assert walk.weights() != before and walk.weights() == _weight_addresses(model)
+    mlp = model.model.language_model.layers[0].mlp
+    old = weakref.ref(mlp.up_proj)
+    _replace_a_projection(model)
+    assert old() is None  # the replaced layer is freed at once, not at the next call
+    assert not walk.current()
 
-    layer.weight.requires_grad_(False)
-    layer.weight.data = layer.weight.data.to(torch.int8)  # the decoder's problems follow the weights
-    capture, compiled = walk.problems(model, walk.weights())
-    assert capture is None and "not floating point" in compiled
-
-    layer.weight.data = layer.weight.data.float()
-    assert walk.problems(model, walk.weights()) == (None, None)
-    model.model.language_model.layers[2].__dict__["_hf_hook"] = object()  # accelerate's hook: an attribute
-    capture, _ = walk.problems(model, walk.weights())
-    assert "accelerate" in capture
+    other = tiny_model(seed=5)
+    model_walk(other)
+    gone = weakref.ref(other)
+    gc.disable()  # freed by reference counting alone: no cycle through the walk in the model's __dict__
+    try:
+        del other
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -1,17 +1,27 @@
 """Triton kernels compiled side by side on worker threads, ahead of their first launch.
 
 Triton compiles a kernel when it is first launched, and a fresh process meets the model's kernels one after
-another: on an H200 the first `generate()` spent 8.6 s compiling 29 kernels, most of it waiting on ptxas and on
-the C compiler that builds each kernel's launcher. Those are separate processes, so several compiles can overlap.
+another: on an H200 the first `generate()` spent 8.5 s compiling 29 kernels and 5.6 s more building their
+launchers, most of it waiting on ptxas and (Triton 3.6) on the C compiler. Those are separate processes, so
+several compiles can overlap.
 
-`compile_ahead(run)` calls `run()` once with every first launch of a Triton kernel skipped and handed to
-a thread pool instead (through Triton's `jit_cache_hook`, which is asked before each compile), then waits for the
-pool. The kernels are then in Triton's cache, launchers built, and the real calls that follow compile nothing.
+`compile_ahead(run)` calls `run()` once with every first launch of a Triton kernel skipped and handed to a thread
+pool instead (through Triton's `jit_cache_hook`, which is asked before each compile), then waits for the pool. The
+kernels are then in Triton's cache with their launchers built, and the real calls that follow compile nothing.
 
-The skipped kernels leave their outputs unwritten, so `run()` must be a call whose results are thrown away and
-whose control flow does not depend on tensor values: the warm-up of a region about to be captured as a CUDA graph
-(a captured region cannot read values on the host), on a fork of the cache. Only the thread that called
-`compile_ahead` skips launches; other threads' kernels and an autotuner's timing runs launch as usual.
+What `run()` must be: a call whose results are thrown away (the warm-up of a region about to be captured as a CUDA
+graph, on a fork of the cache), whose host control flow does not read tensor values (a captured region cannot),
+and in which no value a Triton kernel writes becomes an index or an address. The skipped kernels leave their
+outputs unwritten, and the torch ops and the kernels compiled already run on that garbage: floats are harmless, an
+out-of-range index would be a device-side error. In this package every Triton kernel writes floats; indices (ring
+slots, feature slots, positions) come from torch ops on the inputs.
+
+Only the thread that called `compile_ahead` skips launches; other threads' kernels and an autotuner's timing runs
+launch as usual. Two limits, both costing speed only: a kernel a worker has just published may still be loading
+when the pass launches it again (that launch fails, the pass stops, and the rest compile at first launch as
+before); and while the hook is set, Triton 3.6 serialises every compile's specialisation, which fails for a kernel
+taking a Triton function as a constant (the pass stops there too; another thread's such first launch would fail
+for the pass's few seconds).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ logger = logging.get_logger(__name__)
 
 SWITCH_ENV = "INFINITEVL_COMPILE_AHEAD"
 _active = threading.Lock()  # one compile-ahead pass at a time: the hook is process-wide
+_owner: int | None = None  # the thread running the pass
 
 
 def compile_ahead_problem() -> str | None:
@@ -42,6 +53,11 @@ def compile_ahead_problem() -> str | None:
         return "this Triton has no `triton.knobs` (Triton 3.4 or newer has it)"
     if not hasattr(knobs.runtime, "jit_cache_hook") or not hasattr(JITFunction, "preload"):
         return "this Triton has no `jit_cache_hook` or `JITFunction.preload`"
+    from triton.runtime.autotuner import Autotuner
+
+    bench = getattr(Autotuner, "_bench", None)
+    if bench is None or not bench.__code__.co_filename.endswith("autotuner.py"):  # what `_in_autotuner_timing` finds
+        return "this Triton's autotuner times its configs elsewhere than `Autotuner._bench`"
     return None
 
 
@@ -55,26 +71,36 @@ def _in_autotuner_timing(frame, depth: int = 16) -> bool:
     return False
 
 
-def _compile(jit_function, specialization_data: str, device: int) -> None:
-    """Compile one kernel into its function's cache and build its launcher (the two slow parts of a first launch)."""
+def _compile(jit_function, specialization_data: str, device: int) -> bool:
+    """Compile one kernel into its function's cache and build its launcher (the two slow parts of a first launch);
+    False when another hook declined the compile."""
     torch.cuda.set_device(device)
     kernel = jit_function.preload(specialization_data)
-    if kernel is not None:
-        kernel._init_handles()
+    if kernel is None:
+        return False
+    kernel._init_handles()
+    return True
 
 
 def compile_ahead(run: Callable[[], object], workers: int | None = None) -> int | None:
     """Call `run()` once with each Triton kernel it launches for the first time compiled on a worker thread instead
-    of launched (for the current CUDA device, where Triton launches); wait for the compiles. Returns how many kernels were compiled, or None when nothing was done
-    (`compile_ahead_problem`, or another pass is running): the caller's own calls then compile as usual.
+    of launched (for the current CUDA device, where Triton launches); wait for the compiles. Returns how many
+    kernels were compiled, or None when the pass did not run to its end: not available (`compile_ahead_problem`),
+    another thread's pass running, or `run()` raised (logged; what was submitted still compiles). The caller's
+    own calls then compile what is left as usual.
 
     A compile that fails on a worker is dropped (logged at debug level); the kernel's next real launch compiles
-    it again and raises the error there."""
+    it again and raises the error there. Called again from inside `run()` it raises: the inner call's own
+    launches (a capture, say) would be skipped too."""
+    global _owner
+    if _owner == threading.get_ident():
+        raise RuntimeError("compile_ahead() was called inside its own pass, whose launches it would skip")
     if compile_ahead_problem() is not None or not _active.acquire(blocking=False):
         return None
     from triton import knobs
 
     owner, previous = threading.get_ident(), knobs.runtime.jit_cache_hook
+    _owner = owner
     index = torch.cuda.current_device()
     pool = ThreadPoolExecutor(max_workers=workers or max(2, min(8, os.cpu_count() or 2)),
                               thread_name_prefix="infinitevl-compile")
@@ -91,18 +117,23 @@ def compile_ahead(run: Callable[[], object], workers: int | None = None) -> int 
         return True  # skip this compile and launch: the pool compiles it
 
     knobs.runtime.jit_cache_hook = hook
+    finished = False
     try:
         run()
-    except Exception as error:  # noqa: BLE001 - the real warm-up that follows runs the same call and reports it
-        logger.debug("The compile-ahead pass stopped early (%s); the rest compiles at first launch.", error)
+        finished = True
+    except Exception as error:  # noqa: BLE001 - the real warm-ups that follow run the same call and report it
+        logger.info("The compile-ahead pass stopped early (%s: %s); the kernels it had not reached compile at their "
+                    "first launch.", type(error).__name__, error)
     finally:
-        knobs.runtime.jit_cache_hook = previous
+        if knobs.runtime.jit_cache_hook is hook:  # not one another thread set meanwhile
+            knobs.runtime.jit_cache_hook = previous
         pool.shutdown(wait=True)
+        _owner = None
         _active.release()
     compiled = 0
     for repr, job in jobs:
         if job.exception() is None:
-            compiled += 1
+            compiled += bool(job.result())
         else:
             logger.debug("Compiling %s ahead failed (%s); its first launch compiles it.", repr, job.exception())
-    return compiled
+    return compiled if finished else None

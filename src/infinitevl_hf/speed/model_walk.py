@@ -6,12 +6,16 @@ compare, `decode_graphs._weight_addresses`). Walking a 4B model's thousand modul
 call on an H200's host, all of it before the prompt's graph could start.
 
 `model_walk(model)` keeps the walk on the model and re-walks only when the tree changed: a module or parameter
-added, removed or replaced anywhere in it (checked per call by identity, about a tenth of the walk). What can change
-without changing the tree is read again on every call: the weights' addresses and dtypes (`model.to()`, `param.data
-= ...`) and accelerate's hooks; the decoder's problems are kept for the (addresses, hooks) they were found with.
+added, removed or replaced anywhere in it, or a module's class swapped (checked per call by identity, for about a
+third of the four walks' time). What can change without changing the tree is read again on every call: the
+weights' addresses and dtypes (`model.to()`, `param.data = ...`) and accelerate's hooks; the decoder's problems are
+kept for the (addresses, hooks) they were found with. Child names and the Gated DeltaNet layers' flags, which the
+problems also read, are taken as fixed once a module is built.
 """
 
 from __future__ import annotations
+
+import weakref
 
 from torch import nn
 
@@ -21,41 +25,51 @@ from .decode_step import decoder_problems, preorder_modules
 _KEY = "_infinitevl_model_walk"
 
 
-def _tree(modules: list[nn.Module]) -> tuple[list[int], list[int]]:
-    """Identities of every child slot and every parameter slot of `modules` (None included): equal lists mean the
-    same modules holding the same parameter objects."""
+def _tree(modules: list[nn.Module]) -> tuple[list[int], list[int], list[int]]:
+    """Identities of every child slot and every parameter slot of `modules` (None included), and of each module's
+    class: equal lists mean the same modules, of the same classes, holding the same parameter objects."""
     children = [id(child) for module in modules for child in module._modules.values()]
     params = [id(p) for module in modules for p in module._parameters.values()]
-    return children, params
+    return children, params, [id(type(module)) for module in modules]
 
 
 class ModelWalk:
     """The model's modules in `named_modules()` order (the decoder's walk spliced in), its parameters (each once,
-    in that order), and the decoder's problems for the weights and hooks they were found with."""
+    in that order), and the decoder's problems for the weights and hooks they were found with. Held by weak
+    references: the walk keeps no module or weight alive (nor the model, which holds the walk)."""
 
     def __init__(self, model):
         decoder = model.model.language_model
-        self.decoder_modules = preorder_modules(decoder)
-        self.modules = preorder_modules(model, {id(decoder): self.decoder_modules})
-        self.checked = [*self.decoder_modules, model.lm_head]  # what `decoder_problems` reads
-        self.tree = _tree(self.modules)
-        params = {id(p): p for module in self.modules for p in module._parameters.values() if p is not None}
-        self.parameters = list(params.values())
+        decoder_modules = preorder_modules(decoder)
+        modules = preorder_modules(model, {id(decoder): decoder_modules})
+        params = {id(p): p for module in modules for p in module._parameters.values() if p is not None}
+        self._modules = [weakref.ref(module) for module in modules]
+        self._decoder = [weakref.ref(module) for module in decoder_modules]
+        self._checked = [*self._decoder, weakref.ref(model.lm_head)]  # what `decoder_problems` reads
+        self._parameters = [weakref.ref(p) for p in params.values()]
+        self._parameter_ids = list(params)
+        self.tree = _tree(modules)
         self._problems: tuple[tuple, tuple] | None = None
 
     def current(self) -> bool:
-        """Whether the model's tree is still the one walked (same modules, same parameter objects)."""
-        return _tree(self.modules) == self.tree
+        """Whether the model's tree is still the one walked (same modules and classes, same parameter objects)."""
+        modules = [ref() for ref in self._modules]
+        if None in modules:  # one is gone (its id may now be another module's)
+            return False
+        if [id(ref()) for ref in self._parameters] != self._parameter_ids:  # the same for weights (id(None) differs)
+            return False
+        return _tree(modules) == self.tree
 
     def weights(self) -> tuple:
         """Where every parameter's data lives, and its dtype: `decode_graphs._weight_addresses(model)`, read now."""
-        return tuple((p.data_ptr() or _addresses(p), p.dtype) for p in self.parameters)  # as `_addresses`, fewer calls
+        return tuple((p.data_ptr() or _addresses(p), p.dtype) for p in [ref() for ref in self._parameters])
 
     def problems(self, model, weights: tuple) -> tuple[str | None, str | None]:
-        """`decoder_problems(model)`, found again only when the weights or accelerate's hooks changed."""
-        key = (weights, tuple(i for i, module in enumerate(self.checked) if "_hf_hook" in module.__dict__))
+        """`decoder_problems(model)`, found again only when the weights or accelerate's hooks changed. (Names of
+        child modules and the Gated DeltaNet layers' flags, which it reads too, are taken as fixed.)"""
+        key = (weights, tuple(i for i, ref in enumerate(self._checked) if "_hf_hook" in ref().__dict__))
         if self._problems is None or self._problems[0] != key:
-            self._problems = (key, decoder_problems(model, self.decoder_modules))
+            self._problems = (key, decoder_problems(model, [ref() for ref in self._decoder]))
         return self._problems[1]
 
 
@@ -67,9 +81,4 @@ def model_walk(model) -> ModelWalk:
     return walk
 
 
-def forget_walk(model) -> None:
-    """Drop the kept walk (the next call walks again)."""
-    model.__dict__.pop(_KEY, None)
-
-
-__all__ = ["ModelWalk", "forget_walk", "model_walk"]
+__all__ = ["ModelWalk", "model_walk"]
