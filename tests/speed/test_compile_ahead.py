@@ -151,3 +151,22 @@ def test_a_hook_set_during_the_pass_is_left_in_place(compiled):
         assert knobs.runtime.jit_cache_hook is theirs
     finally:
         knobs.runtime.jit_cache_hook = None
+
+
+def test_an_autotuner_whose_timing_runs_elsewhere_turns_it_off(compiled, monkeypatch):
+    """The pass recognises timing runs by `Autotuner._bench`'s frame; a wrapper around it (a profiler's) keeps it."""
+    import functools
+
+    from triton.runtime.autotuner import Autotuner
+
+    original = Autotuner._bench
+
+    @functools.wraps(original)
+    def timed(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "_bench", timed)
+    assert ahead.compile_ahead_problem() is None
+    monkeypatch.setattr(Autotuner, "_bench", lambda *args, **kwargs: None)
+    assert "Autotuner._bench" in ahead.compile_ahead_problem()
+    assert ahead.compile_ahead(lambda: None) is None

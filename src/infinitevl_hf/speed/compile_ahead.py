@@ -26,6 +26,7 @@ for the pass's few seconds).
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
@@ -56,6 +57,7 @@ def compile_ahead_problem() -> str | None:
     from triton.runtime.autotuner import Autotuner
 
     bench = getattr(Autotuner, "_bench", None)
+    bench = inspect.unwrap(bench) if callable(bench) else None  # a profiler's wrapper still calls it (first_call.py)
     if bench is None or not bench.__code__.co_filename.endswith("autotuner.py"):  # what `_in_autotuner_timing` finds
         return "this Triton's autotuner times its configs elsewhere than `Autotuner._bench`"
     return None
