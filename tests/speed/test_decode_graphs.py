@@ -514,7 +514,7 @@ def test_the_default_capture_records_the_module_path_for_a_model_the_compiled_st
 
 
 def test_the_weight_record_lists_every_parameter_in_order():
-    from infinitevl_hf.speed.decode_graphs import _weight_addresses
+    from infinitevl_hf.speed.model_walk import weight_addresses as _weight_addresses
 
     model = _lora(reference_model())
     assert _weight_addresses(model) == tuple((p.data_ptr(), p.dtype) for p in model.parameters())
@@ -537,7 +537,7 @@ def test_the_module_walk_gives_named_modules_order():
 def test_moved_torchao_weights_are_seen_as_moved():
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    from infinitevl_hf.speed.decode_graphs import _weight_addresses
+    from infinitevl_hf.speed.model_walk import weight_addresses as _weight_addresses
 
     model = reference_model()
     quantize_(model.model.language_model, Int8WeightOnlyConfig())

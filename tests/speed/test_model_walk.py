@@ -12,9 +12,13 @@ import torch
 from torch import nn
 
 from helpers import tiny_model
-from infinitevl_hf.speed.decode_graphs import _weight_addresses
 from infinitevl_hf.speed.decode_step import decoder_problems
 from infinitevl_hf.speed.model_walk import model_walk
+
+
+def _weight_addresses(model):
+    """A fresh record of the weights: every parameter once, in `named_modules()` order, where it lives, its dtype."""
+    return tuple((p.data_ptr(), p.dtype) for p in model.parameters())
 
 
 @pytest.fixture

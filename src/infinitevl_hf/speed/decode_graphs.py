@@ -17,28 +17,9 @@ from collections import OrderedDict
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .decode_step import preorder_modules
+from .model_walk import weight_addresses
 from .prompt_graphs import PromptShape, PromptStep, prepare_prompt, prompt_bucket
-
-
-def _addresses(tensor: torch.Tensor):
-    """Where a tensor's data lives; for a tensor subclass (torchao's quantized weights, whose own data_ptr() is 0),
-    where its inner tensors live."""
-    address = tensor.data_ptr()
-    if address or not is_traceable_wrapper_subclass(tensor):
-        return address
-    names, _ = tensor.__tensor_flatten__()
-    return tuple(_addresses(getattr(tensor, name)) for name in names)
-
-
-def _weight_addresses(model, modules: list[torch.nn.Module] | None = None) -> tuple:
-    """Where every parameter of the model lives, and its dtype (what the captured graphs depend on). `modules`: the
-    model's walk (`preorder_modules(model)`), when the caller has it."""
-    modules = preorder_modules(model) if modules is None else modules
-    params = {id(p): p for module in modules for p in module._parameters.values() if p is not None}
-    return tuple((_addresses(p), p.dtype) for p in params.values())
 
 
 class CaptureFailed(RuntimeError):
@@ -65,18 +46,18 @@ class GraphSlot:
         lay_out_weights(model)  # the weights' final place, before they are recorded and captured
         self.cache = InfiniteVLCache.empty_static(model.config, rows, dtype, device)
         self.addresses = self.cache.buffer_addresses()
-        self.weights = _weight_addresses(model)  # after the layout, so not the caller's record from before it
+        self.weights = weight_addresses(model)  # after the layout, so not the caller's record from before it
         self.decoder = None  # .step(input_ids) -> logits, over self.cache
         self.prompts: OrderedDict[PromptShape, tuple[PromptStep, Callable]] = OrderedDict()  # least recent first
         self.owner: weakref.ref | None = None
 
     def valid_for(self, model, weights: tuple | None = None) -> bool:
         """Whether the buffers and weights the graphs read are still where they were at capture. `weights`: a
-        record of the model's `_weight_addresses` the caller took; it may predate the weights' layout (a call
+        record of the model's `weight_addresses` the caller took; it may predate the weights' layout (a call
         planned before another one built this slot), so a mismatch is checked again against the weights now."""
         if self.cache.buffer_addresses() != self.addresses:
             return False
-        return weights == self.weights or _weight_addresses(model) == self.weights
+        return weights == self.weights or weight_addresses(model) == self.weights
 
     def holds(self, cache) -> bool:
         return (
@@ -159,7 +140,7 @@ class DecodeGraphs:
 
     def step(self, model, cache, input_ids: torch.LongTensor, weights: tuple | None = None) -> torch.Tensor:
         """Logits [B, 1, V] of one decode step of `cache` (static, a prompt went through it); the cache advances.
-        `weights`: the model's `_weight_addresses` now, when the caller has them."""
+        `weights`: the model's `weight_addresses` now, when the caller has them."""
         with self.lock:
             slot = self.slots.get((cache.batch_rows, model.lm_head.weight.dtype, cache.next_positions.device))
             if slot is None or not slot.holds(cache):  # once per call: checking every weight's address is slow

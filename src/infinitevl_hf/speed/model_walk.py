@@ -2,7 +2,7 @@
 
 A captured graph replays fixed kernels on fixed weight addresses, so each call checks the model again: which
 modules and weights it has (`decode_step.decoder_problems`) and where the weights live (the record the graphs
-compare, `decode_graphs._weight_addresses`). Walking a 4B model's thousand modules for this took 8-9 ms of every
+compare, `weight_addresses`). Walking a 4B model's thousand modules for this took 8-9 ms of every
 call on an H200's host, all of it before the prompt's graph could start.
 
 `model_walk(model)` keeps the walk on the model and re-walks only when the tree changed: a module or parameter
@@ -17,12 +17,23 @@ from __future__ import annotations
 
 import weakref
 
+import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .decode_graphs import _addresses
 from .decode_step import decoder_problems, preorder_modules
 
 _KEY = "_infinitevl_model_walk"
+
+
+def _addresses(tensor: torch.Tensor):
+    """Where a tensor's data lives; for a tensor subclass (torchao's quantized weights, whose own data_ptr() is 0),
+    where its inner tensors live."""
+    address = tensor.data_ptr()
+    if address or not is_traceable_wrapper_subclass(tensor):
+        return address
+    names, _ = tensor.__tensor_flatten__()
+    return tuple(_addresses(getattr(tensor, name)) for name in names)
 
 
 def _tree(modules: list[nn.Module]) -> tuple[list[int], list[int], list[int]]:
@@ -61,7 +72,7 @@ class ModelWalk:
         return _tree(modules) == self.tree
 
     def weights(self) -> tuple:
-        """Where every parameter's data lives, and its dtype: `decode_graphs._weight_addresses(model)`, read now."""
+        """Where every parameter's data lives, and its dtype, read now (`weight_addresses`)."""
         return tuple((p.data_ptr() or _addresses(p), p.dtype) for p in [ref() for ref in self._parameters])
 
     def problems(self, model, weights: tuple) -> tuple[str | None, str | None]:
@@ -81,4 +92,10 @@ def model_walk(model) -> ModelWalk:
     return walk
 
 
-__all__ = ["ModelWalk", "model_walk"]
+def weight_addresses(model) -> tuple:
+    """Where every parameter of the model lives (each once, in `named_modules()` order), and its dtype: what the
+    captured graphs depend on."""
+    return model_walk(model).weights()
+
+
+__all__ = ["ModelWalk", "model_walk", "weight_addresses"]
