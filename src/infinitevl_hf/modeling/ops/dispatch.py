@@ -204,6 +204,14 @@ def current_device_problem(tensor: torch.Tensor) -> str | None:
     return None if where is None else f"inputs are on {where} that Triton launches on"
 
 
+def cuda_here_problem(tensor: torch.Tensor) -> str | None:
+    """Why a package Triton kernel cannot launch on `tensor` where it lives, or None: it is not on CUDA, or on
+    another CUDA device than the current one (`current_device_problem`)."""
+    if not tensor.is_cuda:
+        return "inputs are not on CUDA"
+    return current_device_problem(tensor)
+
+
 def one_token_kernel_problem(first: torch.Tensor, *tensors) -> str | None:
     """Why a package Triton kernel without a backward cannot take a call on `first` (and `tensors`, None
     ignored), or None: CUDA tensors on the current device, no gradients needed, not inside a graph being compiled."""

@@ -11,8 +11,8 @@ import torch
 
 from ..dispatch import (
     FLA,
+    cuda_here_problem,
     cuda_inference_op,
-    current_device_problem,
     fla_problem,
     one_token_kernel_problem,
     register_fla_loader,
@@ -73,9 +73,7 @@ for _name, _reference, _kernel in (
 
 
 def _decode_step_fits(q, k, v, a, b, A_log, dt_bias, state, scale=None) -> str | None:
-    if not state.is_cuda:  # (registered only where Triton imports)
-        return "inputs are not on CUDA"
-    elsewhere = current_device_problem(state)  # Triton launches on the current device
+    elsewhere = cuda_here_problem(state)  # Triton launches on the current device (registered only where it imports)
     if elsewhere is not None:
         return elsewhere
     _, _, d_k, d_v = state.shape

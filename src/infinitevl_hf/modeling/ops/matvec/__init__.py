@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import current_device_problem, register_op, triton_available
+from ..dispatch import cuda_here_problem, register_op, triton_available
 from .reference import ConvUpdate, Weight, matvec_reference, rms_norm_matvec_reference
 
 if triton_available():
@@ -21,9 +21,7 @@ def matvec_available() -> bool:
 
 
 def _kernel_problem(x: torch.Tensor, weight: Weight, *others: torch.Tensor | None) -> str | None:
-    if not x.is_cuda:
-        return "inputs are not on CUDA"
-    elsewhere = current_device_problem(x)  # Triton launches on the current device
+    elsewhere = cuda_here_problem(x)  # Triton launches on the current device
     if elsewhere is not None:
         return elsewhere
     if x.dim() != 2 or x.shape[0] != 1:
