@@ -91,7 +91,7 @@ def test_the_walk_keeps_nothing_alive(model):
     old = weakref.ref(mlp.up_proj)
     _replace_a_projection(model)
     assert old() is None  # the replaced layer is freed at once, not at the next call
-    assert not walk.current()
+    assert not walk.current(model)
 
     other = tiny_model(seed=5)
     model_walk(other)
@@ -102,3 +102,26 @@ def test_the_walk_keeps_nothing_alive(model):
         assert gone() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
+def test_a_copied_model_walks_its_own_modules(model, how):
+    """A copy must not take the original's walk: LoRA added to a deep copy, say, would otherwise go unseen (the
+    walk's weak references still point at the original's modules, whose tree did not change)."""
+    import copy
+    import io
+
+    walk = model_walk(model)
+    if how == "pickle":
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        other = torch.load(buffer, weights_only=False)
+    else:
+        other = getattr(copy, how)(model)
+    if how != "copy":
+        assert other.__dict__.get("_infinitevl_model_walk") is None  # not carried over
+    if how != "copy":  # a shallow copy shares the modules themselves; a deep one gets modules of its own
+        other.model.language_model.layers[0].mlp.up_proj.__class__ = type("Adapted", (nn.Linear,), {})
+        assert "not a plain nn.Linear" in model_walk(other).problems(other, model_walk(other).weights())[0]
+    assert model_walk(other) is not walk and model_walk(model) is walk
