@@ -54,6 +54,7 @@ class ModelWalk:
         decoder_modules = preorder_modules(decoder)
         modules = preorder_modules(model, {id(decoder): decoder_modules})
         params = {id(p): p for module in modules for p in module._parameters.values() if p is not None}
+        self._model = weakref.ref(model)
         self._modules = [weakref.ref(module) for module in modules]
         self._decoder = [weakref.ref(module) for module in decoder_modules]
         self._checked = [*self._decoder, weakref.ref(model.lm_head)]  # what `decoder_problems` reads
@@ -62,8 +63,16 @@ class ModelWalk:
         self.tree = _tree(modules)
         self._problems: tuple[tuple, tuple] | None = None
 
-    def current(self) -> bool:
-        """Whether the model's tree is still the one walked (same modules and classes, same parameter objects)."""
+    def __reduce__(self):
+        # A copied or unpickled model walks its own modules: a deep copy of this walk would still point at the
+        # original's (weak references are copied as they are), and weak references do not pickle.
+        return _no_walk, ()
+
+    def current(self, model) -> bool:
+        """Whether this is `model`'s walk and its tree is still the one walked (same modules and classes, same
+        parameter objects)."""
+        if self._model() is not model:  # kept on a copy of the model (`copy.copy` shares the original's dict values)
+            return False
         modules = [ref() for ref in self._modules]
         if None in modules:  # one is gone (its id may now be another module's)
             return False
@@ -84,10 +93,14 @@ class ModelWalk:
         return self._problems[1]
 
 
+def _no_walk() -> None:
+    return None
+
+
 def model_walk(model) -> ModelWalk:
     """The model's walk, kept on it (outside its modules and state dict) and walked again when its tree changed."""
     walk = model.__dict__.get(_KEY)
-    if walk is None or not walk.current():
+    if walk is None or not walk.current(model):
         walk = model.__dict__[_KEY] = ModelWalk(model)
     return walk
 
