@@ -3,6 +3,7 @@
     python benchmarks/profile_decode.py --context 1024
     python benchmarks/profile_decode.py --fused --kernels --batch 8     # the 8-row graph step's kernels
     python benchmarks/profile_decode.py --host                          # the module path's host time by op
+    python benchmarks/profile_decode.py --host --plain-layout           # ... with each projection its own product
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def main(argv=None):
     parser.add_argument("--kernels", action="store_true", help="with --fused: joined projections and the Triton kernels, as generate() runs it (compiled only with more than one row)")
     parser.add_argument("--batch", type=int, default=1, help="rows decoded together")
     parser.add_argument("--host", action="store_true", help="sort the table by host (CPU) time instead of GPU time")
+    parser.add_argument("--plain-layout", action="store_true",
+                        help="the module path over the weights as loaded (generate() lays them out first, and the "
+                             "module path's decode then joins each layer's input projections)")
     args = parser.parse_args(argv)
 
     from infinitevl_hf import InfiniteVLCache
@@ -34,6 +38,10 @@ def main(argv=None):
     from infinitevl_hf.speed.decode_step import DecodeStep
 
     model = build_infinitevl()
+    if not args.plain_layout:
+        from infinitevl_hf.speed.weight_layout import lay_out_weights
+
+        lay_out_weights(model)  # as generate() does on CUDA before its first graph or module-path decode
     cache = InfiniteVLCache(model.config)
     ids = torch.randint(0, 150000, (args.batch, args.context), device="cuda")
     token = torch.randint(0, 150000, (args.batch, 1), device="cuda")

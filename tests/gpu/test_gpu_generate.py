@@ -187,6 +187,31 @@ def test_fallbacks_are_logged(model, caplog):
     assert "output_attentions" in said and "disable_compile" in said
 
 
+def test_the_module_path_joins_its_projections_after_the_layout_with_the_same_tokens():
+    """disable_compile=True lays the weights out as the graphs do; its decode then runs each layer's input
+    projections as one product (`joined_linear`) and writes its states in place, with the tokens of the plain
+    per-module calls (a greedy loop over the weights as built, before any generate())."""
+    from infinitevl_hf import InfiniteVLCache
+    from infinitevl_hf.modeling.compat import CACHE_KWARG
+    from infinitevl_hf.modeling.joined_linear import joined_weight
+
+    model = _build()
+    mixer = next(layer.self_attn for layer in model.model.language_model.layers if hasattr(layer.self_attn, "a_proj"))
+    six = (mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.a_proj, mixer.b_proj, mixer.g_proj)
+    assert joined_weight(six) is None
+    inputs = _text(seed=5)
+    cache = InfiniteVLCache(model.config)
+    tokens = []
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=True, **{CACHE_KWARG: cache}).logits[:, -1]
+        for _ in range(NEW):
+            tokens.append(logits.argmax(-1, keepdim=True))
+            logits = model(input_ids=tokens[-1], use_cache=True, **{CACHE_KWARG: cache}).logits[:, -1]
+    plain = torch.cat([inputs["input_ids"], *tokens], dim=1)
+    assert torch.equal(_greedy(model, inputs, disable_compile=True), plain)
+    assert joined_weight(six) is not None
+
+
 def _quantized_or_lora(model, kind):
     """A copy of the model with torchao int8 weight-only linear layers, or with random LoRA adapters."""
     import copy

@@ -65,6 +65,13 @@ for dtype in (torch.float32, torch.bfloat16):
                     check(label, got[0], expected[0], dtype)
                     check(label + " (state)", got[1], expected[1], dtype)
         assert triton_conv1d_step(xs, cw, None, "silu", None, False)[1] is None
+        state = torch.randn(2, channels, 3, dtype=dtype)  # the new state written over the old (a cache's)
+        expected = torch_causal_conv1d(xs, cw, cb, "silu", state, True)
+        own = state.clone()
+        got = triton_conv1d_step(xs, cw, cb, "silu", own, True, final_state=own)
+        assert got[1] is own
+        check(f"conv step D={channels} in place", got[0], expected[0], dtype)
+        check(f"conv step D={channels} in place (state)", own, expected[1], dtype)
 
     a, b = torch.randn(2, 5, 6, dtype=dtype) * 8, torch.randn(2, 5, 6, dtype=dtype)  # past softplus' threshold too
     A_log, dt_bias = torch.randn(6), torch.randn(6, dtype=dtype)
@@ -84,5 +91,12 @@ for dtype in (torch.float32, torch.bfloat16):
             check(label, got[0], expected[0], dtype)
             check(label + " (state)", got[1], expected[1], torch.float32 if dtype == torch.float32 else dtype)
     assert triton_recurrent_one_token(q1, k1, v1, g1, beta1, 0.5, None, False)[1] is None
+    state = torch.randn(2, heads, d_k, d_v) * 0.1
+    expected = torch_fused_recurrent_gated_delta_rule(q1, k1, v1, g1, beta1, None, state, True, use_qk_l2norm_in_kernel=True)
+    own = state.clone()
+    got = triton_recurrent_one_token(q1, k1, v1, g1, beta1, None, own, True, use_qk_l2norm_in_kernel=True, final_state=own)
+    assert got[1] is own
+    check("recurrent one token in place", got[0], expected[0], dtype)
+    check("recurrent one token in place (state)", own, expected[1], torch.float32 if dtype == torch.float32 else dtype)
 
 sys.exit(1 if failures else 0)

@@ -19,6 +19,7 @@ from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .attention_paths import attend, update_cache
+from .joined_linear import project
 from .ops.elementwise import apply_rotary
 from .configuration_infinitevl import ROPE_TYPES, InfiniteVLTextConfig
 
@@ -96,9 +97,8 @@ class InfiniteVLAttention(nn.Module):
         gives them (eager; the keys are the cached window followed by the new tokens), else None."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        projections = project(hidden_states, (self.q_proj, self.k_proj, self.v_proj))  # one product at decode
+        query, key, value = (t.view(shape).transpose(1, 2) for t in projections)
         query, key = apply_rotary(query, key, *position_embeddings)
 
         implementation = self.config._attn_implementation or "sdpa"

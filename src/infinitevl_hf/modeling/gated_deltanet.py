@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_infinitevl import InfiniteVLTextConfig
+from .joined_linear import project
 from .ops import causal_conv1d, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from .ops.gated_delta_rule import gdn_gates
 from .ops.norms import gated_rms_norm
@@ -48,7 +49,8 @@ class InfiniteVLShortConvolution(nn.Conv1d):
     def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False):
         super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size, padding=kernel_size - 1, bias=bias)
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, output_final_state: bool = False, cu_seqlens=None):
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, output_final_state: bool = False, cu_seqlens=None,
+                state_in_place: bool = False):
         return causal_conv1d(
             x,
             self.weight.squeeze(1),
@@ -57,6 +59,7 @@ class InfiniteVLShortConvolution(nn.Conv1d):
             initial_state=state,
             output_final_state=output_final_state,
             cu_seqlens=cu_seqlens,
+            state_in_place=state_in_place,
         )
 
 
@@ -130,13 +133,18 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         def masked(x: torch.Tensor) -> torch.Tensor:
             return x if token_valid is None else torch.where(token_valid[..., None], x, torch.zeros_like(x))
 
-        q, k, v = masked(self.q_proj(hidden_states)), masked(self.k_proj(hidden_states)), masked(self.v_proj(hidden_states))
+        # One product for all six at decode, where the weights are laid out together (`joined_linear.project`).
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj)
+        q, k, v, a, b, *gate = project(hidden_states, projections + ((self.g_proj,) if self.use_gate else ()))
+        q, k, v = masked(q), masked(k), masked(v)
         if self.use_short_conv:
             convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
             outputs = []
             for idx, (conv, x) in enumerate(zip(convs, (q, k, v))):
                 state = layer_cache.conv_states[idx] if keep_state else None
-                y, new_state = conv(x, state=state, output_final_state=keep_state, cu_seqlens=cu_seqlens)
+                # The cache's state is overwritten where it stands (`_store` then has nothing to copy).
+                y, new_state = conv(x, state=state, output_final_state=keep_state, cu_seqlens=cu_seqlens,
+                                    state_in_place=state is not None)
                 if keep_state:
                     layer_cache.update_conv_state(new_state, state_idx=idx)
                 outputs.append(y)
@@ -148,7 +156,7 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         q = q.view(batch, length, -1, self.head_k_dim)
         k = k.view(batch, length, -1, self.head_k_dim)
         v = v.view(batch, length, -1, self.head_v_dim)
-        g, beta = gdn_gates(self.a_proj(hidden_states), self.b_proj(hidden_states), self.A_log, self.dt_bias)
+        g, beta = gdn_gates(a, b, self.A_log, self.dt_bias)
         if token_valid is not None:
             beta = torch.where(token_valid[..., None], beta, torch.zeros_like(beta))
             g = torch.where(token_valid[..., None], g, torch.zeros_like(g))
@@ -166,10 +174,11 @@ class InfiniteVLGatedDeltaNet(nn.Module):
             output_final_state=keep_state,
             cu_seqlens=cu_seqlens,
             use_qk_l2norm_in_kernel=True,
+            state_in_place=initial_state is not None,
         )
         if keep_state:
             layer_cache.update_recurrent_state(final_state, state_idx=0)
 
-        gate = self.g_proj(hidden_states).view(batch, length, -1, self.head_v_dim) if self.use_gate else None
+        gate = gate[0].view(batch, length, -1, self.head_v_dim) if self.use_gate else None
         o = self.o_norm(o, gate)
         return self.o_proj(o.reshape(batch, length, -1))

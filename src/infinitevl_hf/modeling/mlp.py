@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2MLP
 
+from .joined_linear import project
 from .ops.elementwise import silu_mul
 
 
 class InfiniteVLMLP(Qwen2MLP):
-    """`Qwen2MLP` (same parameters) whose SiLU gate is one kernel for CUDA inference (`ops.elementwise.silu_mul`)."""
+    """`Qwen2MLP` (same parameters) whose SiLU gate is one kernel for CUDA inference (`ops.elementwise.silu_mul`),
+    and whose gate and up are one product at decode where they are laid out together (`joined_linear.project`)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -19,4 +21,5 @@ class InfiniteVLMLP(Qwen2MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hidden_act != "silu":
             return super().forward(x)
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate, up = project(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(silu_mul(gate, up))

@@ -30,6 +30,7 @@ from torch import nn
 from ..modeling.ops.elementwise import apply_rotary, torch_apply_rotary
 from ..modeling.cache import InfiniteVLCache, InfiniteVLLinearAttentionLayer, InfiniteVLRingAttentionLayer
 from ..modeling.gated_deltanet import InfiniteVLGatedDeltaNet
+from ..modeling.joined_linear import adjacent_rows, rows_view
 from ..modeling.ops.decode_attention import decode_attention
 from ..modeling.ops.gated_delta_rule import gated_delta_rule_decode_step
 from ..modeling.ops.matvec import ConvUpdate, matvec, matvec_available, rms_norm_matvec
@@ -115,17 +116,6 @@ def attention_layer_step(
 
 def logits_head(hidden: torch.Tensor, norm_w: torch.Tensor, lm_head_w: torch.Tensor, eps: float, fast: bool = False) -> torch.Tensor:
     return rms_norm_matvec(hidden, norm_w, eps, lm_head_w, fast=fast)
-
-
-def _adjacent(params: tuple[torch.Tensor, ...]) -> bool:
-    """True when the tensors are contiguous rows of one storage, in order, with nothing between them."""
-    first = params[0]
-    if any(not p.is_contiguous() or p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in params):
-        return False
-    if any(p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for p in params):
-        return False
-    offsets = [p.storage_offset() for p in params]
-    return all(b == a + p.numel() for a, b, p in zip(offsets, offsets[1:], params))
 
 
 def decoder_problems(model, decoder_modules: list[nn.Module] | None = None) -> tuple[str | None, str | None]:
@@ -390,10 +380,8 @@ class DecodeStep:
             return None
         if not join:
             return params
-        if _adjacent(params):  # laid out by an earlier step: a view over all of them, no copy
-            first = params[0]
-            rows = sum(p.shape[0] for p in params)
-            return (first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset()),)
+        if adjacent_rows(params):  # laid out by an earlier step: a view over all of them, no copy
+            return (rows_view(params),)
         joined = torch.cat([p.detach() for p in params])
         offset = 0
         for module, p in zip(modules, params):  # the parameters become views of the joined buffer; old storage is freed

@@ -21,6 +21,7 @@ from .decode_graphs import CaptureFailed, decode_graphs_of
 from .model_walk import ModelWalk, model_walk
 from .plan import DecodePlan, decode_plan
 from .sampling_loop import loop_problem
+from .weight_layout import lay_out_weights
 
 logger = logging.get_logger(__name__)
 
@@ -100,6 +101,8 @@ def plan_generation(model, generation_config, cache, device: torch.device, cache
     walk = model_walk(model) if device.type == "cuda" else None  # walked once per module tree (`speed.model_walk`)
     weights = walk.weights() if walk is not None else None  # read on every call, for both checks
     plan = plan_for_model(model, device, generation_config, walk, weights)
+    if plan.path == "static" and device.type == "cuda" and not model.training:
+        lay_out_weights(model)  # the module path's decode then joins its projections (`modeling.joined_linear`)
     call = _CURRENT.get()
     if call is not None:
         call.plan, call.cache = plan, cache

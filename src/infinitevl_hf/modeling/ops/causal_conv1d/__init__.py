@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import FLA, fla_problem, one_token_kernel_problem, register_fla_loader, register_op, triton_available
+from ..in_place import overwritten
 from .cuda import fla_causal_conv1d, load_fla_causal_conv1d
 from .reference import torch_causal_conv1d
 
@@ -53,13 +54,27 @@ def causal_conv1d(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
+    *,
+    state_in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Depthwise causal conv1d with carried state; see :func:`torch_causal_conv1d`.
 
     x ``[B, T, D]``, weight ``[D, W]``, bias ``[D]``, initial_state ``[N, D, W-1]`` (previous inputs,
     oldest first). Returns ``(y [B, T, D], final_state [N, D, W-1] or None)``.
+
+    state_in_place: with output_final_state, write the final state over initial_state where it has the final
+    state's shape and dtype, and return initial_state as the final state (a cache's state then needs no copy;
+    the one-token kernel writes it directly).
     """
-    return _causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+    args = (x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+    impl = _causal_conv1d.select(*args)
+    if not (state_in_place and output_final_state and initial_state is not None):
+        return impl.fn(*args)
+    state_shape = (x.shape[0], x.shape[2], weight.shape[1] - 1)
+    if impl.name == "triton" and initial_state.dtype == x.dtype and initial_state.shape == state_shape:
+        return impl.fn(*args, final_state=initial_state)  # its fit check asked for a contiguous state
+    y, final = impl.fn(*args)
+    return y, overwritten(initial_state, final)
 
 
 __all__ = ["causal_conv1d", "torch_causal_conv1d"]

@@ -46,13 +46,17 @@ def _conv_step_kernel(X, Wt, Bias, S, Y, S_out, D, x_stride, W: tl.constexpr, BL
 
 
 def triton_conv1d_step(x, weight, bias=None, activation="silu", initial_state=None, output_final_state=False,
-                       cu_seqlens=None, block_d: int = 256):
+                       cu_seqlens=None, block_d: int = 256, final_state: torch.Tensor | None = None):
     """`torch_causal_conv1d` for one token per row: x [B, 1, D] (unit channel stride), weight [D, W] and the
-    state [B, D, W-1] contiguous. Returns (y [B, 1, D], the new state [B, D, W-1] or None), both in x's dtype."""
+    state [B, D, W-1] contiguous. Returns (y [B, 1, D], the new state [B, D, W-1] or None), both in x's dtype.
+    final_state: a contiguous [B, D, W-1] tensor of x's dtype to write the new state into, which may be
+    initial_state itself (each channel's carried inputs are all read before any is overwritten)."""
     batch, _, channels = x.shape
     taps = weight.shape[1]
     y = torch.empty(batch, 1, channels, dtype=x.dtype, device=x.device)
-    final = torch.empty(batch, channels, taps - 1, dtype=x.dtype, device=x.device) if output_final_state else None
+    final = final_state
+    if final is None and output_final_state:
+        final = torch.empty(batch, channels, taps - 1, dtype=x.dtype, device=x.device)
     grid = (batch, triton.cdiv(channels, block_d))
     _conv_step_kernel[grid](
         x, weight, bias if bias is not None else weight, initial_state if initial_state is not None else weight, y,

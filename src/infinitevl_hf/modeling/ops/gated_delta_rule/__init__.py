@@ -19,6 +19,7 @@ from ..dispatch import (
     register_op,
     triton_available,
 )
+from ..in_place import overwritten
 from ..norms import gated_rms_norm, torch_gated_rms_norm
 from .cuda import fla_chunk_gated_delta_rule, fla_fused_recurrent_gated_delta_rule, load_fla_gated_delta_rule
 from .reference import (
@@ -106,6 +107,7 @@ def chunk_gated_delta_rule(
     *,
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
+    state_in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked gated delta rule (prefill). Dispatches to fla on CUDA, else torch.
 
@@ -116,12 +118,16 @@ def chunk_gated_delta_rule(
         output_final_state: also return the float32 state ``[N, H, K, V]``.
         cu_seqlens: ``[N + 1]`` sequence boundaries when N sequences are packed in one row (B = 1).
         use_qk_l2norm_in_kernel: L2-normalise q and k over K first (eps 1e-6, as fla).
+        state_in_place: with output_final_state, write the final state over initial_state where it has the
+            final state's shape and float32 dtype, and return initial_state as the final state (a cache's state
+            is then updated where it stands).
 
     Returns:
         ``(o [B, T, H, V] in v.dtype, final_state or None)``.
     """
-    return _ops["chunk_gated_delta_rule"](q, k, v, g, beta, scale, initial_state, output_final_state,
-                                          cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    o, final = _ops["chunk_gated_delta_rule"](q, k, v, g, beta, scale, initial_state, output_final_state,
+                                              cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    return o, (overwritten(initial_state, final) if state_in_place and output_final_state else final)
 
 
 def fused_recurrent_gated_delta_rule(
@@ -136,15 +142,27 @@ def fused_recurrent_gated_delta_rule(
     *,
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
+    state_in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token gated delta rule (decode). Dispatches to fla on CUDA, else torch.
 
     Same arguments, shapes and returns as :func:`chunk_gated_delta_rule`. fla's kernel has no
     backward pass; use :func:`chunk_gated_delta_rule` for training.
+
+    state_in_place: with output_final_state, write the final state over initial_state where it has the final
+    state's shape and dtype (float32), and return initial_state as the final state (a cache's state then needs
+    no copy; the one-token kernel writes it directly).
     """
-    return _ops["fused_recurrent_gated_delta_rule"](
-        q, k, v, g, beta, scale, initial_state, output_final_state,
-        cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    args = (q, k, v, g, beta, scale, initial_state, output_final_state)
+    options = dict(cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    impl = _ops["fused_recurrent_gated_delta_rule"].select(*args, **options)
+    if not (state_in_place and output_final_state):
+        return impl.fn(*args, **options)
+    state_shape = (q.shape[0], *q.shape[2:], v.shape[-1])
+    if impl.name == "triton" and initial_state is not None and initial_state.shape == state_shape:
+        return impl.fn(*args, **options, final_state=initial_state)  # its fit check asked for contiguous float32
+    o, final = impl.fn(*args, **options)
+    return o, overwritten(initial_state, final)
 
 
 def gated_delta_rule_decode_step(

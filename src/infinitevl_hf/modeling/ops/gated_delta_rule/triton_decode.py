@@ -86,18 +86,22 @@ def triton_gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, state, sc
 
 
 def triton_recurrent_one_token(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, *,
-                               cu_seqlens=None, use_qk_l2norm_in_kernel=False, block_v: int = 32):
+                               cu_seqlens=None, use_qk_l2norm_in_kernel=False, block_v: int = 32, final_state=None):
     """`torch_fused_recurrent_gated_delta_rule` for one token (T = 1) as one kernel: q, k [B, 1, H, K], v [B, 1,
     H, V], g and beta [B, 1, H], each contiguous; the float32 state [B, H, K, V] (or None: zeros) is read, and
-    the new one written to a tensor of its own. Returns (o [B, 1, H, V] in v's dtype, final state or None).
-    (cu_seqlens: the op's signature; the fit check sends packed sequences elsewhere.)"""
+    the new one written to a tensor of its own, or to `final_state` (contiguous float32 [B, H, K, V]; it may be
+    initial_state: each program reads its slice of the state before it writes it). Returns (o [B, 1, H, V] in
+    v's dtype, final state or None). (cu_seqlens: the op's signature; the fit check sends packed sequences
+    elsewhere.)"""
     if cu_seqlens is not None:
         raise ValueError("the one-token kernel does not take packed sequences (cu_seqlens)")
     batch, _, heads, d_k = q.shape
     d_v = v.shape[-1]
     scale = d_k**-0.5 if scale is None else scale
     o = torch.empty_like(v)
-    final = torch.empty(batch, heads, d_k, d_v, dtype=torch.float32, device=v.device) if output_final_state else None
+    final = final_state
+    if final is None and output_final_state:
+        final = torch.empty(batch, heads, d_k, d_v, dtype=torch.float32, device=v.device)
     grid = (triton.cdiv(d_v, block_v), batch * heads)
     _decode_step_kernel[grid](
         q, k, v, g, beta, g, g, initial_state if initial_state is not None else o, final if final is not None else o, o,

@@ -1,0 +1,72 @@
+"""Projections of one input run as one product, where their weights were laid out side by side.
+
+Before its first CUDA graph the speed path lays each layer's input projections out as row blocks of one buffer
+(a Gated DeltaNet's q/k/v/a/b/g, attention's q/k/v, the MLP's gate/up; `speed.weight_layout`). For one token
+per row, outside autograd, the module path then runs each group as one product over the joined rows and splits
+the result: one launch and one round of host work where there were up to six, which is what one decode token of
+the module path costs. Everything else (prompts, gradients, a module that is not a plain `nn.Linear` or that has
+hooks, weights not laid out together) calls each projection as usual. The joined product sums the same terms;
+only the GEMM kernel's order of summation can differ, as it can between any two GEMM shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+
+def adjacent_rows(params: tuple[torch.Tensor, ...]) -> bool:
+    """True when the tensors are contiguous row blocks of one storage, in order, with nothing between them."""
+    first = params[0]
+    if any(not p.is_contiguous() or p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in params):
+        return False
+    storage = first.untyped_storage().data_ptr()
+    if any(p.untyped_storage().data_ptr() != storage for p in params):
+        return False
+    offsets = [p.storage_offset() for p in params]
+    return all(b == a + p.numel() for a, b, p in zip(offsets, offsets[1:], params))
+
+
+def rows_view(params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One view over adjacent row blocks (`adjacent_rows`), detached: all of their rows, no copy."""
+    first = params[0]
+    rows = sum(p.shape[0] for p in params)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
+_PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
+
+
+def _plain(linear: nn.Module) -> bool:
+    # A subclass (LoRA, quantized layers), an instance-level forward (accelerate), a hook, or a weight of a tensor
+    # subclass (torchao's quantized weights, DTensor shards) must run as called.
+    return (type(linear) is nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks
+            and "forward" not in linear.__dict__ and type(linear.weight) in _PLAIN_TENSORS
+            and (linear.bias is None or type(linear.bias) in _PLAIN_TENSORS))
+
+
+def joined_weight(linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) over all of `linears`' output rows, when one product may stand in for their calls; else None."""
+    if not all(_plain(m) for m in linears) or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return None
+    weights = tuple(m.weight for m in linears)
+    if not adjacent_rows(weights):
+        return None
+    biases = tuple(m.bias for m in linears)
+    if all(b is None for b in biases):
+        return rows_view(weights), None
+    if any(b is None for b in biases) or not adjacent_rows(biases):
+        return None
+    return rows_view(weights), rows_view(biases)
+
+
+def project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """Each of `linears` applied to x [..., T, in]: for one token per row (T == 1) outside autograd, one product
+    when their weights are laid out side by side (`joined_weight`), split into views; else one call each."""
+    if x.shape[-2] == 1 and not torch.is_grad_enabled():
+        joined = joined_weight(linears)
+        if joined is not None:
+            return F.linear(x, *joined).split([m.out_features for m in linears], dim=-1)
+    return tuple(m(x) for m in linears)

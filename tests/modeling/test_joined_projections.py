@@ -1,0 +1,164 @@
+"""The module path's decode with its input projections joined (`joined_linear.project`) and its states written in
+place (`state_in_place`): the same values as the plain calls, taken only where they may stand in for them."""
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import text_ids, tiny_model
+from infinitevl_hf.modeling.joined_linear import joined_weight, project
+from infinitevl_hf.modeling.ops import causal_conv1d, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from infinitevl_hf.speed.decode_step import DecodeStep
+
+
+@pytest.fixture
+def linear_calls(monkeypatch):
+    """How many times an nn.Linear's own forward ran."""
+    calls = []
+    plain = nn.Linear.forward
+
+    def counted(self, x):
+        calls.append(self)
+        return plain(self, x)
+
+    monkeypatch.setattr(nn.Linear, "forward", counted)
+    return calls
+
+
+def _decode(model, prompt, steps: int = 4) -> torch.Tensor:
+    """Logits of a prompt and then of `steps` greedy tokens fed one at a time over a cache."""
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        cache, logits = out.past_key_values, [out.logits[:, -1]]
+        for _ in range(steps):
+            token = logits[-1].argmax(-1, keepdim=True)
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+def test_laid_out_projections_decode_as_one_product_with_the_plain_calls_values(linear_calls):
+    model = tiny_model()
+    prompt = text_ids(2, 11)
+    plain = _decode(model, prompt)
+    calls_plain = len(linear_calls)
+
+    DecodeStep.join_weights(model)  # the layout the speed path gives the weights before its first graph
+    linear_calls.clear()
+    joined = _decode(model, prompt)
+    torch.testing.assert_close(joined, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(joined.argmax(-1), plain.argmax(-1))
+
+    # The prompt calls each projection; each decode step runs, per layer, q/k/v(/a/b/g) and gate/up as one
+    # product each, outside the modules: a GDN layer's 6 + 2 module calls and an attention layer's 3 + 2 go.
+    layers = model.config.text_config.layer_types
+    skipped_per_step = sum(8 if kind == "linear_attention" else 5 for kind in layers)
+    assert calls_plain - len(linear_calls) == 4 * skipped_per_step
+
+
+def _group(n: int = 3, bias: bool = True, hidden: int = 8) -> tuple[nn.Linear, ...]:
+    torch.manual_seed(0)
+    linears = tuple(nn.Linear(hidden, 4 + i, bias=bias) for i in range(n))
+    DecodeStep._joined(linears, "weight", True)
+    if bias:
+        DecodeStep._joined(linears, "bias", True)
+    return linears
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_project_equals_each_call(bias, linear_calls):
+    linears = _group(bias=bias)
+    x = torch.randn(2, 1, 8)
+    with torch.no_grad():
+        got = project(x, linears)
+        assert not linear_calls
+        expected = [nn.functional.linear(x, m.weight, m.bias) for m in linears]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def _hooked(linears):
+    linears[1].register_forward_hook(lambda *args: None)
+
+
+def _instance_forward(linears):
+    linears[2].forward = linears[2].forward  # what accelerate's hooks do: a forward of the instance
+
+
+def _subclass(linears):
+    class Adapted(nn.Linear):
+        pass
+
+    linears[0].__class__ = Adapted
+
+
+def _separate_storage(linears):
+    linears[1].weight.data = linears[1].weight.data.clone()
+
+
+def _mixed_bias(linears):
+    linears[2].bias = None
+
+
+@pytest.mark.parametrize("change", [_hooked, _instance_forward, _subclass, _separate_storage, _mixed_bias])
+def test_project_calls_each_module_where_one_product_would_skip_something(change, linear_calls):
+    linears = _group()
+    change(linears)
+    assert joined_weight(linears) is None
+    with torch.no_grad():
+        project(torch.randn(1, 1, 8), linears)
+    assert len(linear_calls) == 3
+
+
+def test_project_calls_each_module_for_prompts_and_under_autograd(linear_calls):
+    linears = _group()
+    assert joined_weight(linears) is not None
+    with torch.no_grad():
+        project(torch.randn(1, 5, 8), linears)  # a prompt: several tokens per row
+    assert len(linear_calls) == 3
+    outputs = project(torch.randn(1, 1, 8), linears)  # gradients on: the modules' own calls, differentiable
+    assert len(linear_calls) == 6 and all(o.requires_grad for o in outputs)
+
+
+def test_a_global_forward_hook_sends_every_projection_through_its_module(linear_calls):
+    linears = _group()
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        with torch.no_grad():
+            project(torch.randn(1, 1, 8), linears)
+    finally:
+        handle.remove()
+    assert len(linear_calls) == 3
+
+
+def test_conv_state_in_place_overwrites_the_given_state_with_the_new_one():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 1, 6), torch.randn(6, 4), torch.randn(6)
+    state = torch.randn(2, 6, 3)
+    y, expected = causal_conv1d(x, weight, bias, "silu", state.clone(), True)
+    own = state.clone()
+    y_in_place, final = causal_conv1d(x, weight, bias, "silu", own, True, state_in_place=True)
+    assert final is own
+    torch.testing.assert_close(y_in_place, y)
+    torch.testing.assert_close(own, expected)
+    # a state of another dtype is left alone (a cache would replace it, not copy into it)
+    other = state.double()
+    _, final = causal_conv1d(x, weight, bias, "silu", other, True, state_in_place=True)
+    assert final is not other and torch.equal(other, state.double())
+
+
+@pytest.mark.parametrize("rule", [fused_recurrent_gated_delta_rule, chunk_gated_delta_rule])
+def test_delta_rule_state_in_place_overwrites_the_given_state_with_the_new_one(rule):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8)
+    v, g, beta = torch.randn(2, 3, 2, 16), -torch.rand(2, 3, 2), torch.rand(2, 3, 2)
+    state = torch.randn(2, 2, 8, 16)
+    o, expected = rule(q, k, v, g, beta, None, state.clone(), True, use_qk_l2norm_in_kernel=True)
+    own = state.clone()
+    o_in_place, final = rule(q, k, v, g, beta, None, own, True, use_qk_l2norm_in_kernel=True, state_in_place=True)
+    assert final is own
+    torch.testing.assert_close(o_in_place, o)
+    torch.testing.assert_close(own, expected)
+    # without a state there is nothing to write over: a new one comes back
+    _, fresh = rule(q, k, v, g, beta, None, None, True, use_qk_l2norm_in_kernel=True, state_in_place=True)
+    assert fresh is not None and fresh.shape == state.shape
