@@ -162,3 +162,35 @@ def test_delta_rule_state_in_place_overwrites_the_given_state_with_the_new_one(r
     # without a state there is nothing to write over: a new one comes back
     _, fresh = rule(q, k, v, g, beta, None, None, True, use_qk_l2norm_in_kernel=True, state_in_place=True)
     assert fresh is not None and fresh.shape == state.shape
+
+
+def test_a_kernel_that_writes_the_state_itself_is_handed_the_state_only_where_it_fits():
+    from infinitevl_hf.modeling.ops.dispatch import Implementation
+    from infinitevl_hf.modeling.ops.in_place import run_state_in_place
+
+    handed = []
+
+    def kernel(x, final_state=None):
+        handed.append(final_state)
+        return x, (final_state if final_state is not None else torch.ones(2, 3))
+
+    state = torch.zeros(2, 3)
+    out, final = run_state_in_place(Implementation("triton", kernel, None), (1,), {}, state, (2, 3), torch.float32)
+    assert handed == [state] and final is state
+    # another shape or dtype than the kernel writes: it computes beside, and the state is copied where it matches
+    _, final = run_state_in_place(Implementation("triton", kernel, None), (1,), {}, state, (4, 3), torch.float32)
+    assert handed[-1] is None and final is state and torch.equal(state, torch.ones(2, 3))
+    other = torch.zeros(2, 3, dtype=torch.float64)
+    _, final = run_state_in_place(Implementation("torch", kernel, None), (1,), {}, other, (2, 3), torch.float64)
+    assert handed[-1] is None and final is not other and torch.equal(other, torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_the_kept_layout_answer_follows_moved_and_replaced_weights():
+    linears = _group()
+    assert joined_weight(linears) is not None  # found, and kept on the first module
+    linears[2].weight.data = linears[2].weight.data.clone()  # moved off the joined buffer
+    assert joined_weight(linears) is None
+    linears = _group()
+    assert joined_weight(linears) is not None
+    linears[0].weight = nn.Parameter(linears[0].weight.detach().clone())  # replaced
+    assert joined_weight(linears) is None

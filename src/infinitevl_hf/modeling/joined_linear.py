@@ -47,19 +47,31 @@ def _plain(linear: nn.Module) -> bool:
             and (linear.bias is None or type(linear.bias) in _PLAIN_TENSORS))
 
 
+def _adjacent_layout(weights: tuple[torch.Tensor, ...], biases: tuple) -> bool:
+    if not adjacent_rows(weights):
+        return False
+    return all(b is None for b in biases) or (all(b is not None for b in biases) and adjacent_rows(biases))
+
+
+_LAYOUT_KEY = "_infinitevl_joined_layout"
+
+
 def joined_weight(linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) over all of `linears`' output rows, when one product may stand in for their calls; else None."""
+    """(weight, bias) over all of `linears`' output rows, when one product may stand in for their calls; else None.
+
+    Whether the parameters are laid out side by side is kept on the first module for the parameters (identity and
+    address) it was found for: moving or replacing any of them is seen on the next call. Only the answer is kept,
+    not a view: a kept view would hold the joined buffer alive after the weights moved (`model.cpu()`)."""
     if not all(_plain(m) for m in linears) or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return None
-    weights = tuple(m.weight for m in linears)
-    if not adjacent_rows(weights):
+    weights, biases = tuple(m.weight for m in linears), tuple(m.bias for m in linears)
+    key = tuple((id(p), p.data_ptr()) if p is not None else None for p in weights + biases)
+    kept = linears[0].__dict__.get(_LAYOUT_KEY)
+    if kept is None or kept[0] != key:
+        kept = linears[0].__dict__[_LAYOUT_KEY] = (key, _adjacent_layout(weights, biases))
+    if not kept[1]:
         return None
-    biases = tuple(m.bias for m in linears)
-    if all(b is None for b in biases):
-        return rows_view(weights), None
-    if any(b is None for b in biases) or not adjacent_rows(biases):
-        return None
-    return rows_view(weights), rows_view(biases)
+    return rows_view(weights), (rows_view(biases) if biases[0] is not None else None)
 
 
 def project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:

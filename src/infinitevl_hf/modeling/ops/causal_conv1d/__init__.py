@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import FLA, fla_problem, one_token_kernel_problem, register_fla_loader, register_op, triton_available
-from ..in_place import overwritten
+from ..in_place import run_state_in_place
 from .cuda import fla_causal_conv1d, load_fla_causal_conv1d
 from .reference import torch_causal_conv1d
 
@@ -68,13 +68,10 @@ def causal_conv1d(
     """
     args = (x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
     impl = _causal_conv1d.select(*args)
-    if not (state_in_place and output_final_state and initial_state is not None):
+    if not (state_in_place and output_final_state):
         return impl.fn(*args)
-    state_shape = (x.shape[0], x.shape[2], weight.shape[1] - 1)
-    if impl.name == "triton" and initial_state.dtype == x.dtype and initial_state.shape == state_shape:
-        return impl.fn(*args, final_state=initial_state)  # its fit check asked for a contiguous state
-    y, final = impl.fn(*args)
-    return y, overwritten(initial_state, final)
+    # (the one-token kernel's fit check asked for a contiguous state)
+    return run_state_in_place(impl, args, {}, initial_state, (x.shape[0], x.shape[2], weight.shape[1] - 1), x.dtype)
 
 
 __all__ = ["causal_conv1d", "torch_causal_conv1d"]

@@ -19,7 +19,7 @@ from ..dispatch import (
     register_op,
     triton_available,
 )
-from ..in_place import overwritten
+from ..in_place import overwritten, run_state_in_place
 from ..norms import gated_rms_norm, torch_gated_rms_norm
 from .cuda import fla_chunk_gated_delta_rule, fla_fused_recurrent_gated_delta_rule, load_fla_gated_delta_rule
 from .reference import (
@@ -158,11 +158,8 @@ def fused_recurrent_gated_delta_rule(
     impl = _ops["fused_recurrent_gated_delta_rule"].select(*args, **options)
     if not (state_in_place and output_final_state):
         return impl.fn(*args, **options)
-    state_shape = (q.shape[0], *q.shape[2:], v.shape[-1])
-    if impl.name == "triton" and initial_state is not None and initial_state.shape == state_shape:
-        return impl.fn(*args, **options, final_state=initial_state)  # its fit check asked for contiguous float32
-    o, final = impl.fn(*args, **options)
-    return o, overwritten(initial_state, final)
+    # (the one-token kernel's fit check asked for a contiguous state)
+    return run_state_in_place(impl, args, options, initial_state, (q.shape[0], *q.shape[2:], v.shape[-1]), torch.float32)
 
 
 def gated_delta_rule_decode_step(
