@@ -194,3 +194,20 @@ def test_the_kept_layout_answer_follows_moved_and_replaced_weights():
     assert joined_weight(linears) is not None
     linears[0].weight = nn.Parameter(linears[0].weight.detach().clone())  # replaced
     assert joined_weight(linears) is None
+
+
+def test_the_layout_runs_again_only_when_the_weights_moved(monkeypatch):
+    from infinitevl_hf.speed import weight_layout
+
+    model = tiny_model()
+    joins = []
+    join = DecodeStep.join_weights
+    monkeypatch.setattr(DecodeStep, "join_weights", classmethod(lambda cls, m: (joins.append(m), join(m))))
+    weight_layout.lay_out_weights(model)
+    weight_layout.lay_out_weights(model)  # laid out already: nothing to check again
+    assert len(joins) == 1
+    mlp = model.model.language_model.layers[0].mlp
+    assert joined_weight((mlp.gate_proj, mlp.up_proj)) is not None
+    mlp.up_proj.weight.data = mlp.up_proj.weight.data.clone()  # moved off the joined buffer
+    weight_layout.lay_out_weights(model)
+    assert len(joins) == 2 and joined_weight((mlp.gate_proj, mlp.up_proj)) is not None
