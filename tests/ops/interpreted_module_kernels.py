@@ -15,7 +15,7 @@ from infinitevl_hf.modeling.ops import elementwise as E  # noqa: E402
 from infinitevl_hf.modeling.ops import norms as N  # noqa: E402
 from infinitevl_hf.modeling.ops import triton_elementwise as T  # noqa: E402
 from infinitevl_hf.modeling.ops.causal_conv1d.reference import torch_causal_conv1d  # noqa: E402
-from infinitevl_hf.modeling.ops.causal_conv1d.triton_step import triton_conv1d_step  # noqa: E402
+from infinitevl_hf.modeling.ops.causal_conv1d.triton_step import triton_conv1d_step, triton_conv1d_step3  # noqa: E402
 from infinitevl_hf.modeling.ops.gated_delta_rule.reference import (  # noqa: E402
     torch_fused_recurrent_gated_delta_rule,
     torch_gdn_gates,
@@ -72,6 +72,21 @@ for dtype in (torch.float32, torch.bfloat16):
         assert got[1] is own
         check(f"conv step D={channels} in place", got[0], expected[0], dtype)
         check(f"conv step D={channels} in place (state)", own, expected[1], dtype)
+
+    # q, k, v's convolutions in one launch: slices of one projection row, block counts 1, 2 and 2 (partial last)
+    sizes = (40, 300, 260)
+    row = torch.randn(2, 1, sum(sizes) + 7, dtype=dtype)
+    xs3 = row[..., :sum(sizes)].split(sizes, dim=-1)
+    weights3 = [torch.randn(d, 4, dtype=dtype) for d in sizes]
+    for biases3 in ((None,) * 3, [torch.randn(d, dtype=dtype) for d in sizes]):
+        states3 = [torch.randn(2, d, 3, dtype=dtype) for d in sizes]
+        expected3 = [torch_causal_conv1d(x, w, bb, "silu", s, True) for x, w, bb, s in zip(xs3, weights3, biases3, states3)]
+        joined = triton_conv1d_step3(xs3, weights3, biases3, states3)
+        label = f"conv step x3 bias={biases3[0] is not None}"
+        assert joined.shape == (2, 1, sum(sizes)), joined.shape
+        for i, (got, (y, final)) in enumerate(zip(joined.split(sizes, dim=-1), expected3)):
+            check(f"{label} output {i}", got, y, dtype)
+            check(f"{label} state {i} in place", states3[i], final, dtype)
 
     a, b = torch.randn(2, 5, 6, dtype=dtype) * 8, torch.randn(2, 5, 6, dtype=dtype)  # past softplus' threshold too
     A_log, dt_bias = torch.randn(6), torch.randn(6, dtype=dtype)

@@ -13,7 +13,7 @@ from infinitevl_hf.modeling.ops import dispatch
 
 def test_kernels_match_their_torch_definitions_under_the_triton_interpreter():
     output = run_under_triton_interpreter(Path(__file__).with_name("interpreted_module_kernels.py"))
-    assert output.count("ok  ") == 126 and "FAIL" not in output, output
+    assert output.count("ok  ") == 150 and "FAIL" not in output, output
 
 
 def test_the_module_path_ops_prefer_the_package_kernels_and_say_why_not_off_cuda():
@@ -182,3 +182,40 @@ def test_kernels_match_their_torch_definitions_on_the_gpu():
         expected = torch_fused_recurrent_gated_delta_rule(q, k, v, g, beta, None, h0, True, use_qk_l2norm_in_kernel=True)
         assert rel(got[0], expected[0]) < 1e-2 and (got[0] == expected[0]).float().mean() > 0.95
         torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_the_joined_conv_kernel_and_the_direct_launch_on_the_gpu():
+    """q, k, v's convolutions of one token in one compiled launch equal the one-conv kernel's; and a kernel launched
+    a second time with the same signature goes through the compiled kernel's launcher with the same results."""
+    from infinitevl_hf.modeling.ops import triton_launch
+    from infinitevl_hf.modeling.ops.causal_conv1d.triton_step import _conv_step3_kernel, triton_conv1d_step, triton_conv1d_step3
+    from infinitevl_hf.modeling.ops.matvec.triton_matvec import _fused_matvec_kernel, fused_matvec
+
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    sizes = (2048, 2048, 4096)
+    for batch in (1, 8):
+        row = torch.randn(batch, 1, 12320, device=dev, dtype=dt)  # a GDN layer's joined projection row
+        xs = row[..., :sum(sizes)].split(sizes, dim=-1)
+        weights = [torch.randn(d, 4, device=dev, dtype=dt) for d in sizes]
+        states = [torch.randn(batch, d, 3, device=dev, dtype=dt) for d in sizes]
+        expected = [triton_conv1d_step(x.contiguous(), w, None, "silu", s, True) for x, w, s in zip(xs, weights, states)]
+        own = [s.clone() for s in states]
+        for _ in range(2):  # the second call launches directly (same signature)
+            mine = [s.clone() for s in states]
+            joined = triton_conv1d_step3(xs, weights, (None,) * 3, mine)
+        for got, final, (y, state) in zip(joined.split(sizes, dim=-1), mine, expected):
+            assert torch.equal(got, y) and torch.equal(final, state)
+        assert all(torch.equal(s, o) for s, o in zip(states, own))  # the inputs' states were left alone
+    assert triton_launch.direct_launch_available() and _conv_step3_kernel in triton_launch._signatures
+
+    x, weight = torch.randn(1, 2048, device=dev, dtype=dt), torch.randn(4096, 2048, device=dev, dtype=dt)
+    first = fused_matvec(x, weight, glu=True)
+    launched = [fused_matvec(x, weight, glu=True) for _ in range(3)]
+    assert all(torch.equal(y, first) for y in launched)
+    expected = torch.nn.functional.silu((x @ weight[:2048].T)) * (x @ weight[2048:].T)
+    assert ((first.float() - expected.float()).norm() / expected.float().norm()).item() < 1e-2
+    assert len(triton_launch._signatures[_fused_matvec_kernel]) >= 1

@@ -21,6 +21,8 @@ try:  # (transformers' remote-code import check skips try blocks: Triton stays o
 except ImportError as error:
     raise ImportError("the Triton elementwise kernels need Triton") from error
 
+from .triton_launch import cdiv, launch, next_power_of_2
+
 MAX_FEATURES = 16384  # a whole row per program up to this width
 
 
@@ -52,9 +54,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`norms.torch_rms_norm` as one kernel."""
     rows = _rows(x)
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    block = triton.next_power_of_2(x.shape[-1])
-    _rms_norm_kernel[(rows.shape[0],)](rows, rows, weight, out, out, rows.stride(0), 0, x.shape[-1], eps,
-                                       BLOCK=block, ADD=False, num_warps=_warps(block))
+    block = next_power_of_2(x.shape[-1])
+    launch(_rms_norm_kernel, (rows.shape[0],), rows, rows, weight, out, out, rows.stride(0), 0, x.shape[-1], eps,
+           BLOCK=block, ADD=False, num_warps=_warps(block))
     return out
 
 
@@ -65,9 +67,9 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     a, b = _rows(residual), _rows(delta)
     hidden = torch.empty(residual.shape, dtype=torch.promote_types(residual.dtype, delta.dtype), device=residual.device)
     out = torch.empty(residual.shape, dtype=torch.promote_types(weight.dtype, hidden.dtype), device=residual.device)
-    block = triton.next_power_of_2(residual.shape[-1])
-    _rms_norm_kernel[(a.shape[0],)](a, b, weight, out, hidden, a.stride(0), b.stride(0), residual.shape[-1], eps,
-                                    BLOCK=block, ADD=True, num_warps=_warps(block))
+    block = next_power_of_2(residual.shape[-1])
+    launch(_rms_norm_kernel, (a.shape[0],), a, b, weight, out, hidden, a.stride(0), b.stride(0), residual.shape[-1],
+           eps, BLOCK=block, ADD=True, num_warps=_warps(block))
     return hidden, out
 
 
@@ -89,9 +91,9 @@ def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | N
     rows = _rows(x)
     gates = _rows(gate.expand(x.shape)) if gate is not None else rows
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block = triton.next_power_of_2(x.shape[-1])
-    _gated_rms_norm_kernel[(rows.shape[0],)](rows, gates, weight, out, rows.stride(0), gates.stride(0), x.shape[-1],
-                                             eps, BLOCK=block, GATE=gate is not None, num_warps=_warps(block))
+    block = next_power_of_2(x.shape[-1])
+    launch(_gated_rms_norm_kernel, (rows.shape[0],), rows, gates, weight, out, rows.stride(0), gates.stride(0),
+           x.shape[-1], eps, BLOCK=block, GATE=gate is not None, num_warps=_warps(block))
     return out
 
 
@@ -125,17 +127,15 @@ def silu_glu(gate_up: torch.Tensor) -> torch.Tensor:
 def _silu_mul(g, u, shape, dtype):
     out = torch.empty(shape, dtype=dtype, device=g.device)
     n = g.shape[-1]
-    block = min(1024, triton.next_power_of_2(n))
-    _silu_mul_kernel[(g.shape[0], triton.cdiv(n, block))](g, u, out, g.stride(0), u.stride(0), n, BLOCK=block,
-                                                           num_warps=_warps(block))
+    block = min(1024, next_power_of_2(n))
+    launch(_silu_mul_kernel, (g.shape[0], cdiv(n, block)), g, u, out, g.stride(0), u.stride(0), n,
+           BLOCK=block, num_warps=_warps(block))
     return out
 
 
 @triton.jit
-def _rotary_kernel(X, C, S, Y, heads, length, x_b, x_h, x_t, c_b, c_t, s_b, s_t, y_b, y_h, y_t,
-                   HALF: tl.constexpr, BLOCK: tl.constexpr):
-    bt, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    b, t = bt // length, bt % length
+def _rotate_head(X, C, S, Y, b, t, head, x_b, x_h, x_t, c_b, c_t, s_b, s_t, y_b, y_h, y_t, HALF: tl.constexpr,
+                 BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     live = cols < HALF
     x = X + b * x_b + head * x_h + t * x_t
@@ -150,27 +150,36 @@ def _rotary_kernel(X, C, S, Y, heads, length, x_b, x_h, x_t, c_b, c_t, s_b, s_t,
     tl.store(y + HALF + cols, (x2 * c2 + x1 * s2).to(Y.dtype.element_ty), mask=live)
 
 
+@triton.jit
+def _rotary_kernel(Q, K, C, S, QO, KO, q_heads, length, q_b, q_h, q_t, k_b, k_h, k_t, c_b, c_t, s_b, s_t,
+                   qo_b, qo_h, qo_t, ko_b, ko_h, ko_t, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per (row and position, head); the key heads follow the query heads.
+    bt, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    b, t = bt // length, bt % length
+    if head < q_heads:
+        _rotate_head(Q, C, S, QO, b, t, head, q_b, q_h, q_t, c_b, c_t, s_b, s_t, qo_b, qo_h, qo_t, HALF, BLOCK)
+    else:
+        _rotate_head(K, C, S, KO, b, t, head - q_heads, k_b, k_h, k_t, c_b, c_t, s_b, s_t, ko_b, ko_h, ko_t, HALF,
+                     BLOCK)
+
+
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x, cos, sin = _unit_rows(x), _unit_rows(cos), _unit_rows(sin)
-    batch, heads, length, dim = x.shape
-    dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
-    out = torch.empty_like(x, dtype=dtype)  # x's layout, as eager torch keeps it
-    cos, sin = cos.expand(batch, length, dim), sin.expand(batch, length, dim)
-    block = triton.next_power_of_2(dim // 2)
-    _rotary_kernel[(batch * length, heads)](
-        x, cos, sin, out, heads, length, *x.stride()[:3], *cos.stride()[:2], *sin.stride()[:2], *out.stride()[:3],
-        HALF=dim // 2, BLOCK=block, num_warps=1,
-    )
-    return out
-
-
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """`elementwise.torch_apply_rotary` (q, k [B, H, T, D]; cos, sin [B, T, D]), a kernel for each of q and k."""
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    """`elementwise.torch_apply_rotary` (q, k [B, H, T, D]; cos, sin [B, T, D]) as one kernel for both."""
+    q, k, cos, sin = _unit_rows(q), _unit_rows(k), _unit_rows(cos), _unit_rows(sin)
+    batch, q_heads, length, dim = q.shape
+    outputs = []
+    for x in (q, k):  # each in x's layout, as eager torch keeps it
+        dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+        outputs.append(torch.empty_like(x, dtype=dtype))
+    cos, sin = cos.expand(batch, length, dim), sin.expand(batch, length, dim)
+    launch(_rotary_kernel, (batch * length, q_heads + k.shape[1]), q, k, cos, sin, *outputs, q_heads, length,
+           *q.stride()[:3], *k.stride()[:3], *cos.stride()[:2], *sin.stride()[:2], *outputs[0].stride()[:3],
+           *outputs[1].stride()[:3], HALF=dim // 2, BLOCK=next_power_of_2(dim // 2), num_warps=1)
+    return tuple(outputs)
 
 
 @triton.jit
@@ -198,9 +207,9 @@ def gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: to
     rows_a, rows_b = _rows(a), _rows(b)
     g = torch.empty(a.shape, dtype=torch.float32, device=a.device)
     beta = torch.empty(b.shape, dtype=b.dtype, device=b.device)
-    block = triton.next_power_of_2(a.shape[-1])
-    _gdn_gates_kernel[(rows_a.shape[0],)](rows_a, rows_b, A_log, dt_bias, g, beta, a.shape[-1], rows_a.stride(0),
-                                          rows_b.stride(0), BLOCK=block, num_warps=1)
+    block = next_power_of_2(a.shape[-1])
+    launch(_gdn_gates_kernel, (rows_a.shape[0],), rows_a, rows_b, A_log, dt_bias, g, beta, a.shape[-1],
+           rows_a.stride(0), rows_b.stride(0), BLOCK=block, num_warps=1)
     return g, beta
 
 

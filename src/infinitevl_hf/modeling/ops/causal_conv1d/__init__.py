@@ -1,7 +1,8 @@
 """Causal conv1d dispatcher: fla's Triton kernel for CUDA prefill, the torch reference otherwise.
 
 Decode (T == 1) on CUDA takes the package's one-token kernel (`triton_step.py`): one launch where the torch
-path is a dozen; elsewhere the torch path.
+path is a dozen; elsewhere the torch path. `causal_conv1d_group` runs several convolutions of the same rows (a
+Gated DeltaNet's q, k and v): one launch for all three at one token, each through `causal_conv1d` otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .cuda import fla_causal_conv1d, load_fla_causal_conv1d
 from .reference import torch_causal_conv1d
 
 if triton_available():
-    from .triton_step import triton_conv1d_step
+    from .triton_step import triton_conv1d_step, triton_conv1d_step3
 
 
 def _fla_fits(x, weight=None, bias=None, activation=None, initial_state=None, *args, **kwargs) -> str | None:
@@ -74,4 +75,62 @@ def causal_conv1d(
     return run_state_in_place(impl, args, {}, initial_state, (x.shape[0], x.shape[2], weight.shape[1] - 1), x.dtype)
 
 
-__all__ = ["causal_conv1d", "torch_causal_conv1d"]
+def _group_reference(xs, weights, biases, activation, states, output_final_state, cu_seqlens, state_in_place):
+    """Each convolution through `causal_conv1d`: (outputs, final states or None)."""
+    ys, finals = [], []
+    for i, x in enumerate(xs):
+        y, final = causal_conv1d(x, weights[i], biases[i], activation, states[i] if states is not None else None,
+                                 output_final_state, cu_seqlens, state_in_place=state_in_place)
+        ys.append(y)
+        finals.append(final)
+    return tuple(ys), (tuple(finals) if output_final_state else None)
+
+
+def _group_kernel(xs, weights, biases, activation, states, output_final_state, cu_seqlens, state_in_place):
+    joined = triton_conv1d_step3(xs, weights, biases, states, activation)
+    return tuple(joined.split([x.shape[2] for x in xs], dim=-1)), tuple(states)
+
+
+def _group_fits(xs, weights, biases, activation, states, output_final_state, cu_seqlens, state_in_place
+                ) -> str | None:
+    if len(xs) != 3:
+        return f"the joined kernel takes three convolutions, got {len(xs)}"
+    if states is None or any(s is None for s in states) or not (output_final_state and state_in_place):
+        return "the joined kernel updates given states in place"
+    if any(b is None for b in biases) != all(b is None for b in biases):
+        return "some convolutions have a bias and some not"
+    if len({w.shape[1] for w in weights}) != 1 or len({x.dtype for x in xs}) != 1:
+        return "the convolutions differ in width or dtype"
+    for x, w, b, s in zip(xs, weights, biases, states):
+        problem = _step_fits(x, w, b, activation, s, True, cu_seqlens)
+        if problem is not None:
+            return problem
+        if s.shape != (x.shape[0], x.shape[2], w.shape[1] - 1) or s.dtype != x.dtype:
+            return "a state is not [B, D, W-1] in x's dtype"
+    return None
+
+
+_group = register_op("causal_conv1d_group", _group_reference)
+if triton_available():
+    _group.register("triton", _group_kernel, _group_fits)
+
+
+def causal_conv1d_group(
+    xs: tuple[torch.Tensor, ...],
+    weights: tuple[torch.Tensor, ...],
+    biases: tuple[torch.Tensor | None, ...],
+    activation: str | None = "silu",
+    states: tuple[torch.Tensor, ...] | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    *,
+    state_in_place: bool = False,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+    """`causal_conv1d` over each of `xs` (inputs of the same rows) with its weight, bias and state: (outputs,
+    final states or None). For three convolutions of one token, on CUDA, with their states updated in place, one
+    kernel computes them all (the outputs are then views of one tensor)."""
+    return _group(tuple(xs), tuple(weights), tuple(biases), activation, states, output_final_state, cu_seqlens,
+                  state_in_place)
+
+
+__all__ = ["causal_conv1d", "causal_conv1d_group", "torch_causal_conv1d"]

@@ -22,6 +22,8 @@ try:  # (transformers' remote-code import check skips try blocks: Triton stays o
 except ImportError as error:
     raise ImportError("the Triton decode attention kernel needs Triton") from error
 
+from ..triton_launch import cdiv, launch, next_power_of_2
+
 # Triton's CPU interpreter (used by the tests) computes a bfloat16 `tl.dot` wrongly: there the operands
 # are upcast to float32 first; compiled kernels keep the activation dtype.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -93,21 +95,21 @@ def triton_ring_decode_attention(query: torch.Tensor, key: torch.Tensor, value: 
     batch, heads, _, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     group = heads // kv_heads
-    group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
-    splits = triton.cdiv(slots, split)
+    group_pad = max(16, next_power_of_2(group))  # tl.dot needs 16 rows
+    splits = cdiv(slots, split)
     partial = dict(device=query.device, dtype=torch.float32)
     m = torch.empty(batch * kv_heads * splits * group_pad, **partial)
     l = torch.empty_like(m)
     acc = torch.empty(batch * kv_heads * splits * group_pad, dim, **partial)
-    _partial_kernel[(splits, batch * kv_heads)](
+    launch(_partial_kernel, (splits, batch * kv_heads),
         query, key, value, valid, m, l, acc, scaling, slots,
         query.stride(0), *key.stride()[:3], *value.stride()[:3], valid.stride(0),
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, D=dim, SPLIT=split, BLOCK_S=block_s,
         DOT_F32=_INTERPRETED, num_warps=4,
     )
     out = torch.empty(batch, 1, heads, dim, device=query.device, dtype=query.dtype)
-    _merge_kernel[(batch * heads,)](
+    launch(_merge_kernel, (batch * heads,),
         m, l, acc, out, splits, KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, D=dim,
-        SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
+        SPLITS_PAD=next_power_of_2(splits), num_warps=4,
     )
     return out

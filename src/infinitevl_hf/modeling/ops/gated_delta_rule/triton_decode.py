@@ -23,6 +23,8 @@ try:  # (transformers' remote-code import check skips try blocks: Triton stays o
 except ImportError as error:
     raise ImportError("the Triton decode-step kernel needs Triton") from error
 
+from ..triton_launch import cdiv, launch, next_power_of_2
+
 from ..triton_elementwise import gdn_log_decay
 from .reference import L2NORM_EPS
 
@@ -75,8 +77,8 @@ def triton_gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, state, sc
     batch, heads, d_k, d_v = state.shape
     scale = d_k**-0.5 if scale is None else scale
     o = torch.empty(batch, heads * d_v, dtype=v.dtype, device=v.device)
-    grid = (triton.cdiv(d_v, block_v), batch * heads)
-    _decode_step_kernel[grid](
+    grid = (cdiv(d_v, block_v), batch * heads)
+    launch(_decode_step_kernel, grid,
         q, k, v, a, b, A_log, dt_bias, state, state, o,
         q.stride(0), k.stride(0), v.stride(0), a.stride(0), b.stride(0), heads, scale, L2NORM_EPS,
         D_K=d_k, D_V=d_v, BLOCK_V=block_v, RAW_GATES=True, HAS_STATE=True, STORE_STATE=True, NORM_QK=True,
@@ -102,8 +104,8 @@ def triton_recurrent_one_token(q, k, v, g, beta, scale=None, initial_state=None,
     final = final_state
     if final is None and output_final_state:
         final = torch.empty(batch, heads, d_k, d_v, dtype=torch.float32, device=v.device)
-    grid = (triton.cdiv(d_v, block_v), batch * heads)
-    _decode_step_kernel[grid](
+    grid = (cdiv(d_v, block_v), batch * heads)
+    launch(_decode_step_kernel, grid,
         q, k, v, g, beta, g, g, initial_state if initial_state is not None else o, final if final is not None else o, o,
         q.stride(0), k.stride(0), v.stride(0), g.stride(0), beta.stride(0), heads, scale, L2NORM_EPS,
         D_K=d_k, D_V=d_v, BLOCK_V=block_v, RAW_GATES=False, HAS_STATE=initial_state is not None,

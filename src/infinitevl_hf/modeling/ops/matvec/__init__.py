@@ -43,11 +43,13 @@ def _conv_problem(conv: ConvUpdate | None) -> str | None:
     return None
 
 
-def _matvec_kernel(x, weight, bias=None, residual=None):
-    return fused_matvec(x, weight, bias, residual=residual)
+def _matvec_kernel(x, weight, bias=None, residual=None, glu=False):
+    return fused_matvec(x, weight, bias, residual=residual, glu=glu)
 
 
-def _matvec_fits(x, weight, bias=None, residual=None) -> str | None:
+def _matvec_fits(x, weight, bias=None, residual=None, glu=False) -> str | None:
+    if glu and (bias is not None or residual is not None):
+        return "the kernel's GLU takes no bias or residual"
     return _kernel_problem(x, weight, bias, residual)
 
 
@@ -67,9 +69,10 @@ if triton_available():
 
 
 def matvec(x: torch.Tensor, weight: Weight, bias: Weight | None = None, residual: torch.Tensor | None = None,
-           fast: bool = True) -> torch.Tensor:
-    """`residual + F.linear(x, weight, bias)` (residual optional)."""
-    return _matvec(x, weight, bias, residual, reference=not fast)
+           fast: bool = True, glu: bool = False) -> torch.Tensor:
+    """`residual + F.linear(x, weight, bias)` (residual optional); glu=True: the output halves are [gate | up]
+    and the result is silu(gate) * up."""
+    return _matvec(x, weight, bias, residual, glu, reference=not fast)
 
 
 def rms_norm_matvec(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Weight, bias: Weight | None = None,

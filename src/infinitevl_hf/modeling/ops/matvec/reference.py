@@ -64,9 +64,15 @@ def _add(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     return y if residual is None else residual + y
 
 
-def matvec_reference(x, weight: Weight, bias: Weight | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`residual + linear(x, weight, bias)`."""
-    return _add(linear(x, weight, bias), residual)
+def matvec_reference(x, weight: Weight, bias: Weight | None = None, residual: torch.Tensor | None = None,
+                     glu: bool = False) -> torch.Tensor:
+    """`residual + linear(x, weight, bias)`; glu=True (no residual): the output halves are [gate | up] and the
+    result is silu(gate) * up."""
+    y = linear(x, weight, bias)
+    if glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return _add(y, residual)
 
 
 def rms_norm_matvec_reference(x, norm_weight, eps: float, weight: Weight, bias: Weight | None = None,

@@ -29,6 +29,8 @@ try:  # (transformers' remote-code import check skips try blocks: Triton stays o
 except ImportError as error:
     raise ImportError("the Triton matvec kernel needs Triton") from error
 
+from ..triton_launch import cdiv, launch, next_power_of_2
+
 from .reference import ConvUpdate
 
 
@@ -111,8 +113,8 @@ def block_config(n: int, k: int, normed: bool) -> dict:
     autotuner would time tiles on weights sitting in the 50 MB L2, and its repeated runs would shift the
     conv states.)"""
     if normed:
-        return dict(BLOCK_N=4, BLOCK_K=min(2048, triton.next_power_of_2(k)), num_warps=4, num_stages=1)
-    return dict(BLOCK_N=1, BLOCK_K=min(1024, triton.next_power_of_2(k)), num_warps=2 if k <= 4096 else 4, num_stages=1)
+        return dict(BLOCK_N=4, BLOCK_K=min(2048, next_power_of_2(k)), num_warps=4, num_stages=1)
+    return dict(BLOCK_N=1, BLOCK_K=min(1024, next_power_of_2(k)), num_warps=2 if k <= 4096 else 4, num_stages=1)
 
 
 def fused_matvec(
@@ -160,5 +162,5 @@ def fused_matvec(
     flags = dict(RMS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                  GLU=glu, CONV=conv is not None, HAS_CONV_BIAS=cb is not None, TAPS=taps)
     config = config or block_config(n, k, norm_weight is not None)
-    _fused_matvec_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](*args, **flags, **config)
+    launch(_fused_matvec_kernel, (cdiv(n, config["BLOCK_N"]),), *args, **flags, **config)
     return y

@@ -18,6 +18,8 @@ try:  # (transformers' remote-code import check skips try blocks: Triton stays o
 except ImportError as error:
     raise ImportError("the Triton rotary kernel needs Triton") from error
 
+from ..triton_launch import cdiv, launch, next_power_of_2
+
 
 @triton.jit
 def _vision_rotary_kernel(
@@ -53,10 +55,10 @@ def triton_vision_rotary_qk(qkv: torch.Tensor, heads: int, cos: torch.Tensor, si
     dim = width // (3 * heads)
     query = qkv.new_empty(tokens, heads, dim)
     key = qkv.new_empty(tokens, heads, dim)
-    grid = (triton.cdiv(tokens, block_tokens),)
-    _vision_rotary_kernel[grid](
+    grid = (cdiv(tokens, block_tokens),)
+    launch(_vision_rotary_kernel, grid,
         qkv, cos, sin, query, key, tokens, qkv.stride(0), cos.stride(0),
-        HEADS=heads, HALF=dim // 2, BLOCK_T=block_tokens, BLOCK_H=triton.next_power_of_2(heads),
-        BLOCK_D=triton.next_power_of_2(dim // 2), num_warps=4,
+        HEADS=heads, HALF=dim // 2, BLOCK_T=block_tokens, BLOCK_H=next_power_of_2(heads),
+        BLOCK_D=next_power_of_2(dim // 2), num_warps=4,
     )
     return query, key

@@ -1,0 +1,102 @@
+"""Launching the package's Triton kernels with less host work per call than `kernel[grid](...)`.
+
+At one decode token the module path's speed is host time, and most of its launches are the package's own
+small Triton kernels. `kernel[grid](*args)` binds and specialises every argument, hashes the result and looks
+up the compiled kernel on each call (about 23 us per launch on an H200 host, against 9 us for the compiled
+kernel's own launcher). `launch(kernel, grid, *args, **kwargs)` takes that path once per *signature* and then
+calls the compiled kernel directly. A signature is everything Triton specialises on, or more: each tensor's
+dtype and 16-byte alignment, each int and bool itself, the type of each float, the keyword arguments
+(constexprs and launch options), and the current device. Calls that differ in any of these compile and look up
+as before.
+
+The direct launch passes every parameter in the kernel's order, constexprs included: the convention of the
+Triton releases read for this (`VERIFIED`). Any other release, the CPU interpreter, callable grids, a kernel
+with pre-run hooks, and calls inside a graph being compiled (which traces `kernel[grid]`) take `kernel[grid]`.
+Launch hooks (profilers) still run: the compiled kernel's launcher calls them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+try:  # (transformers' remote-code import check skips try blocks: Triton stays optional)
+    import triton
+    from triton.runtime import driver
+except ImportError as error:
+    raise ImportError("the Triton launcher needs Triton") from error
+try:
+    from triton import knobs
+except ImportError:  # releases before `triton.knobs` are older than VERIFIED: they launch through kernel[grid]
+    knobs = None
+
+# Triton releases whose `JITFunction.run` hands the compiled kernel's launcher every bound argument, constexprs
+# included (read in the `runtime/jit.py` of 3.6, 3.7, 3.8 and 3.9); 3.6 also runs in the GPU tests.
+VERIFIED = ((3, 6), (3, 9))
+# Signatures kept per kernel; a kernel called with ever new ints (prompt lengths) starts over past this many.
+MAX_SIGNATURES = 512
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = (version.split(".") + ["0"])[:2]
+    return int(major), int(re.match(r"\d*", minor).group() or 0)
+
+
+def direct_launch_available() -> bool:
+    """Whether this Triton takes the direct launch: a verified release, not the CPU interpreter."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or knobs is None:
+        return False
+    return VERIFIED[0] <= _release(triton.__version__) <= VERIFIED[1]
+
+
+_DIRECT = direct_launch_available()
+_signatures: dict = {}  # kernel -> {signature: (compiled kernel, the parameters after the positional ones)}
+# torch.cuda.current_device() less its initialisation check (a launch has CUDA tensors, so CUDA is initialised)
+_current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
+
+
+def cdiv(a: int, b: int) -> int:
+    """`triton.cdiv` for host code: Triton's is a jit function, several microseconds a call from Python."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """`triton.next_power_of_2` for host code (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+def launch(kernel, grid: tuple, *args, **kwargs):
+    """`kernel[grid](*args, **kwargs)` for a `triton.jit` kernel and a grid tuple of one to three ints."""
+    # (a graph being compiled traces `kernel[grid]` itself, and nothing else of this function)
+    if torch.compiler.is_compiling() or not _DIRECT or callable(grid) or getattr(kernel, "pre_run_hooks", None):
+        return kernel[grid](*args, **kwargs)
+    device = _current_device()
+    # What Triton specialises on: a tensor's dtype and 16-byte alignment, an int or bool itself, a float's type.
+    facts = tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor)
+                   else float if type(a) is float else (type(a), a) for a in args])
+    signature = (device, facts, tuple(kwargs.items()))
+    known = _signatures.get(kernel)
+    hit = known.get(signature) if known is not None else None
+    if hit is None:
+        compiled = kernel[grid](*args, **kwargs)
+        if compiled is not None and hasattr(compiled, "packed_metadata") and not any(
+            isinstance(value, torch.Tensor) for value in kwargs.values()  # tensors are passed by position here
+        ):
+            known = _signatures.setdefault(kernel, {})
+            if len(known) >= MAX_SIGNATURES:
+                known.clear()
+            rest = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in kernel.params[len(args):])
+            known[signature] = (compiled, rest)
+        return compiled
+    compiled, rest = hit
+    size = len(grid)
+    grid = (grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1)
+    stream = driver.active.get_current_stream(device)
+    every = args + rest
+    # The call `JITFunction.run` makes once it has the compiled kernel (the launch hooks get their metadata).
+    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(grid, stream, *every), knobs.runtime.launch_enter_hook,
+                 knobs.runtime.launch_exit_hook, *every)
+    return compiled
