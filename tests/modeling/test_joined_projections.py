@@ -51,14 +51,15 @@ def test_laid_out_projections_decode_as_one_product_with_the_plain_calls_values(
 
     # The prompt calls each projection; each decode step runs, per layer, q/k/v(/a/b/g) and gate/up as one
     # product each, outside the modules: a GDN layer's 6 + 2 module calls and an attention layer's 3 + 2 go.
+    # (o_proj and down_proj run as their product at decode with either layout: one module is laid out alone.)
     layers = model.config.text_config.layer_types
     skipped_per_step = sum(8 if kind == "linear_attention" else 5 for kind in layers)
     assert calls_plain - len(linear_calls) == 4 * skipped_per_step
 
 
-def _group(n: int = 3, bias: bool = True, hidden: int = 8) -> tuple[nn.Linear, ...]:
+def _group(n: int = 3, bias: bool = True, hidden: int = 8, same: bool = False) -> tuple[nn.Linear, ...]:
     torch.manual_seed(0)
-    linears = tuple(nn.Linear(hidden, 4 + i, bias=bias) for i in range(n))
+    linears = tuple(nn.Linear(hidden, 4 + (0 if same else i), bias=bias) for i in range(n))
     DecodeStep._joined(linears, "weight", True)
     if bias:
         DecodeStep._joined(linears, "bias", True)
@@ -211,3 +212,25 @@ def test_the_layout_runs_again_only_when_the_weights_moved(monkeypatch):
     mlp.up_proj.weight.data = mlp.up_proj.weight.data.clone()  # moved off the joined buffer
     weight_layout.lay_out_weights(model)
     assert len(joins) == 2 and joined_weight((mlp.gate_proj, mlp.up_proj)) is not None
+
+
+def test_the_gated_product_and_the_output_projection_equal_their_module_calls(linear_calls):
+    from infinitevl_hf.modeling.joined_linear import apply_linear, project_glu
+
+    gate_up = _group(n=2, bias=False, same=True)
+    out = _group(n=1, bias=True)[0]
+    for rows in (1, 3):  # one row (a matrix-vector product), then several
+        x = torch.randn(rows, 1, 8)
+        with torch.no_grad():
+            glu = project_glu(x, *gate_up)
+            projected = apply_linear(x, out)
+        assert not linear_calls
+        expected = nn.functional.silu(x @ gate_up[0].weight.T) * (x @ gate_up[1].weight.T)
+        torch.testing.assert_close(glu, expected)
+        torch.testing.assert_close(projected, nn.functional.linear(x, out.weight, out.bias))
+    _hooked(gate_up + (gate_up[0],))  # a hook on up_proj: both run as modules
+    out.register_forward_hook(lambda *args: None)
+    with torch.no_grad():
+        project_glu(torch.randn(1, 1, 8), *gate_up)
+        apply_linear(torch.randn(1, 1, 8), out)
+    assert len(linear_calls) == 3

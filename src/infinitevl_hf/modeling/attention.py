@@ -19,7 +19,7 @@ from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .attention_paths import attend, update_cache
-from .joined_linear import project
+from .joined_linear import apply_linear, project
 from .ops.elementwise import apply_rotary
 from .configuration_infinitevl import ROPE_TYPES, InfiniteVLTextConfig
 
@@ -105,4 +105,4 @@ class InfiniteVLAttention(nn.Module):
         cu_seqlens = kwargs.pop("cu_seqlens", None)
         seen, path = update_cache(self, cache, query, key, value, implementation, token_valid, cu_seqlens)
         output, weights = attend(self, query, seen, path, implementation, token_valid, cu_seqlens, **kwargs)
-        return self.o_proj(output.reshape(batch, length, -1).contiguous()), weights
+        return apply_linear(output.reshape(batch, length, -1).contiguous(), self.o_proj), weights

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_infinitevl import InfiniteVLTextConfig
-from .joined_linear import project
+from .joined_linear import apply_linear, project, runs_as_defined
 from .ops import causal_conv1d, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-from .ops.gated_delta_rule import gdn_gates
+from .ops.causal_conv1d import causal_conv1d_group
+from .ops.gated_delta_rule import gated_delta_rule_decode_step, gdn_gates
 from .ops.norms import gated_rms_norm
 
 # Prompts up to this many tokens use the recurrent kernel, as the official release does.
@@ -138,19 +139,18 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         q, k, v, a, b, *gate = project(hidden_states, projections + ((self.g_proj,) if self.use_gate else ()))
         q, k, v = masked(q), masked(k), masked(v)
         if self.use_short_conv:
-            convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-            outputs = []
-            for idx, (conv, x) in enumerate(zip(convs, (q, k, v))):
-                state = layer_cache.conv_states[idx] if keep_state else None
-                # The cache's state is overwritten where it stands (`_store` then has nothing to copy).
-                y, new_state = conv(x, state=state, output_final_state=keep_state, cu_seqlens=cu_seqlens,
-                                    state_in_place=state is not None)
-                if keep_state:
-                    layer_cache.update_conv_state(new_state, state_idx=idx)
-                outputs.append(y)
-            q, k, v = outputs
+            q, k, v = self._short_convolutions((q, k, v), layer_cache, cu_seqlens)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
+
+        state = layer_cache.recurrent_states[0] if keep_state else None
+        if state is not None and length == 1 and token_valid is None and not self.training:
+            # One decode token: gates, q/k norms and the delta rule as one op (one kernel on CUDA), the cache's
+            # state updated where it stands.
+            o = gated_delta_rule_decode_step(q.view(batch, -1), k.view(batch, -1), v.view(batch, -1),
+                                             a.view(batch, -1), b.view(batch, -1), self.A_log, self.dt_bias, state)
+            layer_cache.update_recurrent_state(state, state_idx=0)
+            return self._output(o.view(batch, length, -1, self.head_v_dim), gate, batch, length)
 
         # Heads are counted off the tensors: under tensor parallelism a rank holds only its share of them.
         q = q.view(batch, length, -1, self.head_k_dim)
@@ -163,22 +163,43 @@ class InfiniteVLGatedDeltaNet(nn.Module):
 
         recurrent = length <= RECURRENT_MAX_TOKENS or self.mode == "fused_recurrent"
         rule = fused_recurrent_gated_delta_rule if recurrent and not self.training else chunk_gated_delta_rule
-        initial_state = layer_cache.recurrent_states[0] if keep_state else None
         o, final_state = rule(
             q,
             k,
             v,
             g=g,
             beta=beta,
-            initial_state=initial_state,
+            initial_state=state,
             output_final_state=keep_state,
             cu_seqlens=cu_seqlens,
             use_qk_l2norm_in_kernel=True,
-            state_in_place=initial_state is not None,
+            state_in_place=state is not None,
         )
         if keep_state:
             layer_cache.update_recurrent_state(final_state, state_idx=0)
+        return self._output(o, gate, batch, length)
 
+    def _output(self, o: torch.Tensor, gate: list, batch: int, length: int) -> torch.Tensor:
+        """o_proj(o_norm(o, SiLU gate)) of the rule's output o [B, T, H, V]."""
         gate = gate[0].view(batch, length, -1, self.head_v_dim) if self.use_gate else None
-        o = self.o_norm(o, gate)
-        return self.o_proj(o.reshape(batch, length, -1))
+        return apply_linear(self.o_norm(o, gate).reshape(batch, length, -1), self.o_proj)
+
+    def _short_convolutions(self, qkv: tuple, layer_cache, cu_seqlens) -> tuple[torch.Tensor, ...]:
+        """q, k and v through their convolutions (+ SiLU), each cache state overwritten where it stands (`_store`
+        then has nothing to copy). Convolutions that run as defined go through one op (one launch at decode)."""
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        keep_state = layer_cache is not None
+        states = tuple(layer_cache.conv_states[i] for i in range(3)) if keep_state else None
+        if all(runs_as_defined(conv, InfiniteVLShortConvolution) for conv in convs):
+            outputs, finals = causal_conv1d_group(
+                qkv, tuple(conv.weight.squeeze(1) for conv in convs), tuple(conv.bias for conv in convs), "silu",
+                states, keep_state, cu_seqlens, state_in_place=keep_state,
+            )
+        else:
+            pairs = [conv(x, state=states[i] if keep_state else None, output_final_state=keep_state,
+                          cu_seqlens=cu_seqlens, state_in_place=keep_state) for i, (conv, x) in enumerate(zip(convs, qkv))]
+            outputs, finals = tuple(y for y, _ in pairs), tuple(final for _, final in pairs)
+        if keep_state:
+            for idx, final in enumerate(finals):
+                layer_cache.update_conv_state(final, state_idx=idx)
+        return outputs

@@ -4,9 +4,11 @@ Before its first CUDA graph the speed path lays each layer's input projections o
 (a Gated DeltaNet's q/k/v/a/b/g, attention's q/k/v, the MLP's gate/up; `speed.weight_layout`). For one token
 per row, outside autograd, the module path then runs each group as one product over the joined rows and splits
 the result: one launch and one round of host work where there were up to six, which is what one decode token of
-the module path costs. Everything else (prompts, gradients, a module that is not a plain `nn.Linear` or that has
-hooks, weights not laid out together) calls each projection as usual. The joined product sums the same terms;
-only the GEMM kernel's order of summation can differ, as it can between any two GEMM shapes.
+the module path costs. A single row (batch 1) takes the product as one matrix-vector kernel (`ops.matvec`), the
+MLP's SiLU gate fused in (`project_glu`), and so do the output projections (`apply_linear`). Everything else
+(prompts, gradients, a module that is not a plain `nn.Linear` or that has hooks, weights not laid out together)
+calls each projection as usual. The joined product sums the same terms; only the kernel's order of summation can
+differ, as it can between any two GEMM shapes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
+
+from .ops.elementwise import silu_mul
+from .ops.matvec import matvec
 
 
 def adjacent_rows(params: tuple[torch.Tensor, ...]) -> bool:
@@ -39,12 +44,15 @@ def rows_view(params: tuple[torch.Tensor, ...]) -> torch.Tensor:
 _PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
 
 
-def _plain(linear: nn.Module) -> bool:
-    # A subclass (LoRA, quantized layers), an instance-level forward (accelerate), a hook, or a weight of a tensor
-    # subclass (torchao's quantized weights, DTensor shards) must run as called.
-    return (type(linear) is nn.Linear and not linear._forward_hooks and not linear._forward_pre_hooks
-            and "forward" not in linear.__dict__ and type(linear.weight) in _PLAIN_TENSORS
-            and (linear.bias is None or type(linear.bias) in _PLAIN_TENSORS))
+def runs_as_defined(module: nn.Module, cls: type) -> bool:
+    """Whether `module`'s call may be stood in for by its math: exactly a `cls`, without hooks (its own or global)
+    or an instance-level forward, with plain-tensor weight and bias. A subclass (LoRA, quantized layers), an
+    instance forward (accelerate), a hook, or a weight of a tensor subclass (torchao's quantized weights, DTensor
+    shards) must run as called."""
+    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+            and "forward" not in module.__dict__ and type(module.weight) in _PLAIN_TENSORS
+            and (module.bias is None or type(module.bias) in _PLAIN_TENSORS)
+            and not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks)
 
 
 def _adjacent_layout(weights: tuple[torch.Tensor, ...], biases: tuple) -> bool:
@@ -62,7 +70,7 @@ def joined_weight(linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.T
     Whether the parameters are laid out side by side is kept on the first module for the parameters (identity and
     address) it was found for: moving or replacing any of them is seen on the next call. Only the answer is kept,
     not a view: a kept view would hold the joined buffer alive after the weights moved (`model.cpu()`)."""
-    if not all(_plain(m) for m in linears) or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+    if not all(runs_as_defined(m, nn.Linear) for m in linears):
         return None
     weights, biases = tuple(m.weight for m in linears), tuple(m.bias for m in linears)
     key = tuple((id(p), p.data_ptr()) if p is not None else None for p in weights + biases)
@@ -74,11 +82,35 @@ def joined_weight(linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.T
     return rows_view(weights), (rows_view(biases) if biases[0] is not None else None)
 
 
+def _one_token_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, glu: bool = False):
+    """F.linear(x, weight, bias) for x [..., 1, in]: a single row as one matrix-vector product (`ops.matvec`: a
+    Triton kernel on CUDA, streaming the weight once, where cuBLAS takes one or two launches of GEMM tiles)."""
+    if x.numel() == x.shape[-1]:
+        return matvec(x.reshape(1, -1), weight, bias, glu=glu).view(*x.shape[:-1], -1)
+    y = F.linear(x, weight, bias)
+    return silu_mul(*y.chunk(2, dim=-1)) if glu else y
+
+
 def project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
     """Each of `linears` applied to x [..., T, in]: for one token per row (T == 1) outside autograd, one product
     when their weights are laid out side by side (`joined_weight`), split into views; else one call each."""
     if x.shape[-2] == 1 and not torch.is_grad_enabled():
         joined = joined_weight(linears)
         if joined is not None:
-            return F.linear(x, *joined).split([m.out_features for m in linears], dim=-1)
+            return _one_token_product(x, *joined).split([m.out_features for m in linears], dim=-1)
     return tuple(m(x) for m in linears)
+
+
+def apply_linear(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    """`linear(x)`; one decode row as one matrix-vector product where the module runs as defined (`project`)."""
+    return project(x, (linear,))[0]
+
+
+def project_glu(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module) -> torch.Tensor:
+    """`silu(gate_proj(x)) * up_proj(x)` (`ops.elementwise.silu_mul`): one product, the gate fused in, for one
+    decode token where the two weights are laid out side by side without biases."""
+    if x.shape[-2] == 1 and not torch.is_grad_enabled() and gate_proj.out_features == up_proj.out_features:
+        joined = joined_weight((gate_proj, up_proj))
+        if joined is not None and joined[1] is None:
+            return _one_token_product(x, joined[0], None, glu=True)
+    return silu_mul(*project(x, (gate_proj, up_proj)))

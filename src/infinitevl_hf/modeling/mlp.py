@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2MLP
 
-from .joined_linear import project
-from .ops.elementwise import silu_mul
+from .joined_linear import apply_linear, project_glu
 
 
 class InfiniteVLMLP(Qwen2MLP):
     """`Qwen2MLP` (same parameters) whose SiLU gate is one kernel for CUDA inference (`ops.elementwise.silu_mul`),
-    and whose gate and up are one product at decode where they are laid out together (`joined_linear.project`)."""
+    and whose gate and up are one product at decode where they are laid out together (`joined_linear.project_glu`:
+    for one row, one matrix-vector kernel with the gate fused in)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -21,5 +21,4 @@ class InfiniteVLMLP(Qwen2MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hidden_act != "silu":
             return super().forward(x)
-        gate, up = project(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(silu_mul(gate, up))
+        return apply_linear(project_glu(x, self.gate_proj, self.up_proj), self.down_proj)
