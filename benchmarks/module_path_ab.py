@@ -2,9 +2,14 @@
 savings, alternated in one process: the module path's speed is host-bound, and host speed differs between
 processes and machines by up to 2x, so only a same-process alternation tells the variants apart.
 
-Variants: "joined + in place" (the package: each layer's input projections one product, the states written
-in place), "in place" (each projection its own `nn.Linear` call), "per-module, copied" (also the states written
-to new tensors and copied into the cache, as before).
+Variants (each switches one saving off; "none" switches them all off):
+- "package": as the package runs;
+- "Triton's launch": every package kernel launched through `kernel[grid]` (no direct launch, `ops.triton_launch`);
+- "cuBLAS products": one-row products through `F.linear` and the MLP's gate as its own kernel, not the
+  matrix-vector kernel (`joined_linear._one_token_product`);
+- "separate conv and rule": a Gated DeltaNet's three convolutions one op each, and its gates a kernel of their own
+  before the one-token rule (`causal_conv1d_group`, `gated_delta_rule_decode_step`);
+- "separate projections": each input projection its own `nn.Linear` call (`joined_linear.joined_weight`).
 
     python benchmarks/module_path_ab.py --rounds 3 --new-tokens 48 --out benchmarks/results
 """
@@ -26,45 +31,73 @@ from generate_bench import PHOTO, bench_processor, case_inputs, measure, use_tok
 
 
 @contextlib.contextmanager
+def patched(module, name: str, value):
+    kept = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, kept)
+
+
+def tritons_launch():
+    from infinitevl_hf.modeling.ops import triton_launch
+
+    return patched(triton_launch, "_DIRECT", False)
+
+
+def cublas_products():
+    import torch.nn.functional as F
+
+    from infinitevl_hf.modeling import joined_linear
+    from infinitevl_hf.modeling.ops.elementwise import silu_mul
+
+    def product(x, weight, bias, glu=False):
+        y = F.linear(x, weight, bias)
+        return silu_mul(*y.chunk(2, dim=-1)) if glu else y
+
+    return patched(joined_linear, "_one_token_product", product)
+
+
+@contextlib.contextmanager
+def separate_conv_and_rule():
+    from infinitevl_hf.modeling import gated_deltanet
+    from infinitevl_hf.modeling.ops import causal_conv1d, fused_recurrent_gated_delta_rule
+    from infinitevl_hf.modeling.ops.gated_delta_rule import gdn_gates
+
+    def convs(xs, weights, biases, activation, states, output_final_state, cu_seqlens, *, state_in_place):
+        pairs = [causal_conv1d(x, w, b, activation, s, output_final_state, cu_seqlens, state_in_place=state_in_place)
+                 for x, w, b, s in zip(xs, weights, biases, states)]
+        return tuple(y for y, _ in pairs), tuple(f for _, f in pairs)
+
+    def rule(q, k, v, a, b, A_log, dt_bias, state):
+        batch, heads, d_k, d_v = state.shape
+        g, beta = gdn_gates(a.view(batch, 1, -1), b.view(batch, 1, -1), A_log, dt_bias)
+        o, _ = fused_recurrent_gated_delta_rule(
+            q.view(batch, 1, heads, d_k), k.view(batch, 1, heads, d_k), v.view(batch, 1, heads, d_v), g=g, beta=beta,
+            initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True, state_in_place=True)
+        return o.view(batch, -1)
+
+    with patched(gated_deltanet, "causal_conv1d_group", convs), \
+            patched(gated_deltanet, "gated_delta_rule_decode_step", rule):
+        yield
+
+
 def separate_projections():
     from infinitevl_hf.modeling import joined_linear
 
-    joined = joined_linear.joined_weight
-    joined_linear.joined_weight = lambda linears: None
-    try:
-        yield
-    finally:
-        joined_linear.joined_weight = joined
+    return patched(joined_linear, "joined_weight", lambda linears: None)
 
 
 @contextlib.contextmanager
-def copied_states():
-    """The conv and delta rule return new states, which the cache copies in (`state_in_place` off)."""
-    from infinitevl_hf.modeling import gated_deltanet
-
-    conv_forward, rule = gated_deltanet.InfiniteVLShortConvolution.forward, gated_deltanet.fused_recurrent_gated_delta_rule
-
-    def conv(self, x, state=None, output_final_state=False, cu_seqlens=None, state_in_place=False):
-        return conv_forward(self, x, state, output_final_state, cu_seqlens)
-
-    def recurrent(*args, state_in_place=False, **kwargs):
-        return rule(*args, **kwargs)
-
-    gated_deltanet.InfiniteVLShortConvolution.forward, gated_deltanet.fused_recurrent_gated_delta_rule = conv, recurrent
-    try:
-        yield
-    finally:
-        gated_deltanet.InfiniteVLShortConvolution.forward, gated_deltanet.fused_recurrent_gated_delta_rule = conv_forward, rule
-
-
-@contextlib.contextmanager
-def per_module_copied():
-    with separate_projections(), copied_states():
+def none():
+    with tritons_launch(), cublas_products(), separate_conv_and_rule(), separate_projections():
         yield
 
 
-VARIANTS = {"joined + in place": contextlib.nullcontext, "in place": separate_projections,
-            "per-module, copied": per_module_copied}
+VARIANTS = {"package": contextlib.nullcontext, "Triton's launch": tritons_launch, "cuBLAS products": cublas_products,
+            "separate conv and rule": separate_conv_and_rule, "separate projections": separate_projections,
+            "none": none}
 
 
 def main(argv=None):
@@ -72,28 +105,32 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--name", default="h200_module_path_ab", help="the results file's name, without .json")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args(argv)
 
     processor = bench_processor(PHOTO[0] * PHOTO[1])
     model = build_infinitevl()
     use_tokenizer_ids(model.config, processor.tokenizer)
     inputs = case_inputs(processor, "photo")
-    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    runs: dict[str, list[dict]] = {name: [] for name in args.variants}
     for round_ in range(args.rounds):
-        for name in VARIANTS:
+        for name in args.variants:
             with VARIANTS[name]():
                 result = measure(model, inputs, args.new_tokens, 1, disable_compile=True)
             runs[name].append(result)
             log(f"round {round_ + 1} {name}: {result['decode_ms_per_token']:.2f} ms/token")
     summary = {name: statistics.median(r["decode_ms_per_token"] for r in results) for name, results in runs.items()}
-    base = summary["per-module, copied"]
+    base = summary.get("none")
     for name, ms in summary.items():
-        log(f"{name}: {ms:.2f} ms/token (median of {args.rounds}), {base / ms:.2f}x the per-module, copied path")
+        ratio = f", {base / ms:.2f}x the path without the savings" if base else ""
+        log(f"{name}: {ms:.2f} ms/token (median of {args.rounds}){ratio}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         record = {"environment": environment(), "new_tokens": args.new_tokens, "rounds": args.rounds,
+                  "variants": args.variants,
                   "median_decode_ms_per_token": summary, "runs": runs}
-        (args.out / "h200_module_path_ab.json").write_text(json.dumps(record, indent=2))
+        (args.out / f"{args.name}.json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
