@@ -156,6 +156,10 @@ def test_the_direct_launch_is_limited_to_the_releases_read_and_compiled_code(mon
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not triton_launch.direct_launch_available()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("INFINITEVL_DIRECT_LAUNCH", "0")
+    assert not triton_launch.direct_launch_available()
+    monkeypatch.delenv("INFINITEVL_DIRECT_LAUNCH")
+    assert triton_launch.direct_launch_available()
     for version in ("3.5.1", "3.10.0", "4.0.0"):
         monkeypatch.setattr(triton_launch.triton, "__version__", version)
         assert not triton_launch.direct_launch_available(), version

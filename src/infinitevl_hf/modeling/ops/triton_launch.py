@@ -11,8 +11,9 @@ as before.
 
 The direct launch passes every parameter in the kernel's order, constexprs included: the convention of the
 Triton releases read for this (`VERIFIED`). Any other release, the CPU interpreter, callable grids, a kernel
-with pre-run hooks, and calls inside a graph being compiled (which traces `kernel[grid]`) take `kernel[grid]`.
-Launch hooks (profilers) still run: the compiled kernel's launcher calls them.
+with pre-run hooks, and calls inside a graph being compiled (which traces `kernel[grid]`) take `kernel[grid]`;
+so does every launch with ``INFINITEVL_DIRECT_LAUNCH=0`` set before the package is imported. Launch hooks
+(profilers) still run: the compiled kernel's launcher calls them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ except ImportError:  # releases before `triton.knobs` are older than VERIFIED: t
 # Triton releases whose `JITFunction.run` hands the compiled kernel's launcher every bound argument, constexprs
 # included (read in the `runtime/jit.py` of 3.6, 3.7, 3.8 and 3.9); 3.6 also runs in the GPU tests.
 VERIFIED = ((3, 6), (3, 9))
+SWITCH_ENV = "INFINITEVL_DIRECT_LAUNCH"  # 0: every launch through kernel[grid]
 # Signatures kept per kernel; a kernel called with ever new ints (prompt lengths) starts over past this many.
 MAX_SIGNATURES = 512
 
@@ -45,8 +47,10 @@ def _release(version: str) -> tuple[int, int]:
 
 
 def direct_launch_available() -> bool:
-    """Whether this Triton takes the direct launch: a verified release, not the CPU interpreter."""
+    """Whether launches go direct: a verified Triton release, not its CPU interpreter, not switched off."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or knobs is None:
+        return False
+    if os.environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return VERIFIED[0] <= _release(triton.__version__) <= VERIFIED[1]
 
