@@ -120,3 +120,21 @@ def test_a_hooked_convolution_is_called_as_a_module():
     assert seen == [9, 1, 1, 1]  # the prompt, then each decode token
     assert torch.equal(tokens, expected_tokens)
     torch.testing.assert_close(logits, expected_logits)
+
+
+def test_a_decode_token_with_gradients_on_takes_the_differentiable_path(monkeypatch):
+    """An eval-mode model called with autograd on (fine-tuning through a cache, probing): the decode-step op has
+    no backward, so the layer takes the general path, the states it reads are not overwritten (its backward needs
+    them), and gradients reach the projections."""
+    model = tiny_model()
+    prompt = text_ids(1, 6)
+    with torch.no_grad():
+        cache = model(input_ids=prompt, use_cache=True).past_key_values
+    taken = []
+    step = gated_deltanet.gated_delta_rule_decode_step
+    monkeypatch.setattr(gated_deltanet, "gated_delta_rule_decode_step", lambda *a, **k: (taken.append(1), step(*a, **k))[1])
+    logits = model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True).logits
+    logits.float().pow(2).mean().backward()
+    layer = next(m for m in model.modules() if isinstance(m, gated_deltanet.InfiniteVLGatedDeltaNet))
+    assert not taken
+    assert layer.q_proj.weight.grad is not None and layer.q_proj.weight.grad.abs().sum() > 0

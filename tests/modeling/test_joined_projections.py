@@ -234,3 +234,19 @@ def test_the_gated_product_and_the_output_projection_equal_their_module_calls(li
         project_glu(torch.randn(1, 1, 8), *gate_up)
         apply_linear(torch.randn(1, 1, 8), out)
     assert len(linear_calls) == 3
+
+
+def test_one_row_under_autocast_takes_f_linear_not_the_matvec_kernel(monkeypatch):
+    from infinitevl_hf.modeling import joined_linear
+
+    calls = []
+    matvec = joined_linear.matvec
+    monkeypatch.setattr(joined_linear, "matvec", lambda *a, **k: (calls.append(1), matvec(*a, **k))[1])
+    linears = _group(bias=True)
+    x = torch.randn(1, 1, 8)
+    with torch.no_grad():
+        project(x, linears)
+        assert len(calls) == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = project(x, linears)
+    assert len(calls) == 1 and all(o.dtype == torch.bfloat16 for o in outputs)  # autocast's product, in its dtype

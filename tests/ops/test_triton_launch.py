@@ -76,7 +76,8 @@ def test_the_second_call_of_a_signature_launches_the_compiled_kernel_with_every_
     assert args[0] is x and args[1] is y and args[2:] == (64, 1e-6, 64, False)  # BLOCK passed, FLAG its default
 
 
-@pytest.mark.parametrize("change", ["int", "dtype", "alignment", "bool for int", "constexpr", "option"])
+@pytest.mark.parametrize("change", ["int", "dtype", "alignment", "bool for int", "constexpr", "constexpr type",
+                                    "option"])
 def test_a_call_that_specialises_differently_takes_tritons_launch(direct, change):
     kernel = FakeKernel()
     base = torch.zeros(16, dtype=torch.float16)
@@ -92,10 +93,14 @@ def test_a_call_that_specialises_differently_takes_tritons_launch(direct, change
         call(kernel, base, n=True)
     elif change == "constexpr":
         call(kernel, base, FLAG=True)
+    elif change == "constexpr type":  # FLAG=1 == True, but Triton compiles them apart
+        call(kernel, base, FLAG=True)
+        call(kernel, base, FLAG=1)
     else:
         y = torch.empty_like(base)
         triton_launch.launch(kernel, (3,), base, y, 64, 1e-6, BLOCK=64, num_warps=8)
-    assert len(kernel.bound) == (3 if change == "bool for int" else 2) and kernel.compiled.direct == []
+    assert len(kernel.bound) == (3 if change in ("bool for int", "constexpr type") else 2)
+    assert kernel.compiled.direct == []
 
 
 def test_floats_are_one_signature_whatever_their_value(direct):

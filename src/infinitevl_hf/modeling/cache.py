@@ -508,6 +508,8 @@ def _loaded(tensor: torch.Tensor, device=None, dtype: torch.dtype | None = None)
 def _store(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     if new is old:  # the kernel wrote the state in place (`state_in_place`)
         return old
+    if new.requires_grad:  # a differentiable step: the old state may be saved for its backward, and the new keeps
+        return new  # its history
     # In place when the shape is unchanged, so a captured CUDA graph keeps reading the same memory.
     if old is not None and old.shape == new.shape and old.dtype == new.dtype and old.device == new.device:
         return old.copy_(new)

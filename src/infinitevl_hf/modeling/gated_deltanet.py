@@ -144,9 +144,9 @@ class InfiniteVLGatedDeltaNet(nn.Module):
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
 
         state = layer_cache.recurrent_states[0] if keep_state else None
-        if state is not None and length == 1 and token_valid is None and not self.training:
-            # One decode token: gates, q/k norms and the delta rule as one op (one kernel on CUDA), the cache's
-            # state updated where it stands.
+        if state is not None and length == 1 and token_valid is None and not torch.is_grad_enabled():
+            # One decode token: gates, q/k norms and the delta rule as one op (one kernel on CUDA, no backward),
+            # the cache's state updated where it stands.
             o = gated_delta_rule_decode_step(q.view(batch, -1), k.view(batch, -1), v.view(batch, -1),
                                              a.view(batch, -1), b.view(batch, -1), self.A_log, self.dt_bias, state)
             layer_cache.update_recurrent_state(state, state_idx=0)
@@ -173,7 +173,7 @@ class InfiniteVLGatedDeltaNet(nn.Module):
             output_final_state=keep_state,
             cu_seqlens=cu_seqlens,
             use_qk_l2norm_in_kernel=True,
-            state_in_place=state is not None,
+            state_in_place=state is not None and not torch.is_grad_enabled(),  # autograd keeps the old state
         )
         if keep_state:
             layer_cache.update_recurrent_state(final_state, state_idx=0)
@@ -185,19 +185,21 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         return apply_linear(self.o_norm(o, gate).reshape(batch, length, -1), self.o_proj)
 
     def _short_convolutions(self, qkv: tuple, layer_cache, cu_seqlens) -> tuple[torch.Tensor, ...]:
-        """q, k and v through their convolutions (+ SiLU), each cache state overwritten where it stands (`_store`
-        then has nothing to copy). Convolutions that run as defined go through one op (one launch at decode)."""
+        """q, k and v through their convolutions (+ SiLU), each cache state overwritten where it stands outside
+        autograd (`_store` then has nothing to copy). Convolutions that run as defined go through one op (one
+        launch at decode)."""
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
         keep_state = layer_cache is not None
         states = tuple(layer_cache.conv_states[i] for i in range(3)) if keep_state else None
+        in_place = keep_state and not torch.is_grad_enabled()  # under autograd the old states stay as they were
         if all(runs_as_defined(conv, InfiniteVLShortConvolution) for conv in convs):
             outputs, finals = causal_conv1d_group(
                 qkv, tuple(conv.weight.squeeze(1) for conv in convs), tuple(conv.bias for conv in convs), "silu",
-                states, keep_state, cu_seqlens, state_in_place=keep_state,
+                states, keep_state, cu_seqlens, state_in_place=in_place,
             )
         else:
             pairs = [conv(x, state=states[i] if keep_state else None, output_final_state=keep_state,
-                          cu_seqlens=cu_seqlens, state_in_place=keep_state) for i, (conv, x) in enumerate(zip(convs, qkv))]
+                          cu_seqlens=cu_seqlens, state_in_place=in_place) for i, (conv, x) in enumerate(zip(convs, qkv))]
             outputs, finals = tuple(y for y, _ in pairs), tuple(final for _, final in pairs)
         if keep_state:
             for idx, final in enumerate(finals):

@@ -84,8 +84,9 @@ def joined_weight(linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.T
 
 def _one_token_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, glu: bool = False):
     """F.linear(x, weight, bias) for x [..., 1, in]: a single row as one matrix-vector product (`ops.matvec`: a
-    Triton kernel on CUDA, streaming the weight once, where cuBLAS takes one or two launches of GEMM tiles)."""
-    if x.numel() == x.shape[-1]:
+    Triton kernel on CUDA, streaming the weight once, where cuBLAS takes one or two launches of GEMM tiles). Under
+    autocast, F.linear (the kernel would compute in the weights' dtype)."""
+    if x.numel() == x.shape[-1] and not torch.is_autocast_enabled(x.device.type):
         return matvec(x.reshape(1, -1), weight, bias, glu=glu).view(*x.shape[:-1], -1)
     y = F.linear(x, weight, bias)
     return silu_mul(*y.chunk(2, dim=-1)) if glu else y

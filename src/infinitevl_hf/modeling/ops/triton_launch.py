@@ -6,8 +6,9 @@ up the compiled kernel on each call (about 23 us per launch on an H200 host, aga
 kernel's own launcher). `launch(kernel, grid, *args, **kwargs)` takes that path once per *signature* and then
 calls the compiled kernel directly. A signature is everything Triton specialises on, or more: each tensor's
 dtype and 16-byte alignment, each int and bool itself, the type of each float, the keyword arguments
-(constexprs and launch options), and the current device. Calls that differ in any of these compile and look up
-as before.
+(constexprs and launch options, with their types), and the current device. Calls that differ in any of these
+compile and look up as before. Triton settings changed after a kernel's first call of a signature (its debug or
+instrumentation modes) are not seen by that signature's later launches.
 
 The direct launch passes every parameter in the kernel's order, constexprs included: the convention of the
 Triton releases read for this (`VERIFIED`). Any other release, the CPU interpreter, callable grids, a kernel
@@ -80,7 +81,7 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     # What Triton specialises on: a tensor's dtype and 16-byte alignment, an int or bool itself, a float's type.
     facts = tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor)
                    else float if type(a) is float else (type(a), a) for a in args])
-    signature = (device, facts, tuple(kwargs.items()))
+    signature = (device, facts, tuple([(name, type(value), value) for name, value in kwargs.items()]))
     known = _signatures.get(kernel)
     hit = known.get(signature) if known is not None else None
     if hit is None:
