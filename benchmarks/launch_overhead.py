@@ -4,7 +4,7 @@ written, the op is dispatched to its torch definition (the kernels serve inferen
 
     python benchmarks/launch_overhead.py
 """
-import time, torch, triton, os
+import time, torch
 from infinitevl_hf.modeling.ops.norms import rms_norm
 from infinitevl_hf.modeling.ops import triton_elementwise as te
 from triton.runtime import driver

@@ -23,7 +23,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import build_infinitevl, environment, log  # noqa: E402
@@ -50,11 +49,11 @@ def cublas_products():
     import torch.nn.functional as F
 
     from infinitevl_hf.modeling import joined_linear
-    from infinitevl_hf.modeling.ops.elementwise import silu_mul
+    from infinitevl_hf.modeling.ops.elementwise import silu_glu
 
     def product(x, weight, bias, glu=False):
         y = F.linear(x, weight, bias)
-        return silu_mul(*y.chunk(2, dim=-1)) if glu else y
+        return silu_glu(y) if glu else y
 
     return patched(joined_linear, "_one_token_product", product)
 

@@ -105,3 +105,13 @@ def run_under_triton_interpreter(script) -> str:
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+class CudaLike:
+    """Stands in for a CUDA tensor in the fit checks (they read metadata only): a meta tensor's shape, dtype and
+    strides, on `device`."""
+
+    def __init__(self, t: torch.Tensor, device: str = "cuda:0"):
+        for attr in ("shape", "dtype", "requires_grad", "stride", "is_contiguous", "dim"):
+            setattr(self, attr, getattr(t, attr))
+        self.is_cuda, self.device = True, torch.device(device)

@@ -171,9 +171,9 @@ def _generate_asking_for_fallbacks(model, caplog):
     logging.Logger.warning_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="infinitevl_hf.speed.generation"):
         replays = graphs.replays
-        out = model.generate(**_text(), max_new_tokens=4, do_sample=False, output_attentions=True,
-                             return_dict_in_generate=True)
-        out = model.generate(**_text(), max_new_tokens=4, do_sample=False, disable_compile=True)
+        model.generate(**_text(), max_new_tokens=4, do_sample=False, output_attentions=True,
+                       return_dict_in_generate=True)
+        model.generate(**_text(), max_new_tokens=4, do_sample=False, disable_compile=True)
     return replays, graphs, " ".join(r.getMessage() for r in caplog.records)
 
 

@@ -5,7 +5,7 @@ as the ops they stand in for, taken only where they may."""
 import pytest
 import torch
 
-from helpers import text_ids, tiny_model
+from helpers import CudaLike, text_ids, tiny_model
 from infinitevl_hf.modeling import gated_deltanet
 from infinitevl_hf.modeling.ops import causal_conv1d, fused_recurrent_gated_delta_rule
 from infinitevl_hf.modeling.ops.causal_conv1d import _group_fits, causal_conv1d_group
@@ -48,18 +48,11 @@ def test_the_conv_group_equals_each_convolution(with_states):
         assert all(final is s for final, s in zip(finals, states))  # written where they stand
 
 
-class _CudaLike:
-    def __init__(self, t: torch.Tensor):
-        for attr in ("shape", "dtype", "requires_grad", "stride", "is_contiguous", "dim"):
-            setattr(self, attr, getattr(t, attr))
-        self.is_cuda, self.device = True, torch.device("cuda:0")
-
-
 def test_the_joined_conv_kernel_takes_three_cached_states_updated_in_place(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
     def meta(*shape, dtype=torch.bfloat16):
-        return _CudaLike(torch.empty(*shape, device="meta", dtype=dtype))
+        return CudaLike(torch.empty(*shape, device="meta", dtype=dtype))
 
     xs = (meta(2, 1, 8), meta(2, 1, 8), meta(2, 1, 16))
     weights = (meta(8, 4), meta(8, 4), meta(16, 4))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_under_triton_interpreter
+from helpers import CudaLike, run_under_triton_interpreter
 from infinitevl_hf.modeling.ops import dispatch
 
 
@@ -29,16 +29,6 @@ def test_the_module_path_ops_prefer_the_package_kernels_and_say_why_not_off_cuda
         "torch", "triton: inputs are not on CUDA")
 
 
-class _CudaLike:
-    """Stands in for a CUDA tensor in the fit checks (they read metadata only): a meta tensor's shape, dtype and
-    strides, on `device`."""
-
-    def __init__(self, t: torch.Tensor, device: str = "cuda:0"):
-        for attr in ("shape", "dtype", "requires_grad", "stride", "is_contiguous", "dim"):
-            setattr(self, attr, getattr(t, attr))
-        self.is_cuda, self.device = True, torch.device(device)
-
-
 @pytest.fixture
 def current_device_0(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -54,33 +44,33 @@ def test_the_kernels_fit_one_token_of_cuda_inference_on_the_current_device_only(
         return torch.empty(*shape, device="meta", **kwargs)
 
     q, v, g, state = meta(2, 1, 3, 16), meta(2, 1, 3, 64), meta(2, 1, 3), meta(2, 3, 16, 64)
-    args = [_CudaLike(t) for t in (q, q, v, g, g)]
-    assert _one_token_fits(*args, None, _CudaLike(state), True) is None
-    assert _one_token_fits(_CudaLike(meta(2, 2, 3, 16)), *args[1:], None, None, False) == "more than one token per row"
-    odd = [_CudaLike(t) for t in (meta(2, 1, 3, 12), meta(2, 1, 3, 12), v, g, g)]
+    args = [CudaLike(t) for t in (q, q, v, g, g)]
+    assert _one_token_fits(*args, None, CudaLike(state), True) is None
+    assert _one_token_fits(CudaLike(meta(2, 2, 3, 16)), *args[1:], None, None, False) == "more than one token per row"
+    odd = [CudaLike(t) for t in (meta(2, 1, 3, 12), meta(2, 1, 3, 12), v, g, g)]
     assert "power-of-two key dim" in _one_token_fits(*odd, None, None, False)
-    assert "not on the current device" in _one_token_fits(*[_CudaLike(t, "cuda:1") for t in (q, q, v, g, g)], None, None, False)
+    assert "not on the current device" in _one_token_fits(*[CudaLike(t, "cuda:1") for t in (q, q, v, g, g)], None, None, False)
 
-    x, conv_w = _CudaLike(meta(2, 1, 40)), _CudaLike(meta(40, 4))
+    x, conv_w = CudaLike(meta(2, 1, 40)), CudaLike(meta(40, 4))
     assert _step_fits(x, conv_w, None, "silu", None, True) is None
-    assert _step_fits(_CudaLike(meta(2, 5, 40)), conv_w) == "more than one token per row"
-    assert _step_fits(_CudaLike(meta(2, 1, 40, dtype=torch.float64)), conv_w) == "a torch.float64 input"
-    assert "cuda:1" in _step_fits(_CudaLike(meta(2, 1, 40), "cuda:1"), conv_w)
+    assert _step_fits(CudaLike(meta(2, 5, 40)), conv_w) == "more than one token per row"
+    assert _step_fits(CudaLike(meta(2, 1, 40, dtype=torch.float64)), conv_w) == "a torch.float64 input"
+    assert "cuda:1" in _step_fits(CudaLike(meta(2, 1, 40), "cuda:1"), conv_w)
 
     with torch.no_grad():
         assert problem(torch.empty(4, 8)) == "inputs are not on CUDA"
-        assert problem(_CudaLike(meta(4, 8))) is None
-        assert "features" in problem(_CudaLike(meta(4, 20000)))
-        assert "torch.int64" in problem(_CudaLike(meta(4, 8, dtype=torch.long)))
-        assert "not on the current device" in problem(_CudaLike(meta(4, 8), "cuda:1"))
+        assert problem(CudaLike(meta(4, 8))) is None
+        assert "features" in problem(CudaLike(meta(4, 20000)))
+        assert "torch.int64" in problem(CudaLike(meta(4, 8, dtype=torch.long)))
+        assert "not on the current device" in problem(CudaLike(meta(4, 8), "cuda:1"))
     with torch.enable_grad():
-        assert problem(_CudaLike(meta(4, 8))) == "autograd is on"
+        assert problem(CudaLike(meta(4, 8))) == "autograd is on"
 
     query, keys, valid = meta(1, 4, 1, 16), meta(1, 2, 32, 16), meta(1, 32, dtype=torch.bool)
-    assert attention_fits(_CudaLike(query), _CudaLike(keys), _CudaLike(keys), _CudaLike(valid), 0.25) is None
-    trained = _CudaLike(meta(1, 4, 1, 16, requires_grad=True))
+    assert attention_fits(CudaLike(query), CudaLike(keys), CudaLike(keys), CudaLike(valid), 0.25) is None
+    trained = CudaLike(meta(1, 4, 1, 16, requires_grad=True))
     with torch.enable_grad():  # eval mode with autograd on: the kernel has no backward
-        assert "gradients" in attention_fits(trained, _CudaLike(keys), _CudaLike(keys), _CudaLike(valid), 0.25)
+        assert "gradients" in attention_fits(trained, CudaLike(keys), CudaLike(keys), CudaLike(valid), 0.25)
 
 
 def test_the_decode_step_kernels_serve_the_current_device_only(current_device_0):
@@ -92,17 +82,17 @@ def test_the_decode_step_kernels_serve_the_current_device_only(current_device_0)
     def meta(*shape, **kwargs):
         return torch.empty(*shape, device="meta", **kwargs)
 
-    assert "not on the current device" in _kernel_problem(_CudaLike(meta(1, 64), "cuda:1"), meta(32, 64))
-    q, v, a = _CudaLike(meta(1, 48)), _CudaLike(meta(1, 96)), _CudaLike(meta(1, 3))
+    assert "not on the current device" in _kernel_problem(CudaLike(meta(1, 64), "cuda:1"), meta(32, 64))
+    q, v, a = CudaLike(meta(1, 48)), CudaLike(meta(1, 96)), CudaLike(meta(1, 3))
     state = meta(1, 3, 16, 32, dtype=torch.float32)
-    assert _decode_step_fits(q, q, v, a, a, None, None, _CudaLike(state)) is None
-    assert "not on the current device" in _decode_step_fits(q, q, v, a, a, None, None, _CudaLike(state, "cuda:1"))
+    assert _decode_step_fits(q, q, v, a, a, None, None, CudaLike(state)) is None
+    assert "not on the current device" in _decode_step_fits(q, q, v, a, a, None, None, CudaLike(state, "cuda:1"))
 
 
 def test_the_cached_choice_follows_the_current_device(current_device_0, monkeypatch):
     from infinitevl_hf.modeling.ops.triton_elementwise import problem_key
 
-    x = _CudaLike(torch.empty(1, 8, device="meta"), "cuda:1")
+    x = CudaLike(torch.empty(1, 8, device="meta"), "cuda:1")
     away = problem_key(x)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert problem_key(x) != away

@@ -146,10 +146,9 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         state = layer_cache.recurrent_states[0] if keep_state else None
         if state is not None and length == 1 and token_valid is None and not torch.is_grad_enabled():
             # One decode token: gates, q/k norms and the delta rule as one op (one kernel on CUDA, no backward),
-            # the cache's state updated where it stands.
+            # the cache's state updated where it stands (so the cache has nothing to store).
             o = gated_delta_rule_decode_step(q.view(batch, -1), k.view(batch, -1), v.view(batch, -1),
                                              a.view(batch, -1), b.view(batch, -1), self.A_log, self.dt_bias, state)
-            layer_cache.update_recurrent_state(state, state_idx=0)
             return self._output(o.view(batch, length, -1, self.head_v_dim), gate, batch, length)
 
         # Heads are counted off the tensors: under tensor parallelism a rank holds only its share of them.

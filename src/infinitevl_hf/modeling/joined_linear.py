@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from .ops.elementwise import silu_mul
+from .ops.elementwise import silu_glu, silu_mul
 from .ops.matvec import matvec
 
 
@@ -89,7 +89,7 @@ def _one_token_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if x.numel() == x.shape[-1] and not torch.is_autocast_enabled(x.device.type):
         return matvec(x.reshape(1, -1), weight, bias, glu=glu).view(*x.shape[:-1], -1)
     y = F.linear(x, weight, bias)
-    return silu_mul(*y.chunk(2, dim=-1)) if glu else y
+    return silu_glu(y) if glu else y
 
 
 def project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:

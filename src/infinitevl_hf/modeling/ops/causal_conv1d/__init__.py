@@ -26,9 +26,12 @@ def _fla_fits(x, weight=None, bias=None, activation=None, initial_state=None, *a
 
 def _step_fits(x, weight=None, bias=None, activation=None, initial_state=None, output_final_state=False,
                cu_seqlens=None) -> str | None:
-    problem = one_token_kernel_problem(x, weight, bias, initial_state)
-    if problem is not None:
-        return problem
+    return one_token_kernel_problem(x, weight, bias, initial_state) or _step_layout_problem(
+        x, weight, activation, initial_state, cu_seqlens)
+
+
+def _step_layout_problem(x, weight, activation, initial_state, cu_seqlens) -> str | None:
+    """Why the one-token kernel cannot read these tensors' shapes and strides (the device checked apart), or None."""
     if x.shape[1] != 1 or cu_seqlens is not None:
         return "more than one token per row"
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -101,8 +104,11 @@ def _group_fits(xs, weights, biases, activation, states, output_final_state, cu_
         return "some convolutions have a bias and some not"
     if len({w.shape[1] for w in weights}) != 1 or len({x.dtype for x in xs}) != 1:
         return "the convolutions differ in width or dtype"
-    for x, w, b, s in zip(xs, weights, biases, states):
-        problem = _step_fits(x, w, b, activation, s, True, cu_seqlens)
+    problem = one_token_kernel_problem(xs[0], *xs[1:], *weights, *biases, *states)  # once for the three
+    if problem is not None:
+        return problem
+    for x, w, s in zip(xs, weights, states):
+        problem = _step_layout_problem(x, w, activation, s, cu_seqlens)
         if problem is not None:
             return problem
         if s.shape != (x.shape[0], x.shape[2], w.shape[1] - 1) or s.dtype != x.dtype:

@@ -17,7 +17,7 @@ try:  # (transformers' remote-code import check skips try blocks: Triton stays o
 except ImportError as error:
     raise ImportError("the Triton conv step kernel needs Triton") from error
 
-from ..triton_launch import cdiv, launch, next_power_of_2
+from ..triton_launch import cdiv, launch
 
 
 @triton.jit

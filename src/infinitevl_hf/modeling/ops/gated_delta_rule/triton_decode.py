@@ -23,9 +23,8 @@ try:  # (transformers' remote-code import check skips try blocks: Triton stays o
 except ImportError as error:
     raise ImportError("the Triton decode-step kernel needs Triton") from error
 
-from ..triton_launch import cdiv, launch, next_power_of_2
-
 from ..triton_elementwise import gdn_log_decay
+from ..triton_launch import cdiv, launch
 from .reference import L2NORM_EPS
 
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..elementwise import torch_silu_glu
 from ..norms import torch_rms_norm
 
 Weight = torch.Tensor | tuple[torch.Tensor, ...]
@@ -69,10 +70,7 @@ def matvec_reference(x, weight: Weight, bias: Weight | None = None, residual: to
     """`residual + linear(x, weight, bias)`; glu=True (no residual): the output halves are [gate | up] and the
     result is silu(gate) * up."""
     y = linear(x, weight, bias)
-    if glu:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
-    return _add(y, residual)
+    return _add(torch_silu_glu(y) if glu else y, residual)
 
 
 def rms_norm_matvec_reference(x, norm_weight, eps: float, weight: Weight, bias: Weight | None = None,
@@ -82,7 +80,4 @@ def rms_norm_matvec_reference(x, norm_weight, eps: float, weight: Weight, bias: 
     y = linear(torch_rms_norm(x, norm_weight, eps), weight, bias)
     if conv is not None:
         y = apply_conv(y, conv)
-    if glu:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
-    return y
+    return torch_silu_glu(y) if glu else y

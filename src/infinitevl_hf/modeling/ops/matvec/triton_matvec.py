@@ -30,7 +30,6 @@ except ImportError as error:
     raise ImportError("the Triton matvec kernel needs Triton") from error
 
 from ..triton_launch import cdiv, launch, next_power_of_2
-
 from .reference import ConvUpdate
 
 
