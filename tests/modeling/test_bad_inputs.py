@@ -65,6 +65,17 @@ def test_a_cache_built_for_another_config(model, other):
     assert cache.seen_tokens == 0
 
 
+@pytest.mark.parametrize("name", ["past_key_values", "cache"])
+def test_a_cache_of_another_kind_is_named_in_generate_and_forward(model, name):
+    from transformers import DynamicCache
+
+    for wrong in ("nope", DynamicCache()):
+        with pytest.raises(TypeError, match=f"needs an `InfiniteVLCache`.*got {type(wrong).__name__}"):
+            model.generate(input_ids=text_ids(1, 5), max_new_tokens=2, do_sample=False, **{name: wrong})
+        with pytest.raises(TypeError, match="needs an `InfiniteVLCache`"):
+            model(input_ids=text_ids(1, 5), use_cache=True, **{CACHE_KWARG: wrong})
+
+
 @pytest.mark.parametrize(
     "make, field",
     [

@@ -90,6 +90,14 @@ class InfiniteVLPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+def check_cache_type(cache) -> None:
+    """Refuse a cache that is not an `InfiniteVLCache` (None is fine: one is built)."""
+    if cache is not None and not isinstance(cache, InfiniteVLCache):
+        raise TypeError(
+            f"InfiniteVL needs an `InfiniteVLCache` (it keeps Gated DeltaNet states), got {type(cache).__name__}."
+        )
+
+
 def generation_uses_cache(model) -> None:
     """Make `generate()` decode with the cache unless a call asks otherwise.
 
@@ -239,10 +247,7 @@ class InfiniteVLTextModel(InfiniteVLPreTrainedModel):
         # Token ids are embedded chunk by chunk in forward, so a long prompt never holds all its embeddings at once.
         tokens = inputs_embeds if inputs_embeds is not None else input_ids
         batch, length = tokens.shape[:2]
-        if cache is not None and not isinstance(cache, InfiniteVLCache):
-            raise TypeError(
-                f"InfiniteVL needs an `InfiniteVLCache` (it keeps Gated DeltaNet states), got {type(cache).__name__}."
-            )
+        check_cache_type(cache)
         if length == 0:
             raise ValueError("The input is empty (0 tokens): `input_ids` / `inputs_embeds` need at least one token.")
         if cache is not None:
@@ -716,6 +721,8 @@ class InfiniteVLForConditionalGeneration(InfiniteVLPreTrainedModel, GenerationMi
         training mode and models the compiled step cannot read (quantized, LoRA, several devices), saying why once
         in the log. The cache is of constant size, so on CUDA `cache_implementation="static"` changes nothing (on a
         CPU it decodes over the static window rings instead of the growing window cache)."""
+        for name in ("past_key_values", "cache"):  # before transformers reads it as a Cache
+            check_cache_type(kwargs.get(name))
         with generate_call(self, custom_generate=kwargs.get("custom_generate") is not None):
             return super().generate(*args, **kwargs)
 
