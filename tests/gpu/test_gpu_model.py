@@ -110,17 +110,24 @@ def test_default_generate_decodes_through_the_compiled_graph(model):
     assert graphs.replays - replays == 15 and graphs.prompt_replays >= 1 and (1, torch.bfloat16, ids.device) in graphs.slots
 
 
-@pytest.mark.parametrize("concat,matvec", [(False, False), (True, False), (True, True)], ids=["separate", "concat", "matvec"])
-def test_fused_compiled_graph_decode_is_as_accurate_as_eager_decode(model, concat, matvec):
-    """32 teacher-forced decode steps: the fused compiled graph vs the eager module path, both in bf16, against the
-    same steps in fp32 as the yardstick (random weights make bf16 runs of this model differ by percents)."""
+@pytest.mark.parametrize("concat,matvec,compile,rows", [
+    (False, False, True, 1), (True, False, True, 1), (True, True, True, 1), (True, True, False, 4), (True, True, True, 4),
+], ids=["separate", "concat", "matvec", "rows_kernels", "rows_compiled"])
+def test_fused_compiled_graph_decode_is_as_accurate_as_eager_decode(model, monkeypatch, concat, matvec, compile, rows):
+    """32 teacher-forced decode steps: the fused graph (compiled, or with rows > 1 through cuBLAS's products and the
+    package's kernels, as generate() captures batches) vs the eager module path, both in bf16, against the same
+    steps in fp32 as the yardstick (random weights make bf16 runs of this model differ by percents)."""
     from infinitevl_hf import InfiniteVLCache
     from infinitevl_hf.modeling.compat import CACHE_KWARG
+    from infinitevl_hf.modeling.ops import matvec as matvec_ops
     from infinitevl_hf.speed.graph_capture import CUDAGraphDecoder
 
+    in_place_convs = []
+    conv = matvec_ops.conv1d_step3_in_place
+    monkeypatch.setattr(matvec_ops, "conv1d_step3_in_place", lambda *a: in_place_convs.append(1) or conv(*a))
     generator = torch.Generator("cuda").manual_seed(3)
-    ids = torch.randint(0, 151000, (1, 1000), device="cuda", generator=generator)
-    tokens = torch.randint(0, 151000, (1, 32), device="cuda", generator=generator)
+    ids = torch.randint(0, 151000, (rows, 1000), device="cuda", generator=generator)
+    tokens = torch.randint(0, 151000, (rows, 32), device="cuda", generator=generator)
 
     def eager_steps(cache):
         return [model(input_ids=tokens[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache}).logits[:, -1].float()
@@ -130,8 +137,9 @@ def test_fused_compiled_graph_decode_is_as_accurate_as_eager_decode(model, conca
         cache = InfiniteVLCache(model.config)
         model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
         eager = eager_steps(cache.fork())
-        decoder = CUDAGraphDecoder(model, cache, compile=True, concat_projections=concat, triton_matvec=matvec)
+        decoder = CUDAGraphDecoder(model, cache, compile=compile, concat_projections=concat, triton_matvec=matvec)
         fused = [decoder.step(tokens[:, t : t + 1])[:, -1].float() for t in range(tokens.shape[1])]
+        assert bool(in_place_convs) == (rows > 1 and not compile)  # the batch's kernels ran (and only there)
         model.float()
         fp32_cache = InfiniteVLCache(model.config)
         model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: fp32_cache})
@@ -143,7 +151,7 @@ def test_fused_compiled_graph_decode_is_as_accurate_as_eager_decode(model, conca
 
     fused_err, eager_err = mean_rel(fused), mean_rel(eager)
     agree = sum(bool((f.argmax(-1) == e.argmax(-1)).all()) for f, e in zip(fused, eager)) / len(eager)
-    _report(test=f"fused_graph_decode_concat{int(concat)}_matvec{int(matvec)}", fused_vs_fp32=fused_err,
+    _report(test=f"fused_graph_decode_concat{int(concat)}_matvec{int(matvec)}_compile{int(compile)}_rows{rows}", fused_vs_fp32=fused_err,
             eager_bf16_vs_fp32=eager_err, fused_eager_argmax_agreement=agree)
     assert all(torch.isfinite(f).all() for f in fused)
     assert fused_err < 1.1 * eager_err + 1e-3, (fused_err, eager_err)

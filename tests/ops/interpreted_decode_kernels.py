@@ -14,6 +14,7 @@ from infinitevl_hf.modeling.ops.decode_attention.reference import ring_decode_at
 from infinitevl_hf.modeling.ops.decode_attention.triton_decode_attention import triton_ring_decode_attention  # noqa: E402
 from infinitevl_hf.modeling.ops.gated_delta_rule.reference import torch_gated_delta_rule_decode_step  # noqa: E402
 from infinitevl_hf.modeling.ops.gated_delta_rule.triton_decode import triton_gated_delta_rule_decode_step  # noqa: E402
+from infinitevl_hf.modeling.ops.matvec import _rows_rms_norm_matvec  # noqa: E402
 from infinitevl_hf.modeling.ops.matvec import reference as R  # noqa: E402
 from infinitevl_hf.modeling.ops.matvec import triton_matvec as T  # noqa: E402
 
@@ -28,6 +29,10 @@ for dtype in (torch.float32, torch.bfloat16):
     bias, residual, norm_w = torch.randn(N, dtype=dtype), torch.randn(1, N, dtype=dtype), torch.randn(K, dtype=dtype)
     check("matvec + bias + residual", T.fused_matvec(x, w, bias, residual=residual, config=CONFIG),
           R.matvec_reference(x, w, bias, residual), dtype)
+    own = residual.clone()  # the sum written over the residual (a decode step's hidden state)
+    got = T.fused_matvec(x, w, bias, residual=own, config=CONFIG, out=own)
+    assert got is own
+    check("matvec + bias + residual, in place", own, R.matvec_reference(x, w, bias, residual), dtype)
     check("rms norm + matvec + bias", T.fused_matvec(x, w, bias, norm_weight=norm_w, eps=1e-6, config=CONFIG),
           R.rms_norm_matvec_reference(x, norm_w, 1e-6, w, bias), dtype)
     w_gate_up = (torch.randn(2 * N, K) * 0.1).to(dtype)
@@ -47,6 +52,21 @@ for dtype in (torch.float32, torch.bfloat16):
         check(f"norm + matvec + conv ({label})", got, expected, dtype)
         check(f"conv states ({label})", torch.cat(states, 1), torch.cat(expected_states, 1), dtype)
 
+    # several rows: cuBLAS's product between the norm and the convolutions (over their channels in place) or the gate
+    xs = torch.randn(3, K, dtype=dtype)
+    for b in (None, conv_b):
+        states = tuple(torch.randn(3, s, taps - 1, dtype=dtype) for s in sizes)
+        expected_states = tuple(s.clone() for s in states)
+        got = _rows_rms_norm_matvec(xs, norm_w, 1e-6, w_in, conv=R.ConvUpdate(conv_w, b, states))
+        expected = R.rms_norm_matvec_reference(xs, norm_w, 1e-6, w_in, conv=R.ConvUpdate(conv_w, b, expected_states))
+        label = "with bias" if b is not None else "no bias"
+        check(f"rows: norm + product + conv ({label})", got, expected, dtype)
+        check(f"rows: conv states ({label})", torch.cat(states, 1), torch.cat(expected_states, 1), dtype)
+    check("rows: norm + product + silu(gate)*up", _rows_rms_norm_matvec(xs, norm_w, 1e-6, w_gate_up, glu=True),
+          R.rms_norm_matvec_reference(xs, norm_w, 1e-6, w_gate_up, glu=True), dtype)
+    check("rows: norm + product + bias", _rows_rms_norm_matvec(xs, norm_w, 1e-6, w, bias),
+          R.rms_norm_matvec_reference(xs, norm_w, 1e-6, w, bias), dtype)
+
     batch, heads, d_k, d_v = 2, 3, 16, 64
     proj = torch.randn(batch, 2 * heads * d_k + 2 * heads * d_v + 2 * heads + 5, dtype=dtype)  # + 5 unrelated columns
     q, k, v, a, b, gate, _ = proj.split((heads * d_k, heads * d_k, heads * d_v, heads, heads, heads * d_v, 5), dim=-1)
@@ -65,6 +85,13 @@ for dtype in (torch.float32, torch.bfloat16):
     valid = torch.ones(batch, slots, dtype=torch.bool)
     valid[1, 40:] = False
     check("ring decode attention", triton_ring_decode_attention(query, keys, values, valid, head_dim**-0.5, split=32, block_s=16),
+          ring_decode_attention(query, keys, values, valid, head_dim**-0.5), dtype)
+    # a young ring: row 0 wrote its first 5 slots and one past a block of unwritten ones (a prompt's left padding
+    # sits at the ring's end, flagged invalid); row 1 only its first slot. The unwritten blocks are skipped.
+    valid = torch.zeros(batch, slots, dtype=torch.bool)
+    valid[0, :5] = valid[0, 70] = valid[1, 0] = True
+    check("ring decode attention, young ring", triton_ring_decode_attention(query, keys, values, valid, head_dim**-0.5,
+                                                                             split=32, block_s=16),
           ring_decode_attention(query, keys, values, valid, head_dim**-0.5), dtype)
 
 sys.exit(1 if failures else 0)

@@ -15,7 +15,12 @@ from infinitevl_hf.modeling.ops import elementwise as E  # noqa: E402
 from infinitevl_hf.modeling.ops import norms as N  # noqa: E402
 from infinitevl_hf.modeling.ops import triton_elementwise as T  # noqa: E402
 from infinitevl_hf.modeling.ops.causal_conv1d.reference import torch_causal_conv1d  # noqa: E402
-from infinitevl_hf.modeling.ops.causal_conv1d.triton_step import triton_conv1d_step, triton_conv1d_step3  # noqa: E402
+from infinitevl_hf.modeling.ops.causal_conv1d.triton_step import (  # noqa: E402
+    conv1d_step3_in_place,
+    triton_conv1d_step,
+    triton_conv1d_step3,
+)
+from infinitevl_hf.modeling.ops.matvec.reference import ConvUpdate, apply_conv  # noqa: E402
 from infinitevl_hf.modeling.ops.gated_delta_rule.reference import (  # noqa: E402
     torch_fused_recurrent_gated_delta_rule,
     torch_gdn_gates,
@@ -38,6 +43,13 @@ for dtype in (torch.float32, torch.bfloat16):
     check("gated_rms_norm, no gate", T.gated_rms_norm(o, w48, None, 1e-5), N.torch_gated_rms_norm(o, w48, None, 1e-5), dtype)
     check("gated_rms_norm, float32 x", T.gated_rms_norm(o.float(), w48, gate, 1e-5),
           N.torch_gated_rms_norm(o.float(), w48, gate, 1e-5), dtype)
+    proj = torch.randn(6, 4 * 48 + 10, dtype=dtype)  # a batch's gate heads slicing a projection's rows
+    sliced, o2 = proj[:, 5 : 5 + 4 * 48].view(6, 4, 48), torch.randn(6, 4, 48, dtype=dtype)
+    check("gated_rms_norm, gate slicing a projection", T.gated_rms_norm(o2, w48, sliced, 1e-5),
+          N.torch_gated_rms_norm(o2, w48, sliced, 1e-5), dtype)
+    shared = torch.randn(6, 1, 48, dtype=dtype)  # one gate row for every head (broadcast)
+    check("gated_rms_norm, broadcast gate", T.gated_rms_norm(o2, w48, shared, 1e-5),
+          N.torch_gated_rms_norm(o2, w48, shared, 1e-5), dtype)
     g, u = torch.randn(2, 3, 1300, dtype=dtype), torch.randn(2, 3, 1300, dtype=dtype)  # two column blocks
     check("silu_mul", T.silu_mul(g, u), E.torch_silu_mul(g, u), dtype)
     gu = torch.randn(5, 74, dtype=dtype)
@@ -87,6 +99,16 @@ for dtype in (torch.float32, torch.bfloat16):
         for i, (got, (y, final)) in enumerate(zip(joined.split(sizes, dim=-1), expected3)):
             check(f"{label} output {i}", got, y, dtype)
             check(f"{label} state {i} in place", states3[i], final, dtype)
+        # the same convolutions written over the channels of a batch's projection output [B, N] where they stand
+        proj = torch.randn(3, sum(sizes) + 9, dtype=dtype)
+        states3 = [torch.randn(3, d, 3, dtype=dtype) for d in sizes]
+        expected_states = [s.clone() for s in states3]
+        expected = apply_conv(proj.clone(), ConvUpdate(tuple(weights3), None if biases3[0] is None else tuple(biases3),
+                                                       tuple(expected_states)))
+        got = conv1d_step3_in_place(proj, weights3, biases3, states3)
+        assert got is proj
+        check(f"{label} in place over a projection", got, expected, dtype)
+        check(f"{label} in place over a projection (states)", torch.cat(states3, 1), torch.cat(expected_states, 1), dtype)
 
     a, b = torch.randn(2, 5, 6, dtype=dtype) * 8, torch.randn(2, 5, 6, dtype=dtype)  # past softplus' threshold too
     A_log, dt_bias = torch.randn(6), torch.randn(6, dtype=dtype)

@@ -14,7 +14,7 @@ from infinitevl_hf.modeling.ops.norms import gated_rms_norm, rms_norm
 
 def test_kernels_match_their_torch_definitions_under_the_triton_interpreter():
     output = run_under_triton_interpreter(Path(__file__).with_name("interpreted_decode_kernels.py"))
-    assert output.count("ok  ") == 20, output
+    assert output.count("ok  ") == 36, output
 
 
 def test_ops_take_their_torch_definition_off_cuda():
@@ -119,3 +119,60 @@ def test_split_key_decode_attention_matches_the_torch_path_on_the_gpu(batch, fil
     bf16_path = ring_decode_attention(query, keys, values, valid, dim**-0.5).float()
     error, bf16_error = ((got - expected).norm() / expected.norm()).item(), ((bf16_path - expected).norm() / expected.norm()).item()
     assert error < 1e-2 and error <= 1.5 * bf16_error, (error, bf16_error)
+
+
+def test_several_cuda_rows_take_cublas_between_the_package_kernels(monkeypatch):
+    """The choice for `rms_norm_matvec` (read off metadata, without a GPU): one CUDA row the fused matvec kernel,
+    several the rows path (cuBLAS's product, the norm / convolutions / gate kernels), the torch definition where
+    neither serves."""
+    from helpers import CudaLike
+    from infinitevl_hf.modeling.ops import dispatch
+    from infinitevl_hf.modeling.ops.matvec import _rows_matvec_fits, _rows_rms_norm_matvec_fits
+
+    if not dispatch.triton_available():
+        pytest.skip("Triton is not installed (the kernels are not registered)")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return CudaLike(torch.empty(*shape, device="meta", dtype=dtype))
+
+    norm_w, w = meta(64), meta(56, 64)
+    conv = ConvUpdate(meta(40, 4), None, (meta(8, 16, 3), meta(8, 16, 3), meta(8, 8, 3)))
+    with torch.no_grad():
+        assert dispatch.decide("rms_norm_matvec", meta(1, 64), norm_w, 1e-6, w, None, conv) == ("triton", None)
+        name, skipped = dispatch.decide("rms_norm_matvec", meta(8, 64), norm_w, 1e-6, w, None, conv)
+        assert name == "rows" and "one row" in skipped
+        assert _rows_rms_norm_matvec_fits(meta(8, 64), norm_w, 1e-6, w, glu=True) is None
+        assert "separate" in _rows_rms_norm_matvec_fits(meta(8, 64), norm_w, 1e-6, (w, w))
+        float_states = (meta(8, 16, 3), meta(8, 16, 3), meta(8, 8, 3, dtype=torch.float32))
+        assert "dtype" in _rows_rms_norm_matvec_fits(meta(8, 64), norm_w, 1e-6, w, None, conv._replace(states=float_states))
+        assert "rows" in _rows_rms_norm_matvec_fits(meta(8, 1, 64), norm_w, 1e-6, w)
+        assert dispatch.decide("rms_norm_matvec", meta(8, 64), norm_w, 1e-6, w, None, conv, reference=True)[0] == "torch"
+        assert dispatch.decide("matvec", meta(1, 64), w, None, meta(1, 56)) == ("triton", None)
+        assert dispatch.decide("matvec", meta(8, 64), w, None, meta(8, 56))[0] == "rows"
+        assert "residual" in _rows_matvec_fits(meta(8, 64), w, None, meta(1, 56))
+        assert "residual" in _rows_matvec_fits(meta(8, 64), w, None, meta(8, 56, dtype=torch.float32))
+    grads = CudaLike(torch.empty(8, 64, device="meta", requires_grad=True))
+    with torch.enable_grad():
+        assert "gradients" in _rows_rms_norm_matvec_fits(grads, norm_w, 1e-6, w)
+    assert not isinstance(torch.empty(0), CudaLike)
+
+
+def test_several_rows_add_the_residual_in_the_product():
+    """The rows path of `matvec` (CUDA, several rows): the residual in cuBLAS's epilogue (`addmm`), the gate as a
+    kernel; on CPU tensors the same functions give the torch definition's results."""
+    pytest.importorskip("triton")
+    from infinitevl_hf.modeling.ops.matvec import _rows_matvec
+    from infinitevl_hf.modeling.ops.matvec.reference import matvec_reference
+
+    torch.manual_seed(0)
+    x, w, r, bias = torch.randn(3, 8), torch.randn(6, 8), torch.randn(3, 6), torch.randn(6)
+    for kwargs in (dict(residual=r), dict(bias=bias, residual=r), dict(bias=bias), dict(glu=True), {}):
+        torch.testing.assert_close(_rows_matvec(x, w, **kwargs), matvec_reference(x, w, **kwargs))
+    for kwargs in (dict(), dict(bias=bias)):  # in place: the sum written over the residual
+        own = r.clone()
+        assert _rows_matvec(x, w, residual=own, in_place=True, **kwargs) is own
+        torch.testing.assert_close(own, matvec_reference(x, w, residual=r, **kwargs))
+    xb, wb, rb = x.bfloat16(), w.bfloat16(), r.bfloat16()  # one rounding of the float32 sum, where torch rounds twice
+    once = (rb.float() + xb.float() @ wb.float().T).bfloat16()
+    torch.testing.assert_close(_rows_matvec(xb, wb, residual=rb), once, rtol=0, atol=0.02)

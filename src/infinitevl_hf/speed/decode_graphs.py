@@ -205,9 +205,9 @@ class DecodeGraphs:
 
 
 def capture_decode_step(model, cache):
-    """The CUDA graph of the one-token `DecodeStep` (joined projections, Triton matrix-vector kernels; compiled with
-    more than one row, where torch ops are left between cuBLAS's products), or of the module path for models that
-    step cannot read (`DecodeStep.unsupported`: quantized or LoRA layers)."""
+    """The CUDA graph of the one-token `DecodeStep` (joined projections, the package's Triton kernels; with more than
+    one row, cuBLAS's products between them), or of the module path for models that step cannot read
+    (`DecodeStep.unsupported`: quantized or LoRA layers)."""
     from .decode_step import DecodeStep
     from .graph_capture import CUDAGraphDecoder
 

@@ -8,9 +8,10 @@ no Python objects inside, built from ops that pair a torch definition with a Tri
 matrix-vector product carries the norm, gate, convolution or residual next to it (`ops.matvec`) and
 the delta rule is one kernel with its gates (`ops.gated_delta_rule`). At one row every product, norm, gate,
 conv, delta rule and attention is such a kernel, and what is left is a few small torch ops (the embedding, the
-rotary angles, the ring writes) that a CUDA graph replays cheaply, so the step is not compiled. With more rows
-the products are cuBLAS's and `torch.compile(fullgraph=True)` fuses the ops between them, one compiled function
-serving every layer of its type.
+rotary angles, the ring writes, and with more rows the residual adds) that a CUDA graph replays cheaply, so the
+step is not compiled. With more rows the products are cuBLAS's, with the package's norm, convolution and gate
+kernels between them. `compile=True` `torch.compile(fullgraph=True)`s each layer function instead (one compiled
+function serving every layer of its type), which fuses the torch definitions between the products.
 
 The math is the module path's, op for op (`InfiniteVLGatedDeltaNet` with the torch recurrence,
 `InfiniteVLAttention` over a ring, Qwen2's RMSNorm and MLP); tests compare the two. Used by
@@ -42,7 +43,7 @@ def mlp_block(hidden: torch.Tensor, norm_w: torch.Tensor, gate_up: Weight, down_
               fast: bool = False) -> torch.Tensor:
     """`hidden + MLP(RMSNorm(hidden))`: two products, the norm and the SiLU gate fused into the first."""
     act = rms_norm_matvec(hidden, norm_w, eps, gate_up, glu=True, fast=fast)
-    return matvec(act, down_w, residual=hidden, fast=fast)
+    return matvec(act, down_w, residual=hidden, fast=fast, in_place=True)
 
 
 def gated_deltanet_layer_step(
@@ -74,7 +75,7 @@ def gated_deltanet_layer_step(
     q, k, v, a, b, gate = proj.split((heads * d_k, heads * d_k, heads * d_v, heads, heads, heads * d_v), dim=-1)
     o = gated_delta_rule_decode_step(q, k, v, a, b, A_log, dt_bias, recurrent, gate=gate, norm_weight=o_norm_w,
                                      norm_eps=o_norm_eps, fast=fast)
-    hidden = matvec(o, o_w, residual=hidden, fast=fast)
+    hidden = matvec(o, o_w, residual=hidden, fast=fast, in_place=True)
     return mlp_block(hidden, post_norm_w, gate_up, down_w, eps, fast)
 
 
@@ -110,7 +111,7 @@ def attention_layer_step(
     values.index_copy_(2, slot, v)
     valid.index_fill_(1, slot, True)
     out = decode_attention(q, keys, values, valid, head_dim**-0.5, fast=fast).reshape(batch, -1)
-    hidden = matvec(out, o_w, residual=hidden, fast=fast)
+    hidden = matvec(out, o_w, residual=hidden, fast=fast, in_place=True)
     return mlp_block(hidden, post_norm_w, gate_up, down_w, eps, fast)
 
 
@@ -280,13 +281,14 @@ class DecodeStep:
     reading the same numbers; training is unaffected, and a state-dict hook saves each parameter as a tensor
     of its own (safetensors and accelerate's `save_model` refuse or drop parts of a shared buffer).
 
-    triton_matvec: run one row through the Triton kernels (CUDA): each product streams its weight once with
+    triton_matvec: run the package's Triton kernels (CUDA). One row: each product streams its weight once with
     the norm, gate, convolution or residual beside it fused in (`ops.matvec`), and the delta rule with its
-    gates is one kernel (`ops.gated_delta_rule`). A Gated DeltaNet layer is then six kernels. Needs joined
+    gates is one kernel (`ops.gated_delta_rule`); a Gated DeltaNet layer is then six kernels. More rows: cuBLAS's
+    products with the norm, the three convolutions, the gate and the delta rule one kernel each. Needs joined
     projections to use them (separate weights keep the torch path).
 
-    compile: `torch.compile` the layer functions, which fuses the torch ops between the products. One row with
-    triton_matvec and joined projections has nothing left worth it (`kernels_only`).
+    compile: `torch.compile` the layer functions, which fuses the torch ops between the products. With
+    triton_matvec and joined projections nothing is left worth it (`kernels_only`).
     """
 
     def __init__(self, model, cache: InfiniteVLCache, compile: bool = False, concat_projections: bool = False,
@@ -327,10 +329,11 @@ class DecodeStep:
 
     @staticmethod
     def kernels_only(rows: int, concat_projections: bool, triton_matvec: bool) -> bool:
-        """Whether a step's work is all in the package's kernels (products with their norms, gates, convs and
-        residuals, the delta rule, the output norm, rotary, attention), leaving torch.compile only a few small ops
-        (embedding, rotary angles, ring writes) to fuse: one row through joined weights and the Triton matvec."""
-        return triton_matvec and concat_projections and rows == 1
+        """Whether a step's work is all in the package's kernels and cuBLAS's products (norms, gates, convs, the
+        delta rule, the output norm, rotary, attention), leaving torch.compile only a few small ops (embedding,
+        rotary angles, ring writes, residual adds) to fuse: joined weights and the Triton kernels, at any number
+        of rows (`rows`: one row fuses the products with the ops around them; more rows take cuBLAS's)."""
+        return triton_matvec and concat_projections
 
     @classmethod
     def join_weights(cls, model) -> None:

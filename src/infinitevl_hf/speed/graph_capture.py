@@ -9,8 +9,8 @@ The same holds for feeding a fixed number of tokens, e.g. one video frame per ca
 `CUDAGraphPrefill` captures the decoder over `length` input embeddings (the vision tower stays eager;
 `frame_graph.CUDAGraphFrames` captures whole calls of frames, tower included).
 
-`generate()` on CUDA replays decode steps of the fused `DecodeStep` (concatenated projections, the Triton matvec;
-`compile=True` for batches of rows), kept on the model by `speed.decode_graphs`; or use them directly:
+`generate()` on CUDA replays decode steps of the fused `DecodeStep` (concatenated projections, the package's Triton
+kernels; cuBLAS's products for batches of rows), kept on the model by `speed.decode_graphs`; or use them directly:
 
 ```python
 >>> decoder = CUDAGraphDecoder(model, cache)     # cache: a prompt already went through it

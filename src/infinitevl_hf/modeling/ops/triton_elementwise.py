@@ -74,26 +74,43 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
 
 
 @triton.jit
-def _gated_rms_norm_kernel(X, G, W, Y, x_stride, g_stride, D, eps, BLOCK: tl.constexpr, GATE: tl.constexpr):
+def _gated_rms_norm_kernel(X, G, W, Y, x_stride, g_outer, g_inner, g_inner_rows, D, eps, BLOCK: tl.constexpr,
+                           GATE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     live = cols < D
     x = tl.load(X + row * x_stride + cols, mask=live, other=0.0).to(tl.float32)
     y = x * tl.math.rsqrt(tl.sum(x * x, axis=0) / D + eps) * tl.load(W + cols, mask=live, other=0.0).to(tl.float32)
-    if GATE:
-        g = tl.load(G + row * g_stride + cols, mask=live, other=0.0).to(tl.float32)
+    if GATE:  # gate row `row` sits at (row // g_inner_rows) * g_outer + (row % g_inner_rows) * g_inner
+        g = tl.load(G + (row // g_inner_rows) * g_outer + (row % g_inner_rows) * g_inner + cols, mask=live,
+                    other=0.0).to(tl.float32)
         y = y * (g * tl.sigmoid(g))
     tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=live)
+
+
+def _gate_rows(gate: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """The gate's rows as (tensor, outer stride, inner stride, rows per outer step) without a copy where a
+    [..., H, D] gate with unit last stride allows it (the heads of a batch's rows slicing one projection output,
+    whose rows are further apart than H * D), else a contiguous copy."""
+    if gate.dim() >= 3 and gate.stride(-1) == 1:
+        try:
+            three = gate.view(-1, *gate.shape[-2:])
+        except RuntimeError:  # the dims before the heads do not merge
+            pass
+        else:
+            return three, three.stride(0), three.stride(1), three.shape[1]
+    rows = _rows(gate)
+    return rows, rows.stride(0), 0, 1
 
 
 def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, eps: float) -> torch.Tensor:
     """`norms.torch_gated_rms_norm` as one kernel."""
     rows = _rows(x)
-    gates = _rows(gate.expand(x.shape)) if gate is not None else rows
+    gates, g_outer, g_inner, g_inner_rows = _gate_rows(gate.expand(x.shape)) if gate is not None else (rows, 0, 0, 1)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block = next_power_of_2(x.shape[-1])
-    launch(_gated_rms_norm_kernel, (rows.shape[0],), rows, gates, weight, out, rows.stride(0), gates.stride(0),
-           x.shape[-1], eps, BLOCK=block, GATE=gate is not None, num_warps=_warps(block))
+    launch(_gated_rms_norm_kernel, (rows.shape[0],), rows, gates, weight, out, rows.stride(0), g_outer, g_inner,
+           g_inner_rows, x.shape[-1], eps, BLOCK=block, GATE=gate is not None, num_warps=_warps(block))
     return out
 
 

@@ -58,13 +58,13 @@ def _conv_step_kernel(X, Wt, Bias, S, Y, S_out, D, x_stride, W: tl.constexpr, BL
 
 @triton.jit
 def _conv_step3_kernel(X0, X1, X2, W0, W1, W2, B0, B1, B2, S0, S1, S2, Y, D0, D1, D2, x0_stride, x1_stride, x2_stride,
-                       W: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+                       y_stride, W: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
     # Three convolutions of the same rows (a Gated DeltaNet's q, k, v): the blocks of the second and third follow
-    # the first's; their outputs sit side by side in Y's rows; each state is updated where it stands.
+    # the first's; their outputs sit side by side in Y's rows; each state is updated where it stands. Y may be
+    # where the inputs are: each program reads its channels before it writes them.
     row, block = tl.program_id(0), tl.program_id(1)
     blocks0 = tl.cdiv(D0, BLOCK_D)
     blocks1 = tl.cdiv(D1, BLOCK_D)
-    y_stride = D0 + D1 + D2
     if block < blocks0:
         _conv_channels(X0, W0, B0, S0, Y, S0, D0, x0_stride, y_stride, row, block, W, BLOCK_D, HAS_BIAS, True,
                        SILU, True)
@@ -97,16 +97,29 @@ def triton_conv1d_step(x, weight, bias=None, activation="silu", initial_state=No
     return y, final
 
 
-def triton_conv1d_step3(xs, weights, biases, states, activation="silu", block_d: int = 256) -> torch.Tensor:
+def triton_conv1d_step3(xs, weights, biases, states, activation="silu", block_d: int = 256,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """Three one-token `triton_conv1d_step`s of the same rows in one launch, each state updated in place: xs
     [B, 1, D_i] (unit channel stride), weights [D_i, W] and states [B, D_i, W-1] contiguous, biases all None or
-    all given. Returns the three outputs side by side, [B, 1, D_0 + D_1 + D_2] in the first x's dtype."""
+    all given. Returns the three outputs side by side, [B, 1, D_0 + D_1 + D_2] in the first x's dtype; or writes
+    them into `out` ([B, 1, >= D_0 + D_1 + D_2], unit channel stride; its first channels may be the inputs
+    themselves, as `conv1d_step3_in_place` passes them) and returns it."""
     batch = xs[0].shape[0]
     sizes = [x.shape[2] for x in xs]
-    y = torch.empty(batch, 1, sum(sizes), dtype=xs[0].dtype, device=xs[0].device)
+    y = torch.empty(batch, 1, sum(sizes), dtype=xs[0].dtype, device=xs[0].device) if out is None else out
     has_bias = biases[0] is not None
     blocks = sum(cdiv(size, block_d) for size in sizes)
     launch(_conv_step3_kernel, (batch, blocks), *xs, *weights, *(biases if has_bias else weights), *states, y,
-           *sizes, *(x.stride(0) for x in xs), W=weights[0].shape[1], BLOCK_D=block_d, HAS_BIAS=has_bias,
-           SILU=activation is not None, num_warps=4)
+           *sizes, *(x.stride(0) for x in xs), y.stride(0), W=weights[0].shape[1], BLOCK_D=block_d,
+           HAS_BIAS=has_bias, SILU=activation is not None, num_warps=4)
+    return y
+
+
+def conv1d_step3_in_place(y: torch.Tensor, weights, biases, states, activation="silu") -> torch.Tensor:
+    """A projection's output y [B, N] (unit last stride) with its first D_0 + D_1 + D_2 channels (the states'
+    widths, in order) replaced by their one-token convolutions (+ SiLU) where they stand; returns y."""
+    sizes = [s.shape[1] for s in states]
+    offsets = (0, sizes[0], sizes[0] + sizes[1])
+    xs = [y[:, None, o : o + d] for o, d in zip(offsets, sizes)]
+    triton_conv1d_step3(xs, weights, biases, states, activation, out=y[:, None])
     return y

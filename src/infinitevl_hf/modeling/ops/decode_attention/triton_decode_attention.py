@@ -6,8 +6,9 @@ code") plus a softmax launch.
 Here the ring is cut into blocks of keys; one program per (block, batch row, key/value head) scores its
 keys for all the query heads that share them (GQA: the heads are the rows of one small `tl.dot`), keeps a
 running max and sum (online softmax) and writes its partial output; a second kernel merges the blocks
-of each head. Slots not yet written (`valid` False) are masked out. Scores stay float32 from the dot
-(the torch path rounds them to the activation dtype first), so results agree to bf16 rounding.
+of each head. Slots not yet written (`valid` False) are masked out, and a block with none written is skipped.
+Scores stay float32 from the dot (the torch path rounds them to the activation dtype first), so results agree
+to bf16 rounding.
 """
 
 from __future__ import annotations
@@ -49,20 +50,21 @@ def _partial_kernel(
     for offset in range(0, SPLIT, BLOCK_S):
         keys = split * SPLIT + offset + tl.arange(0, BLOCK_S)
         ok = (keys < slots) & (tl.load(VALID + row * stride_valid + keys, mask=keys < slots, other=0) != 0)
-        k = tl.load(Kc + row * stride_kb + kv_head * stride_kh + keys[:, None] * stride_ks + dims[None, :],
-                    mask=ok[:, None], other=0.0)
-        # (cast: torch.compile may pass `scale` as a float64 constant, which would promote the running max)
-        scores = (tl.dot(q, tl.trans(k.to(dot_dtype))) * scale).to(tl.float32)  # [GROUP_PAD, BLOCK_S]
-        scores = tl.where(ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep exp() finite
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        v = tl.load(Vc + row * stride_vb + kv_head * stride_vh + keys[:, None] * stride_vs + dims[None, :],
-                    mask=ok[:, None], other=0.0)
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(dot_dtype), v.to(dot_dtype))
-        m = m_new
+        if tl.max(ok.to(tl.int32), axis=0) > 0:  # a block of unwritten slots (most of a young ring) adds nothing
+            k = tl.load(Kc + row * stride_kb + kv_head * stride_kh + keys[:, None] * stride_ks + dims[None, :],
+                        mask=ok[:, None], other=0.0)
+            # (cast: torch.compile may pass `scale` as a float64 constant, which would promote the running max)
+            scores = (tl.dot(q, tl.trans(k.to(dot_dtype))) * scale).to(tl.float32)  # [GROUP_PAD, BLOCK_S]
+            scores = tl.where(ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep exp() finite
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            v = tl.load(Vc + row * stride_vb + kv_head * stride_vh + keys[:, None] * stride_vs + dims[None, :],
+                        mask=ok[:, None], other=0.0)
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(dot_dtype), v.to(dot_dtype))
+            m = m_new
     splits = tl.num_programs(0)
     out = (row_head * splits + split) * GROUP_PAD + group
     tl.store(M + out, m)
@@ -91,7 +93,8 @@ def _merge_kernel(M, L, ACC, O, splits, KV_HEADS: tl.constexpr, GROUP: tl.conste
 def triton_ring_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
                                  scaling: float, split: int = 128, block_s: int = 64) -> torch.Tensor:
     """`ring_decode_attention` (same arguments and [B, 1, H, D] result) as a split-keys kernel and a merge.
-    query [B, H, 1, D] contiguous; key/value [B, H_kv, S, D] with unit stride along D; valid [B, S]."""
+    query [B, H, 1, D] contiguous; key/value [B, H_kv, S, D] with unit stride along D; valid [B, S]. (Fewer,
+    longer splits for a batch were slower: benchmarks/README.md, session 16.)"""
     batch, heads, _, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     group = heads // kv_heads

@@ -1,18 +1,25 @@
 """One-row matrix-vector products for decode, with the small ops around them fused in.
 
 Each function runs the Triton kernel (`triton_matvec.py`) for one CUDA row over a single contiguous
-weight, and its torch definition (`reference.py`) otherwise: other devices, several rows, tuples of
-weights, or `fast=False` (`dispatch.py` chooses).
+weight, and its torch definition (`reference.py`) otherwise: other devices, tuples of weights, or
+`fast=False` (`dispatch.py` chooses). Several CUDA rows take cuBLAS's product between the package's kernels: the
+norm, the three convolutions (written over their channels in place) and the SiLU gate, one launch each where the
+torch definition is a dozen, and the residual in the product's epilogue (a batch's decode step is then not
+compiled). The residual is then rounded once, with the product, where torch rounds the product first.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ..dispatch import cuda_here_problem, register_op, triton_available
+from ..dispatch import cuda_here_problem, one_token_kernel_problem, register_op, triton_available
+from ..elementwise import silu_glu
+from ..norms import rms_norm
 from .reference import ConvUpdate, Weight, matvec_reference, rms_norm_matvec_reference
 
 if triton_available():
+    from ..causal_conv1d.triton_step import conv1d_step3_in_place
     from .triton_matvec import fused_matvec
 
 
@@ -26,7 +33,7 @@ def _kernel_problem(x: torch.Tensor, weight: Weight, *others: torch.Tensor | Non
         return elsewhere
     if x.dim() != 2 or x.shape[0] != 1:
         return "the kernel takes one row"
-    if not isinstance(weight, torch.Tensor):
+    if isinstance(weight, tuple):
         return "the weights are separate tensors"
     if not all(t is None or (t.is_contiguous() and t.device == x.device) for t in (x, weight, *others)):
         return "a tensor is not contiguous or on another device"
@@ -36,20 +43,22 @@ def _kernel_problem(x: torch.Tensor, weight: Weight, *others: torch.Tensor | Non
 def _conv_problem(conv: ConvUpdate | None) -> str | None:
     if conv is None:
         return None
-    if not isinstance(conv.weight, torch.Tensor) or (conv.bias is not None and not isinstance(conv.bias, torch.Tensor)):
+    if isinstance(conv.weight, tuple) or isinstance(conv.bias, tuple):
         return "the convolutions' weights are separate tensors"
     if len(conv.states) != 3 or not all(s.is_contiguous() for s in conv.states) or not conv.weight.is_contiguous():
         return "the convolution states are not three contiguous tensors"
     return None
 
 
-def _matvec_kernel(x, weight, bias=None, residual=None, glu=False):
-    return fused_matvec(x, weight, bias, residual=residual, glu=glu)
+def _matvec_kernel(x, weight, bias=None, residual=None, glu=False, in_place=False):
+    return fused_matvec(x, weight, bias, residual=residual, glu=glu, out=residual if in_place else None)
 
 
-def _matvec_fits(x, weight, bias=None, residual=None, glu=False) -> str | None:
+def _matvec_fits(x, weight, bias=None, residual=None, glu=False, in_place=False) -> str | None:
     if glu and (bias is not None or residual is not None):
         return "the kernel's GLU takes no bias or residual"
+    if in_place and residual is not None and residual.dtype != x.dtype:
+        return "the residual to write over is not in x's dtype"
     return _kernel_problem(x, weight, bias, residual)
 
 
@@ -61,18 +70,68 @@ def _rms_norm_matvec_fits(x, norm_weight, eps, weight, bias=None, conv=None, glu
     return _kernel_problem(x, weight, bias, norm_weight) or _conv_problem(conv)
 
 
+def _rows_matvec(x, weight, bias=None, residual=None, glu=False, in_place=False):
+    if residual is None or glu or bias is not None:
+        return matvec_reference(x, weight, bias, residual, glu, in_place)
+    # the residual added in the product's epilogue: one rounding of the float32 sum, not two; in place, cuBLAS
+    # reads and writes it where it stands (out of place, addmm first copies it to the output)
+    return residual.addmm_(x, weight.t()) if in_place else torch.addmm(residual, x, weight.t())
+
+
+def _rows_matvec_fits(x, weight, bias=None, residual=None, glu=False, in_place=False) -> str | None:
+    if isinstance(weight, tuple) or isinstance(bias, tuple):
+        return "the weights are separate tensors"
+    problem = one_token_kernel_problem(x, weight, bias, residual)  # (also: not inside a graph being compiled)
+    if problem is not None:
+        return problem
+    if x.dim() != 2 or (residual is not None and residual.shape != (x.shape[0], weight.shape[0])):
+        return "x is not [rows, features] or the residual not [rows, outputs]"
+    if residual is not None and residual.dtype != x.dtype:
+        return "the residual is not in x's dtype"
+    return None
+
+
+def _rows_rms_norm_matvec(x, norm_weight, eps, weight, bias=None, conv=None, glu=False):
+    y = F.linear(rms_norm(x, norm_weight, eps), weight, bias)
+    if conv is not None:
+        sizes = [s.shape[1] for s in conv.states]
+        biases = conv.bias.split(sizes) if conv.bias is not None else (None,) * 3
+        conv1d_step3_in_place(y, conv.weight.split(sizes), biases, conv.states)
+    return silu_glu(y) if glu else y
+
+
+def _rows_rms_norm_matvec_fits(x, norm_weight, eps, weight, bias=None, conv=None, glu=False) -> str | None:
+    if isinstance(weight, tuple) or isinstance(bias, tuple):
+        return "the weights are separate tensors"
+    problem = one_token_kernel_problem(x, norm_weight, weight, bias)  # (also: not inside a graph being compiled)
+    if problem is not None:
+        return problem
+    if x.dim() != 2:
+        return "x is not [rows, features]"
+    if conv is not None:
+        problem = _conv_problem(conv)
+        if problem is not None:
+            return problem
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or any(s.dtype != x.dtype for s in conv.states):
+            return "the convolution states are not in x's dtype"
+    return None
+
+
 _matvec = register_op("matvec", matvec_reference)
 _rms_norm_matvec = register_op("rms_norm_matvec", rms_norm_matvec_reference)
 if triton_available():
     _matvec.register("triton", _matvec_kernel, _matvec_fits)
     _rms_norm_matvec.register("triton", _rms_norm_matvec_kernel, _rms_norm_matvec_fits)
+    _matvec.register("rows", _rows_matvec, _rows_matvec_fits)
+    _rms_norm_matvec.register("rows", _rows_rms_norm_matvec, _rows_rms_norm_matvec_fits)
 
 
 def matvec(x: torch.Tensor, weight: Weight, bias: Weight | None = None, residual: torch.Tensor | None = None,
-           fast: bool = True, glu: bool = False) -> torch.Tensor:
+           fast: bool = True, glu: bool = False, in_place: bool = False) -> torch.Tensor:
     """`residual + F.linear(x, weight, bias)` (residual optional); glu=True: the output halves are [gate | up]
-    and the result is silu(gate) * up."""
-    return _matvec(x, weight, bias, residual, glu, reference=not fast)
+    and the result is silu(gate) * up. in_place: the sum is written over `residual` and returned (a decode
+    step's hidden state, which nothing reads again)."""
+    return _matvec(x, weight, bias, residual, glu, in_place, reference=not fast)
 
 
 def rms_norm_matvec(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Weight, bias: Weight | None = None,

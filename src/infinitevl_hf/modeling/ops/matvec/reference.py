@@ -61,16 +61,19 @@ def apply_conv(y: torch.Tensor, conv: ConvUpdate) -> torch.Tensor:
     return torch.cat([*convolved, parts[-1]], dim=-1)
 
 
-def _add(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    return y if residual is None else residual + y
+def _add(y: torch.Tensor, residual: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
+    if residual is None:
+        return y
+    return residual.add_(y) if in_place else residual + y
 
 
 def matvec_reference(x, weight: Weight, bias: Weight | None = None, residual: torch.Tensor | None = None,
-                     glu: bool = False) -> torch.Tensor:
+                     glu: bool = False, in_place: bool = False) -> torch.Tensor:
     """`residual + linear(x, weight, bias)`; glu=True (no residual): the output halves are [gate | up] and the
-    result is silu(gate) * up."""
+    result is silu(gate) * up. in_place: the sum is written over `residual` (a decode step's hidden state, not
+    read again) and returned."""
     y = linear(x, weight, bias)
-    return _add(torch_silu_glu(y) if glu else y, residual)
+    return _add(torch_silu_glu(y) if glu else y, residual, in_place)
 
 
 def rms_norm_matvec_reference(x, norm_weight, eps: float, weight: Weight, bias: Weight | None = None,

@@ -127,18 +127,20 @@ def fused_matvec(
     glu: bool = False,
     residual: torch.Tensor | None = None,
     config: dict | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One row x [1, K] through `weight` [N, K] (row-major); returns [1, N], or [1, N/2] with glu=True.
 
     norm_weight: RMSNorm x first (eps); conv: a causal conv + SiLU over the first output channels; glu: the
     rows are [gate; up] and the output is silu(gate) * up; residual: added last. `config` overrides
-    `block_config` (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    `block_config` (BLOCK_N, BLOCK_K, num_warps, num_stages). out: a contiguous [1, N] to write the result into,
+    which may be `residual` (each program reads its rows of it before it writes them)."""
     n, k = weight.shape
     if glu:
         if n % 2 or bias is not None or conv is not None:
             raise ValueError(f"a GLU product needs [gate; up] rows without bias or conv, got {n} rows")
         n //= 2
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device) if out is None else out
     if conv is not None:
         sizes = [s.shape[1] for s in conv.states]
         if len(sizes) != 3:
