@@ -250,3 +250,11 @@ def test_one_row_under_autocast_takes_f_linear_not_the_matvec_kernel(monkeypatch
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outputs = project(x, linears)
     assert len(calls) == 1 and all(o.dtype == torch.bfloat16 for o in outputs)  # autocast's product, in its dtype
+
+
+def test_a_single_linear_is_its_own_joined_weight(linear_calls):
+    (out,) = _group(n=1, bias=True)
+    weight, bias = joined_weight((out,))
+    assert weight is out.weight and bias is out.bias
+    _subclass((out,))
+    assert joined_weight((out,)) is None

@@ -98,6 +98,23 @@ def test_the_cached_choice_follows_the_current_device(current_device_0, monkeypa
     assert problem_key(x) != away
 
 
+def test_the_silu_gates_take_rows_of_any_width_and_the_norms_up_to_their_limit(current_device_0):
+    """An 8-row batch's joined gate/up (22,016 features) goes to the SiLU kernel, whose programs take blocks of a
+    row; a norm, whose programs take a whole row, names the width it cannot take (and takes its compiled form)."""
+    from infinitevl_hf.modeling.ops import dispatch
+    from infinitevl_hf.modeling.ops.triton_elementwise import MAX_FEATURES
+
+    wide = CudaLike(torch.empty(8, 22016, device="meta", dtype=torch.bfloat16))
+    half = CudaLike(torch.empty(8, 11008, device="meta", dtype=torch.bfloat16))
+    weight = torch.empty(22016, device="meta", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert dispatch.decide("silu_glu", wide) == ("triton", None)
+        assert dispatch.decide("silu_mul", half, half) == ("triton", None)
+        name, reason = dispatch.decide("rms_norm", wide, weight, 1e-6)
+        assert name == "compiled" and str(MAX_FEATURES) in reason
+        assert dispatch.decide("silu_glu", CudaLike(torch.empty(8, 22016, device="meta", dtype=torch.int32)))[0] == "compiled"
+
+
 def test_silu_glu_refuses_an_odd_width_as_its_definition_does():
     from infinitevl_hf.modeling.ops import triton_elementwise as T
     from infinitevl_hf.modeling.ops.elementwise import torch_silu_glu

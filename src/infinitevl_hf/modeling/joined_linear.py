@@ -49,10 +49,21 @@ def runs_as_defined(module: nn.Module, cls: type) -> bool:
     or an instance-level forward, with plain-tensor weight and bias. A subclass (LoRA, quantized layers), an
     instance forward (accelerate), a hook, or a weight of a tensor subclass (torchao's quantized weights, DTensor
     shards) must run as called."""
-    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
-            and "forward" not in module.__dict__ and type(module.weight) in _PLAIN_TENSORS
-            and (module.bias is None or type(module.bias) in _PLAIN_TENSORS)
-            and not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks)
+    return not _global_hooks() and _runs_as_defined(module, cls)
+
+
+def _global_hooks() -> bool:
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
+def _runs_as_defined(module: nn.Module, cls: type) -> bool:
+    # (the parameters read from `_parameters`: `module.weight` goes through nn.Module.__getattr__, several times
+    # slower, and a decode step of the module path asks this about 250 times)
+    if type(module) is not cls or module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+        return False
+    params = module._parameters
+    bias = params.get("bias")
+    return type(params.get("weight")) in _PLAIN_TENSORS and (bias is None or type(bias) in _PLAIN_TENSORS)
 
 
 def _adjacent_layout(weights: tuple[torch.Tensor, ...], biases: tuple) -> bool:
@@ -69,10 +80,15 @@ def joined_weight(linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.T
 
     Whether the parameters are laid out side by side is kept on the first module for the parameters (identity and
     address) it was found for: moving or replacing any of them is seen on the next call. Only the answer is kept,
-    not a view: a kept view would hold the joined buffer alive after the weights moved (`model.cpu()`)."""
-    if not all(runs_as_defined(m, nn.Linear) for m in linears):
+    not a view: a kept view would hold the joined buffer alive after the weights moved (`model.cpu()`). A single
+    linear is its own weight and bias."""
+    if _global_hooks() or not all(_runs_as_defined(m, nn.Linear) for m in linears):
         return None
-    weights, biases = tuple(m.weight for m in linears), tuple(m.bias for m in linears)
+    if len(linears) == 1:
+        params = linears[0]._parameters
+        return params["weight"], params.get("bias")
+    weights = tuple(m._parameters["weight"] for m in linears)
+    biases = tuple(m._parameters.get("bias") for m in linears)
     key = tuple((id(p), p.data_ptr()) if p is not None else None for p in weights + biases)
     kept = linears[0].__dict__.get(_LAYOUT_KEY)
     if kept is None or kept[0] != key:

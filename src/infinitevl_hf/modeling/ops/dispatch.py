@@ -330,9 +330,9 @@ def cuda_inference_op(fn: Callable, name: str | None = None) -> Op:
     ops); without one it is an op of the caller's own (a benchmark's, a test's)."""
     kernel = problem = problem_key = None
     if name is not None and triton_available():
-        from .triton_elementwise import KERNELS, problem, problem_key
+        from .triton_elementwise import KERNELS, problem_for, problem_key
 
-        kernel = KERNELS.get(name)
+        kernel, problem = KERNELS.get(name), problem_for(name)
     key = problem_key if kernel is not None else _cuda_inference_key
     created = register_op(name, fn, key=key) if name else Op(fn.__name__, fn, key)
     if kernel is not None:

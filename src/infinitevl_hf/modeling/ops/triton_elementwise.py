@@ -235,17 +235,33 @@ KERNELS = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "gated_rms_norm":
            "silu_mul": silu_mul, "silu_glu": silu_glu, "apply_rotary": apply_rotary, "gdn_gates": gdn_gates}
 
 
+# The SiLU gates' programs take blocks of a row (any width: an 8-row batch's joined gate/up is 22,016 wide); the
+# others a whole row each, up to MAX_FEATURES.
+COLUMN_BLOCKED = frozenset({"silu_mul", "silu_glu"})
+
+
 def problem(first: torch.Tensor, *others) -> str | None:
-    """Why these kernels cannot serve a call whose first argument is `first`, or None. It reads only what
+    """Why the whole-row kernels cannot serve a call whose first argument is `first`, or None. It reads only what
     `problem_key` holds, so the answer can be cached by it."""
+    reason = any_width_problem(first)
+    if reason is None and first.shape[-1] > MAX_FEATURES:
+        return f"rows of {first.shape[-1]} features, more than the kernels take ({MAX_FEATURES})"
+    return reason
+
+
+def any_width_problem(first: torch.Tensor, *others) -> str | None:
+    """Why the column-blocked kernels (`COLUMN_BLOCKED`) cannot serve a call on `first`, or None."""
     elsewhere = cuda_inference_problem(first) or current_device_problem(first)
     if elsewhere is not None:
         return elsewhere
     if first.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"a {first.dtype} input"
-    if first.shape[-1] > MAX_FEATURES:
-        return f"rows of {first.shape[-1]} features, more than the kernels take ({MAX_FEATURES})"
     return None
+
+
+def problem_for(name: str):
+    """The fit check of the kernel of op `name`."""
+    return any_width_problem if name in COLUMN_BLOCKED else problem
 
 
 def problem_key(first: torch.Tensor, *others) -> tuple:
