@@ -25,7 +25,7 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--fused", action="store_true", help="profile the DecodeStep instead of the modules")
     parser.add_argument("--trace", help="also write the Chrome trace (every kernel with its grid) to this path")
-    parser.add_argument("--kernels", action="store_true", help="with --fused: joined projections and the Triton kernels, as generate() runs it (compiled only with more than one row)")
+    parser.add_argument("--kernels", action="store_true", help="with --fused: joined projections and the Triton kernels, as generate() runs it (not compiled; cuBLAS's products with more than one row)")
     parser.add_argument("--batch", type=int, default=1, help="rows decoded together")
     parser.add_argument("--host", action="store_true", help="sort the table by host (CPU) time instead of GPU time")
     parser.add_argument("--plain-layout", action="store_true",
@@ -49,7 +49,7 @@ def main(argv=None):
         model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
         cache.to_static()
         if args.fused:
-            compile = not DecodeStep.kernels_only(args.batch, args.kernels, args.kernels)  # as generate() builds it
+            compile = not args.kernels  # with the kernels, as generate() builds it: not compiled
             fused = DecodeStep(model, cache, compile=compile, concat_projections=args.kernels, triton_matvec=args.kernels)
             step = lambda: fused(token)  # noqa: E731
         else:

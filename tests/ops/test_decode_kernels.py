@@ -138,8 +138,14 @@ def test_several_cuda_rows_take_cublas_between_the_package_kernels(monkeypatch):
 
     norm_w, w = meta(64), meta(56, 64)
     conv = ConvUpdate(meta(40, 4), None, (meta(8, 16, 3), meta(8, 16, 3), meta(8, 8, 3)))
+    one_row_conv = conv._replace(states=(meta(1, 16, 3), meta(1, 16, 3), meta(1, 8, 3)))
     with torch.no_grad():
-        assert dispatch.decide("rms_norm_matvec", meta(1, 64), norm_w, 1e-6, w, None, conv) == ("triton", None)
+        assert dispatch.decide("rms_norm_matvec", meta(1, 64), norm_w, 1e-6, w, None, one_row_conv) == ("triton", None)
+        # states of other rows, taps or widths than the product's: the kernels would address past them
+        for bad in (conv, one_row_conv._replace(weight=meta(40, 3)), one_row_conv._replace(weight=meta(48, 4))):
+            assert dispatch.decide("rms_norm_matvec", meta(1, 64), norm_w, 1e-6, w, None, bad)[0] == "torch"
+        assert "rows" in _rows_rms_norm_matvec_fits(meta(4, 64), norm_w, 1e-6, w, None, conv)
+        assert "cover" in _rows_rms_norm_matvec_fits(meta(8, 64), norm_w, 1e-6, meta(32, 64), None, conv)
         name, skipped = dispatch.decide("rms_norm_matvec", meta(8, 64), norm_w, 1e-6, w, None, conv)
         assert name == "rows" and "one row" in skipped
         assert _rows_rms_norm_matvec_fits(meta(8, 64), norm_w, 1e-6, w, glu=True) is None
@@ -149,13 +155,14 @@ def test_several_cuda_rows_take_cublas_between_the_package_kernels(monkeypatch):
         assert "rows" in _rows_rms_norm_matvec_fits(meta(8, 1, 64), norm_w, 1e-6, w)
         assert dispatch.decide("rms_norm_matvec", meta(8, 64), norm_w, 1e-6, w, None, conv, reference=True)[0] == "torch"
         assert dispatch.decide("matvec", meta(1, 64), w, None, meta(1, 56)) == ("triton", None)
+        assert dispatch.decide("matvec", meta(1, 64), w, None, meta(56))[0] == "torch"  # not [1, outputs]
+        assert dispatch.decide("matvec", meta(1, 64), w, None, meta(1, 32))[0] == "torch"
         assert dispatch.decide("matvec", meta(8, 64), w, None, meta(8, 56))[0] == "rows"
         assert "residual" in _rows_matvec_fits(meta(8, 64), w, None, meta(1, 56))
         assert "residual" in _rows_matvec_fits(meta(8, 64), w, None, meta(8, 56, dtype=torch.float32))
     grads = CudaLike(torch.empty(8, 64, device="meta", requires_grad=True))
     with torch.enable_grad():
         assert "gradients" in _rows_rms_norm_matvec_fits(grads, norm_w, 1e-6, w)
-    assert not isinstance(torch.empty(0), CudaLike)
 
 
 def test_several_rows_add_the_residual_in_the_product():
@@ -176,3 +183,18 @@ def test_several_rows_add_the_residual_in_the_product():
     xb, wb, rb = x.bfloat16(), w.bfloat16(), r.bfloat16()  # one rounding of the float32 sum, where torch rounds twice
     once = (rb.float() + xb.float() @ wb.float().T).bfloat16()
     torch.testing.assert_close(_rows_matvec(xb, wb, residual=rb), once, rtol=0, atol=0.02)
+
+
+def test_in_place_residuals_are_written_over_only_outside_autograd():
+    x, w = torch.randn(2, 8), torch.randn(6, 8)
+    hidden = torch.randn(2, 6)
+    with torch.no_grad():
+        own = hidden.clone()
+        assert matvec(x, w, residual=own, in_place=True) is own
+        torch.testing.assert_close(own, hidden + x @ w.T)
+    leaf = hidden.clone().requires_grad_()  # autograd on: a new tensor, and backward through it works
+    normed = rms_norm(leaf, torch.ones(6), 1e-6)  # (saves leaf for its backward)
+    out = matvec(normed, torch.randn(6, 6), residual=leaf, in_place=True)
+    assert out is not leaf
+    out.sum().backward()
+    assert leaf.grad is not None

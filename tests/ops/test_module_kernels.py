@@ -99,8 +99,9 @@ def test_the_cached_choice_follows_the_current_device(current_device_0, monkeypa
 
 
 def test_the_silu_gates_take_rows_of_any_width_and_the_norms_up_to_their_limit(current_device_0):
-    """An 8-row batch's joined gate/up (22,016 features) goes to the SiLU kernel, whose programs take blocks of a
-    row; a norm, whose programs take a whole row, names the width it cannot take (and takes its compiled form)."""
+    """The 4B model's joined gate/up (22,016 features, what a batch's decode step gates) goes to the SiLU kernel,
+    whose programs take blocks of a row; a norm, whose programs take a whole row, names the width it cannot take
+    (and takes its compiled form)."""
     from infinitevl_hf.modeling.ops import dispatch
     from infinitevl_hf.modeling.ops.triton_elementwise import MAX_FEATURES
 

@@ -12,8 +12,9 @@ and `generation.fast_forward` at the top of `forward` (inside `generate()` only;
 - `graph_capture`: capture over a cache (`capture_over_cache`), the captured decode step and captured prefill.
 - `compile_ahead`: a capture's first warm-up, with Triton's first launches compiled side by side on threads.
 - `frame_graphs`: a whole streamed call (vision tower included) captured as one graph (`StreamingSession`).
-- `decode_step`: the decoder's one-token step as plain tensor functions for `torch.compile`, the one second
-  formulation of the layer math (its docstring says why; tests pin it to the modules).
+- `decode_step`: the decoder's one-token step as plain tensor functions over the package's kernels (captured as
+  they are; `compile=True` compiles them), the one second formulation of the layer math (its docstring says why;
+  tests pin it to the modules).
 - `weight_layout`: the weights the speed-ups re-lay (joined projections, padded vision MLPs), settled before any
   graph records where they are.
 - `vision`: faster equivalents of the vision tower's modules.

@@ -212,8 +212,7 @@ def capture_decode_step(model, cache):
     from .graph_capture import CUDAGraphDecoder
 
     step = DecodeStep.unsupported(model) is None
-    compile = step and not DecodeStep.kernels_only(cache.batch_rows, concat_projections=True, triton_matvec=True)
-    return CUDAGraphDecoder(model, cache, compile=compile, concat_projections=step, triton_matvec=step)
+    return CUDAGraphDecoder(model, cache, compile=False, concat_projections=step, triton_matvec=step)
 
 
 def capture_prompt_graph(step: PromptStep, cache) -> Callable[[], torch.Tensor]:

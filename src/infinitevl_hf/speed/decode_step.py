@@ -8,8 +8,8 @@ no Python objects inside, built from ops that pair a torch definition with a Tri
 matrix-vector product carries the norm, gate, convolution or residual next to it (`ops.matvec`) and
 the delta rule is one kernel with its gates (`ops.gated_delta_rule`). At one row every product, norm, gate,
 conv, delta rule and attention is such a kernel, and what is left is a few small torch ops (the embedding, the
-rotary angles, the ring writes, and with more rows the residual adds) that a CUDA graph replays cheaply, so the
-step is not compiled. With more rows the products are cuBLAS's, with the package's norm, convolution and gate
+rotary angles, the ring writes) that a CUDA graph replays cheaply, so the step is not compiled. With more rows the
+products are cuBLAS's (the residual added in their epilogue), with the package's norm, convolution and gate
 kernels between them. `compile=True` `torch.compile(fullgraph=True)`s each layer function instead (one compiled
 function serving every layer of its type), which fuses the torch definitions between the products.
 
@@ -288,7 +288,7 @@ class DecodeStep:
     projections to use them (separate weights keep the torch path).
 
     compile: `torch.compile` the layer functions, which fuses the torch ops between the products. With
-    triton_matvec and joined projections nothing is left worth it (`kernels_only`).
+    triton_matvec and joined projections nothing is left worth it: `generate()` captures the step uncompiled.
     """
 
     def __init__(self, model, cache: InfiniteVLCache, compile: bool = False, concat_projections: bool = False,
@@ -326,14 +326,6 @@ class DecodeStep:
                     _single(self._joined(projections, "bias", concat_projections)), layer_cache))
             else:
                 raise ValueError(f"DecodeStep cannot decode a {type(layer_cache).__name__} layer.")
-
-    @staticmethod
-    def kernels_only(rows: int, concat_projections: bool, triton_matvec: bool) -> bool:
-        """Whether a step's work is all in the package's kernels and cuBLAS's products (norms, gates, convs, the
-        delta rule, the output norm, rotary, attention), leaving torch.compile only a few small ops (embedding,
-        rotary angles, ring writes, residual adds) to fuse: joined weights and the Triton kernels, at any number
-        of rows (`rows`: one row fuses the products with the ops around them; more rows take cuBLAS's)."""
-        return triton_matvec and concat_projections
 
     @classmethod
     def join_weights(cls, model) -> None:

@@ -21,7 +21,9 @@ class DecodePlan:
 
     path: str  # "graph", "static" or "dynamic"
     reason: str | None = None
-    step: str = "compiled"  # what a "graph" replays: the fused decode step (compiled for batches), or the "modules"
+    # what a "graph" replays: "compiled", the fused decode step (the package's kernels; cuBLAS's products for
+    # batches; the name is from when batches compiled it), or the "modules"
+    step: str = "compiled"
 
 
 def decode_plan(

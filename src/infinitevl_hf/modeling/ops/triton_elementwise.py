@@ -235,7 +235,7 @@ KERNELS = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "gated_rms_norm":
            "silu_mul": silu_mul, "silu_glu": silu_glu, "apply_rotary": apply_rotary, "gdn_gates": gdn_gates}
 
 
-# The SiLU gates' programs take blocks of a row (any width: an 8-row batch's joined gate/up is 22,016 wide); the
+# The SiLU gates' programs take blocks of a row, so any width (the 4B model's joined gate/up is 22,016 wide); the
 # others a whole row each, up to MAX_FEATURES.
 COLUMN_BLOCKED = frozenset({"silu_mul", "silu_glu"})
 

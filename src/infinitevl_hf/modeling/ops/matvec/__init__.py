@@ -1,4 +1,4 @@
-"""One-row matrix-vector products for decode, with the small ops around them fused in.
+"""Decode's matrix-vector products (one token per row), with the small ops around them fused in.
 
 Each function runs the Triton kernel (`triton_matvec.py`) for one CUDA row over a single contiguous
 weight, and its torch definition (`reference.py`) otherwise: other devices, tuples of weights, or
@@ -33,20 +33,38 @@ def _kernel_problem(x: torch.Tensor, weight: Weight, *others: torch.Tensor | Non
         return elsewhere
     if x.dim() != 2 or x.shape[0] != 1:
         return "the kernel takes one row"
-    if isinstance(weight, tuple):
+    if _separate(weight):
         return "the weights are separate tensors"
     if not all(t is None or (t.is_contiguous() and t.device == x.device) for t in (x, weight, *others)):
         return "a tensor is not contiguous or on another device"
     return None
 
 
-def _conv_problem(conv: ConvUpdate | None) -> str | None:
+def _separate(*weights) -> bool:
+    """Whether any of `weights` is a group of separate tensors (a tuple or list) rather than one tensor."""
+    return any(isinstance(w, (tuple, list)) for w in weights)
+
+
+def _conv_problem(conv: ConvUpdate | None, x: torch.Tensor, outputs: int) -> str | None:
+    """Why the kernels cannot run `conv` over the first channels of a product of x [rows, in] into `outputs`
+    channels, or None: one joined weight [C, W], three contiguous states [rows, D_i, W-1] on x's device, in x's
+    dtype, C = sum(D_i) <= outputs."""
     if conv is None:
         return None
-    if isinstance(conv.weight, tuple) or isinstance(conv.bias, tuple):
+    if _separate(conv.weight, conv.bias):
         return "the convolutions' weights are separate tensors"
-    if len(conv.states) != 3 or not all(s.is_contiguous() for s in conv.states) or not conv.weight.is_contiguous():
+    states = conv.states
+    if len(states) != 3 or not all(s.is_contiguous() for s in states) or not conv.weight.is_contiguous():
         return "the convolution states are not three contiguous tensors"
+    if conv.weight.dim() != 2:
+        return "the convolution weight is not [channels, taps]"
+    channels, taps = conv.weight.shape
+    if any(s.dim() != 3 or s.shape[0] != x.shape[0] or s.shape[2] != taps - 1 for s in states):
+        return "a convolution state is not [rows, channels, taps - 1]"
+    if sum(s.shape[1] for s in states) != channels or channels > outputs:
+        return "the convolution states do not cover the weight's channels within the product"
+    if any(s.device != x.device or s.dtype != x.dtype for s in states):
+        return "a convolution state is on another device or not in x's dtype"
     return None
 
 
@@ -57,8 +75,9 @@ def _matvec_kernel(x, weight, bias=None, residual=None, glu=False, in_place=Fals
 def _matvec_fits(x, weight, bias=None, residual=None, glu=False, in_place=False) -> str | None:
     if glu and (bias is not None or residual is not None):
         return "the kernel's GLU takes no bias or residual"
-    if in_place and residual is not None and residual.dtype != x.dtype:
-        return "the residual to write over is not in x's dtype"
+    if residual is not None and (tuple(residual.shape) != (1, weight.shape[0]) or
+                                 (in_place and residual.dtype != x.dtype)):
+        return "the residual is not [1, outputs] (in x's dtype, to be written over)"
     return _kernel_problem(x, weight, bias, residual)
 
 
@@ -67,7 +86,7 @@ def _rms_norm_matvec_kernel(x, norm_weight, eps, weight, bias=None, conv=None, g
 
 
 def _rms_norm_matvec_fits(x, norm_weight, eps, weight, bias=None, conv=None, glu=False) -> str | None:
-    return _kernel_problem(x, weight, bias, norm_weight) or _conv_problem(conv)
+    return _kernel_problem(x, weight, bias, norm_weight) or _conv_problem(conv, x, weight.shape[0])
 
 
 def _rows_matvec(x, weight, bias=None, residual=None, glu=False, in_place=False):
@@ -79,12 +98,12 @@ def _rows_matvec(x, weight, bias=None, residual=None, glu=False, in_place=False)
 
 
 def _rows_matvec_fits(x, weight, bias=None, residual=None, glu=False, in_place=False) -> str | None:
-    if isinstance(weight, tuple) or isinstance(bias, tuple):
+    if _separate(weight, bias):
         return "the weights are separate tensors"
     problem = one_token_kernel_problem(x, weight, bias, residual)  # (also: not inside a graph being compiled)
     if problem is not None:
         return problem
-    if x.dim() != 2 or (residual is not None and residual.shape != (x.shape[0], weight.shape[0])):
+    if x.dim() != 2 or (residual is not None and tuple(residual.shape) != (x.shape[0], weight.shape[0])):
         return "x is not [rows, features] or the residual not [rows, outputs]"
     if residual is not None and residual.dtype != x.dtype:
         return "the residual is not in x's dtype"
@@ -101,20 +120,16 @@ def _rows_rms_norm_matvec(x, norm_weight, eps, weight, bias=None, conv=None, glu
 
 
 def _rows_rms_norm_matvec_fits(x, norm_weight, eps, weight, bias=None, conv=None, glu=False) -> str | None:
-    if isinstance(weight, tuple) or isinstance(bias, tuple):
+    if _separate(weight, bias):
         return "the weights are separate tensors"
     problem = one_token_kernel_problem(x, norm_weight, weight, bias)  # (also: not inside a graph being compiled)
     if problem is not None:
         return problem
     if x.dim() != 2:
         return "x is not [rows, features]"
-    if conv is not None:
-        problem = _conv_problem(conv)
-        if problem is not None:
-            return problem
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or any(s.dtype != x.dtype for s in conv.states):
-            return "the convolution states are not in x's dtype"
-    return None
+    if conv is not None and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"a {x.dtype} input to the convolutions"
+    return _conv_problem(conv, x, weight.shape[0])
 
 
 _matvec = register_op("matvec", matvec_reference)
@@ -130,7 +145,8 @@ def matvec(x: torch.Tensor, weight: Weight, bias: Weight | None = None, residual
            fast: bool = True, glu: bool = False, in_place: bool = False) -> torch.Tensor:
     """`residual + F.linear(x, weight, bias)` (residual optional); glu=True: the output halves are [gate | up]
     and the result is silu(gate) * up. in_place: the sum is written over `residual` and returned (a decode
-    step's hidden state, which nothing reads again)."""
+    step's hidden state, which nothing reads again); not while autograd records (backward may need the old one)."""
+    in_place = in_place and residual is not None and not torch.is_grad_enabled()
     return _matvec(x, weight, bias, residual, glu, in_place, reference=not fast)
 
 
