@@ -128,6 +128,21 @@ def test_silu_glu_refuses_an_odd_width_as_its_definition_does():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_the_4b_joined_gate_up_of_a_batch_takes_the_silu_kernel_on_the_gpu():
+    """What an 8-row decode step of InfiniteVL-4B gates: [8, 22016] through the package's kernel, not a compiled one,
+    within bf16 rounding of the torch definition."""
+    from infinitevl_hf.modeling.ops import dispatch
+    from infinitevl_hf.modeling.ops.elementwise import silu_glu, torch_silu_glu
+
+    gate_up = torch.randn(8, 22016, device="cuda", dtype=torch.bfloat16)
+    assert dispatch.decide("silu_glu", gate_up) == ("triton", None)
+    got, expected = silu_glu(gate_up).float(), torch_silu_glu(gate_up.float())
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @torch.no_grad()  # inference, where the module path takes the kernels
 def test_kernels_match_their_torch_definitions_on_the_gpu():
     """bf16 at InfiniteVL-4B's widths, prompt and decode sizes: within bf16 rounding of the torch definition."""
