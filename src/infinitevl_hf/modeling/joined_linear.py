@@ -119,8 +119,13 @@ def project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tens
 
 
 def apply_linear(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
-    """`linear(x)`; one decode row as one matrix-vector product where the module runs as defined (`project`)."""
-    return project(x, (linear,))[0]
+    """`linear(x)`; for one token per row outside autograd, where the module runs as defined, its product taken
+    directly (one decode row: one matrix-vector product), as `project` does for a group."""
+    if x.shape[-2] == 1 and not torch.is_grad_enabled():
+        joined = joined_weight((linear,))
+        if joined is not None:
+            return _one_token_product(x, *joined)
+    return linear(x)
 
 
 def project_glu(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module) -> torch.Tensor:

@@ -97,14 +97,21 @@ def _rows_matvec(x, weight, bias=None, residual=None, glu=False, in_place=False)
     return residual.addmm_(x, weight.t()) if in_place else torch.addmm(residual, x, weight.t())
 
 
-def _rows_matvec_fits(x, weight, bias=None, residual=None, glu=False, in_place=False) -> str | None:
+def _rows_problem(x, weight, bias, *others) -> str | None:
+    """What the rows path of both ops needs: one weight (and bias) tensor, the kernels' device and autograd
+    conditions (not inside a graph being compiled), x [rows, features]."""
     if _separate(weight, bias):
         return "the weights are separate tensors"
-    problem = one_token_kernel_problem(x, weight, bias, residual)  # (also: not inside a graph being compiled)
+    return one_token_kernel_problem(x, weight, bias, *others) or (
+        "x is not [rows, features]" if x.dim() != 2 else None)
+
+
+def _rows_matvec_fits(x, weight, bias=None, residual=None, glu=False, in_place=False) -> str | None:
+    problem = _rows_problem(x, weight, bias, residual)
     if problem is not None:
         return problem
-    if x.dim() != 2 or (residual is not None and tuple(residual.shape) != (x.shape[0], weight.shape[0])):
-        return "x is not [rows, features] or the residual not [rows, outputs]"
+    if residual is not None and tuple(residual.shape) != (x.shape[0], weight.shape[0]):
+        return "the residual is not [rows, outputs]"
     if residual is not None and residual.dtype != x.dtype:
         return "the residual is not in x's dtype"
     return None
@@ -120,13 +127,9 @@ def _rows_rms_norm_matvec(x, norm_weight, eps, weight, bias=None, conv=None, glu
 
 
 def _rows_rms_norm_matvec_fits(x, norm_weight, eps, weight, bias=None, conv=None, glu=False) -> str | None:
-    if _separate(weight, bias):
-        return "the weights are separate tensors"
-    problem = one_token_kernel_problem(x, norm_weight, weight, bias)  # (also: not inside a graph being compiled)
+    problem = _rows_problem(x, weight, bias, norm_weight)
     if problem is not None:
         return problem
-    if x.dim() != 2:
-        return "x is not [rows, features]"
     if conv is not None and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"a {x.dtype} input to the convolutions"
     return _conv_problem(conv, x, weight.shape[0])
