@@ -115,3 +115,12 @@ class CudaLike:
         for attr in ("shape", "dtype", "requires_grad", "stride", "is_contiguous", "dim"):
             setattr(self, attr, getattr(t, attr))
         self.is_cuda, self.device = True, torch.device(device)
+
+
+def set_current_cuda_device(monkeypatch, index: int) -> None:
+    """Make the fit checks read `index` as the current CUDA device (on any build: the package reads it through
+    `dispatch.current_cuda_device`, torch's own call where the build has no CUDA)."""
+    from infinitevl_hf.modeling.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_FAST_CURRENT_DEVICE", None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: index)

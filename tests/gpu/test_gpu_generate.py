@@ -190,11 +190,13 @@ def test_fallbacks_are_logged(model, caplog):
     assert "output_attentions" in said and "disable_compile" in said
 
 
-def test_the_module_path_joins_its_projections_after_the_layout_with_the_same_tokens():
+def test_the_module_path_joins_its_projections_after_the_layout_with_the_same_tokens(monkeypatch):
     """disable_compile=True lays the weights out as the graphs do; its decode then runs each layer's input
-    projections as one product (`joined_linear`) and writes its states in place, with the tokens of the plain
-    per-module calls (a greedy loop over the weights as built, before any generate())."""
+    projections as one product (`joined_linear`) with a Gated DeltaNet's convolutions inside it and the MLP's
+    residual added in its down product, and writes its states in place, with the tokens of the plain per-module
+    calls (a greedy loop over the weights as built, before any generate())."""
     from infinitevl_hf import InfiniteVLCache
+    from infinitevl_hf.modeling import gated_deltanet
     from infinitevl_hf.modeling.compat import CACHE_KWARG
     from infinitevl_hf.modeling.joined_linear import joined_weight
 
@@ -211,8 +213,13 @@ def test_the_module_path_joins_its_projections_after_the_layout_with_the_same_to
             tokens.append(logits.argmax(-1, keepdim=True))
             logits = model(input_ids=tokens[-1], use_cache=True, **{CACHE_KWARG: cache}).logits[:, -1]
     plain = torch.cat([inputs["input_ids"], *tokens], dim=1)
+    separate_convs = []
+    group = gated_deltanet.causal_conv1d_group
+    monkeypatch.setattr(gated_deltanet, "causal_conv1d_group", lambda *a, **k: (separate_convs.append(1), group(*a, **k))[1])
     assert torch.equal(_greedy(model, inputs, disable_compile=True), plain)
     assert joined_weight(six) is not None
+    gdn_layers = sum(kind == "linear_attention" for kind in model.config.text_config.layer_types)
+    assert len(separate_convs) == gdn_layers  # the prompt's; each decode step's ran inside the projection
 
 
 def _quantized_or_lora(model, kind):

@@ -5,7 +5,7 @@ as the ops they stand in for, taken only where they may."""
 import pytest
 import torch
 
-from helpers import CudaLike, text_ids, tiny_model
+from helpers import CudaLike, set_current_cuda_device, text_ids, tiny_model
 from infinitevl_hf.modeling import gated_deltanet
 from infinitevl_hf.modeling.ops import causal_conv1d, fused_recurrent_gated_delta_rule
 from infinitevl_hf.modeling.ops.causal_conv1d import _group_fits, causal_conv1d_group
@@ -49,7 +49,7 @@ def test_the_conv_group_equals_each_convolution(with_states):
 
 
 def test_the_joined_conv_kernel_takes_three_cached_states_updated_in_place(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    set_current_cuda_device(monkeypatch, 0)
 
     def meta(*shape, dtype=torch.bfloat16):
         return CudaLike(torch.empty(*shape, device="meta", dtype=dtype))

@@ -258,3 +258,108 @@ def test_a_single_linear_is_its_own_joined_weight(linear_calls):
     assert weight is out.weight and bias is out.bias
     _subclass((out,))
     assert joined_weight((out,)) is None
+
+
+@pytest.fixture
+def conv_group_calls(monkeypatch):
+    """How many times a Gated DeltaNet ran its convolutions apart from its projections."""
+    from infinitevl_hf.modeling import gated_deltanet
+
+    calls = []
+    group = gated_deltanet.causal_conv1d_group
+    monkeypatch.setattr(gated_deltanet, "causal_conv1d_group", lambda *a, **k: (calls.append(1), group(*a, **k))[1])
+    return calls
+
+
+def test_laid_out_convolutions_run_inside_the_projection_at_decode_with_the_same_values(conv_group_calls):
+    model = tiny_model()
+    prompt = text_ids(2, 11)
+    plain = _decode(model, prompt)
+    gdn_layers = sum(kind == "linear_attention" for kind in model.config.text_config.layer_types)
+    assert len(conv_group_calls) == 5 * gdn_layers  # the prompt and 4 steps, each its convolutions apart
+
+    DecodeStep.join_weights(model)
+    conv_group_calls.clear()
+    joined = _decode(model, prompt)
+    assert len(conv_group_calls) == gdn_layers  # the prompt only: each decode step's are inside the product
+    torch.testing.assert_close(joined, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(joined.argmax(-1), plain.argmax(-1))
+
+
+def _first_gdn(model):
+    layers = model.model.language_model.layers
+    return next(layer.self_attn for layer in layers if layer.layer_type == "linear_attention")
+
+
+def _hook_a_conv(model):
+    _first_gdn(model).k_conv1d.register_forward_hook(lambda *args: None)
+
+
+def _separate_conv_storage(model):
+    conv = _first_gdn(model).v_conv1d
+    conv.weight.data = conv.weight.data.clone()
+
+
+@pytest.mark.parametrize("change", [_hook_a_conv, _separate_conv_storage])
+def test_a_convolution_that_must_run_as_called_keeps_its_layer_off_the_joined_product(change, conv_group_calls):
+    model = tiny_model()
+    DecodeStep.join_weights(model)
+    change(model)
+    conv_group_calls.clear()
+    _decode(model, text_ids(1, 6), steps=2)
+    layer = _first_gdn(model)
+    hooked = any(c._forward_hooks for c in (layer.q_conv1d, layer.k_conv1d, layer.v_conv1d))
+    # the first Gated DeltaNet runs them apart at each step (as modules where one is hooked: no group call), the
+    # others in the product; the prompt runs every layer's apart
+    gdn_layers = sum(kind == "linear_attention" for kind in model.config.text_config.layer_types)
+    assert len(conv_group_calls) == (gdn_layers - 1 if hooked else gdn_layers + 2)
+
+
+def test_project_convolved_equals_the_projection_then_each_convolution():
+    from infinitevl_hf.modeling.gated_deltanet import InfiniteVLShortConvolution
+    from infinitevl_hf.modeling.joined_linear import project_convolved
+
+    torch.manual_seed(0)
+    linears = tuple(nn.Linear(8, n, bias=False) for n in (4, 4, 6, 3))
+    convs = tuple(InfiniteVLShortConvolution(n, 4, bias=True) for n in (4, 4, 6))
+    DecodeStep._joined(linears, "weight", True)
+    DecodeStep._joined(convs, "weight", True)
+    DecodeStep._joined(convs, "bias", True)
+    x = torch.randn(2, 1, 8)
+    states = tuple(torch.randn(2, n, 3) for n in (4, 4, 6))
+    expected_states = tuple(s.clone() for s in states)
+    with torch.no_grad():
+        got = project_convolved(x, linears, convs, InfiniteVLShortConvolution, states)
+        outputs = [m(x) for m in linears]
+        expected = [conv(y, state=s, output_final_state=True, state_in_place=True)[0]
+                    for conv, y, s in zip(convs, outputs, expected_states)] + outputs[3:]
+        assert project_convolved(torch.randn(2, 3, 8), linears, convs, InfiniteVLShortConvolution, states) is None
+        assert project_convolved(x.double(), linears, convs, InfiniteVLShortConvolution, states) is None
+        assert project_convolved(x, linears, convs, InfiniteVLShortConvolution, (None,) * 3) is None
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    for s, e in zip(states, expected_states):
+        torch.testing.assert_close(s, e)  # shifted in place, as each convolution shifts its own
+    assert project_convolved(x, linears, convs, InfiniteVLShortConvolution, states) is None  # autograd on
+
+
+def test_the_mlp_adds_the_residual_in_its_down_product_only_where_its_call_runs_as_defined(linear_calls):
+    model = tiny_model()
+    DecodeStep.join_weights(model)
+    mlp = model.model.language_model.layers[0].mlp
+    x, residual = torch.randn(1, 1, mlp.hidden_size), torch.randn(1, 1, mlp.hidden_size)
+    with torch.no_grad():
+        expected = residual + mlp(x)
+        own = residual.clone()
+        got = mlp.add_to(own, x, in_place=True)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(own, expected, rtol=0, atol=0)  # written over the residual
+        assert not linear_calls
+        seen = []
+        mlp.register_forward_hook(lambda module, args, output: seen.append(output))
+        hooked = mlp.add_to(residual.clone(), x, in_place=True)
+    torch.testing.assert_close(hooked, expected, rtol=0, atol=0)
+    torch.testing.assert_close(seen[0], expected - residual, rtol=1e-6, atol=1e-6)  # the hook saw the MLP's output
+    leaf = residual.clone().requires_grad_()  # autograd: a new tensor, the residual untouched
+    out = mlp.add_to(leaf, x, in_place=True)
+    assert out is not leaf and torch.equal(leaf.detach(), residual)

@@ -14,7 +14,7 @@ from infinitevl_hf.modeling.ops.decode_attention.reference import ring_decode_at
 from infinitevl_hf.modeling.ops.decode_attention.triton_decode_attention import triton_ring_decode_attention  # noqa: E402
 from infinitevl_hf.modeling.ops.gated_delta_rule.reference import torch_gated_delta_rule_decode_step  # noqa: E402
 from infinitevl_hf.modeling.ops.gated_delta_rule.triton_decode import triton_gated_delta_rule_decode_step  # noqa: E402
-from infinitevl_hf.modeling.ops.matvec import _rows_rms_norm_matvec  # noqa: E402
+from infinitevl_hf.modeling.ops.matvec import _rows_matvec, _rows_rms_norm_matvec  # noqa: E402
 from infinitevl_hf.modeling.ops.matvec import reference as R  # noqa: E402
 from infinitevl_hf.modeling.ops.matvec import triton_matvec as T  # noqa: E402
 
@@ -51,6 +51,13 @@ for dtype in (torch.float32, torch.bfloat16):
         label = "with bias" if b is not None else "no bias"
         check(f"norm + matvec + conv ({label})", got, expected, dtype)
         check(f"conv states ({label})", torch.cat(states, 1), torch.cat(expected_states, 1), dtype)
+        # without the norm: the module path's Gated DeltaNet projection with its convolutions in it
+        states = tuple(torch.randn(1, s, taps - 1, dtype=dtype) for s in sizes)
+        expected_states = tuple(s.clone() for s in states)
+        got = T.fused_matvec(x, w_in, conv=R.ConvUpdate(conv_w, b, states), config=CONFIG)
+        expected = R.matvec_reference(x, w_in, conv=R.ConvUpdate(conv_w, b, expected_states))
+        check(f"matvec + conv ({label})", got, expected, dtype)
+        check(f"matvec + conv states ({label})", torch.cat(states, 1), torch.cat(expected_states, 1), dtype)
 
     # several rows: cuBLAS's product between the norm and the convolutions (over their channels in place) or the gate
     xs = torch.randn(3, K, dtype=dtype)
@@ -62,6 +69,12 @@ for dtype in (torch.float32, torch.bfloat16):
         label = "with bias" if b is not None else "no bias"
         check(f"rows: norm + product + conv ({label})", got, expected, dtype)
         check(f"rows: conv states ({label})", torch.cat(states, 1), torch.cat(expected_states, 1), dtype)
+        states = tuple(torch.randn(3, s, taps - 1, dtype=dtype) for s in sizes)
+        expected_states = tuple(s.clone() for s in states)
+        got = _rows_matvec(xs, w_in, conv=R.ConvUpdate(conv_w, b, states))
+        expected = R.matvec_reference(xs, w_in, conv=R.ConvUpdate(conv_w, b, expected_states))
+        check(f"rows: product + conv ({label})", got, expected, dtype)
+        check(f"rows: product + conv states ({label})", torch.cat(states, 1), torch.cat(expected_states, 1), dtype)
     check("rows: norm + product + silu(gate)*up", _rows_rms_norm_matvec(xs, norm_w, 1e-6, w_gate_up, glu=True),
           R.rms_norm_matvec_reference(xs, norm_w, 1e-6, w_gate_up, glu=True), dtype)
     check("rows: norm + product + bias", _rows_rms_norm_matvec(xs, norm_w, 1e-6, w, bias),

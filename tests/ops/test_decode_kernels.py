@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_under_triton_interpreter
+from helpers import run_under_triton_interpreter, set_current_cuda_device
 from infinitevl_hf.modeling.ops.gated_delta_rule import gated_delta_rule_decode_step, torch_gated_delta_rule_decode_step
 from infinitevl_hf.modeling.ops.matvec import ConvUpdate, matvec, rms_norm_matvec
 from infinitevl_hf.modeling.ops.norms import gated_rms_norm, rms_norm
@@ -14,7 +14,7 @@ from infinitevl_hf.modeling.ops.norms import gated_rms_norm, rms_norm
 
 def test_kernels_match_their_torch_definitions_under_the_triton_interpreter():
     output = run_under_triton_interpreter(Path(__file__).with_name("interpreted_decode_kernels.py"))
-    assert output.count("ok  ") == 36, output
+    assert output.count("ok  ") == 52, output
 
 
 def test_ops_take_their_torch_definition_off_cuda():
@@ -26,6 +26,12 @@ def test_ops_take_their_torch_definition_off_cuda():
     # separate weights (not joined) give the concatenation of their outputs
     w2 = torch.randn(3, 8)
     torch.testing.assert_close(rms_norm_matvec(x, norm_w, 1e-6, (w, w2)), rms_norm_matvec(x, norm_w, 1e-6, torch.cat([w, w2])))
+
+
+def test_a_convolution_over_a_gated_product_is_refused_by_name():
+    conv = ConvUpdate(torch.randn(4, 4), None, (torch.randn(1, 2, 3), torch.randn(1, 1, 3), torch.randn(1, 1, 3)))
+    with pytest.raises(ValueError, match="GLU"):
+        matvec(torch.randn(1, 8), torch.randn(12, 8), glu=True, conv=conv)
 
 
 def test_decode_step_with_the_output_norm_is_the_step_then_the_norm():
@@ -131,7 +137,7 @@ def test_several_cuda_rows_take_cublas_between_the_package_kernels(monkeypatch):
 
     if not dispatch.triton_available():
         pytest.skip("Triton is not installed (the kernels are not registered)")
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    set_current_cuda_device(monkeypatch, 0)
 
     def meta(*shape, dtype=torch.bfloat16):
         return CudaLike(torch.empty(*shape, device="meta", dtype=dtype))
@@ -159,6 +165,13 @@ def test_several_cuda_rows_take_cublas_between_the_package_kernels(monkeypatch):
         assert dispatch.decide("matvec", meta(1, 64), w, None, meta(1, 32))[0] == "torch"
         assert dispatch.decide("matvec", meta(8, 64), w, None, meta(8, 56))[0] == "rows"
         assert "residual" in _rows_matvec_fits(meta(8, 64), w, None, meta(1, 56))
+        # a product with the convolutions over its first channels (the module path's Gated DeltaNet projection)
+        assert dispatch.decide("matvec", meta(1, 64), w, None, None, False, False, one_row_conv) == ("triton", None)
+        assert dispatch.decide("matvec", meta(1, 64), w, None, None, False, False, conv)[0] == "torch"  # 8-row states
+        assert dispatch.decide("matvec", meta(8, 64), w, None, None, False, False, conv)[0] == "rows"
+        assert "cover" in _rows_matvec_fits(meta(8, 64), meta(32, 64), None, None, False, False, conv)
+        assert "GLU" in _rows_matvec_fits(meta(8, 64), meta(112, 64), None, None, True, False, conv)
+        assert "dtype" in _rows_matvec_fits(meta(8, 64), w, None, None, False, False, conv._replace(states=float_states))
         assert "residual" in _rows_matvec_fits(meta(8, 64), w, None, meta(8, 56, dtype=torch.float32))
     grads = CudaLike(torch.empty(8, 64, device="meta", requires_grad=True))
     with torch.enable_grad():

@@ -91,3 +91,15 @@ def test_every_kernel_op_keeps_its_reference_last():
 def test_triton_available_is_one_cached_answer():
     assert dispatch.triton_available() is dispatch.triton_available()
     assert dispatch.triton_available.cache_info().currsize == 1
+
+
+def test_the_switches_are_read_from_the_environment_at_call_time(monkeypatch):
+    from infinitevl_hf.modeling.ops import dispatch
+
+    monkeypatch.delenv(dispatch.TORCH_OPS_ENV, raising=False)
+    assert dispatch._env(dispatch.TORCH_OPS_ENV) is None and not dispatch.torch_ops_forced()
+    for value, forced in (("1", True), (" On ", True), ("0", False), ("", False)):
+        monkeypatch.setenv(dispatch.TORCH_OPS_ENV, value)
+        assert dispatch._env(dispatch.TORCH_OPS_ENV) == value and dispatch.torch_ops_forced() is forced
+    monkeypatch.delenv(dispatch.TORCH_OPS_ENV)
+    assert dispatch._env(dispatch.TORCH_OPS_ENV) is None

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CudaLike, run_under_triton_interpreter
+from helpers import CudaLike, run_under_triton_interpreter, set_current_cuda_device
 from infinitevl_hf.modeling.ops import dispatch
 
 
@@ -31,7 +31,7 @@ def test_the_module_path_ops_prefer_the_package_kernels_and_say_why_not_off_cuda
 
 @pytest.fixture
 def current_device_0(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    set_current_cuda_device(monkeypatch, 0)
 
 
 def test_the_kernels_fit_one_token_of_cuda_inference_on_the_current_device_only(current_device_0):
@@ -94,7 +94,7 @@ def test_the_cached_choice_follows_the_current_device(current_device_0, monkeypa
 
     x = CudaLike(torch.empty(1, 8, device="meta"), "cuda:1")
     away = problem_key(x)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    set_current_cuda_device(monkeypatch, 1)
     assert problem_key(x) != away
 
 

@@ -22,13 +22,16 @@ class FakeCompiled:
 
     def __init__(self):
         self.direct = []
+        self.metadata_asked = 0
 
     def launch_metadata(self, grid, stream, *args):
-        return None
+        self.metadata_asked += 1
+        return ("metadata", grid, stream)
 
     def run(self, g0, g1, g2, stream, function, packed, metadata, enter_hook, exit_hook, *args):
         assert (stream, function, packed) == ("stream 0", "function", "packed")
         self.direct.append(((g0, g1, g2), args))
+        self.hooks = (metadata, enter_hook, exit_hook)
 
 
 class FakeKernel:
@@ -56,6 +59,7 @@ def direct(monkeypatch):
     monkeypatch.setattr(triton_launch, "driver", types.SimpleNamespace(
         active=types.SimpleNamespace(get_current_stream=lambda device: f"stream {device}")))
     monkeypatch.setattr(triton_launch, "_signatures", {})
+    monkeypatch.setattr(triton_launch, "_stream_getter", None)
 
 
 def call(kernel, x, n=64, grid=(3,), **kwargs):
@@ -168,3 +172,18 @@ def test_the_direct_launch_is_limited_to_the_releases_read_and_compiled_code(mon
     for version in ("3.5.1", "3.10.0", "4.0.0"):
         monkeypatch.setattr(triton_launch.triton, "__version__", version)
         assert not triton_launch.direct_launch_available(), version
+
+
+def test_launch_metadata_is_built_only_for_a_launch_hook(direct, monkeypatch):
+    """Profilers set Triton's launch hooks; they get the metadata. Without one nothing builds it."""
+    kernel = FakeKernel()
+    x = torch.zeros(8)
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", None)
+    for _ in range(2):
+        call(kernel, x)
+    assert kernel.compiled.metadata_asked == 0 and kernel.compiled.hooks[:2] == (None, None)
+    enter = lambda metadata: None  # noqa: E731
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", enter)
+    call(kernel, x, grid=(2,))
+    assert kernel.compiled.metadata_asked == 1
+    assert kernel.compiled.hooks[:2] == (("metadata", (2, 1, 1), "stream 0"), enter)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import tiny_model
+from helpers import set_current_cuda_device, tiny_model
 from infinitevl_hf.speed import decode_plan, plan_for_model
 
 CUDA_OK = dict(device_type="cuda", dtype=torch.bfloat16)
@@ -59,7 +59,7 @@ def test_a_lora_model_replays_its_modules_captured_on_cuda():
 def test_a_model_on_another_gpu_than_the_current_one_keeps_the_module_path(monkeypatch):
     """Graphs capture the current device's stream and Triton launches there: a model on cuda:1 while cuda:0 is
     current decodes through its modules, saying how to let the graphs serve it."""
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    set_current_cuda_device(monkeypatch, 0)
     model = tiny_model()
     plan = plan_for_model(model, torch.device("cuda", 1))
     assert plan.path == "static" and "not on the current device cuda:0" in plan.reason

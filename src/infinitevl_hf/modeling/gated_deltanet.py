@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_infinitevl import InfiniteVLTextConfig
-from .joined_linear import apply_linear, project, runs_as_defined
+from .joined_linear import apply_linear, project, project_convolved, runs_as_defined
 from .ops import causal_conv1d, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from .ops.causal_conv1d import causal_conv1d_group
 from .ops.gated_delta_rule import gated_delta_rule_decode_step, gdn_gates
@@ -134,14 +134,25 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         def masked(x: torch.Tensor) -> torch.Tensor:
             return x if token_valid is None else torch.where(token_valid[..., None], x, torch.zeros_like(x))
 
-        # One product for all six at decode, where the weights are laid out together (`joined_linear.project`).
+        # One product for all six at decode, where the weights are laid out together (`joined_linear.project`);
+        # on CUDA with the convolutions in it, their states shifted where the cache keeps them.
         projections = (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj)
-        q, k, v, a, b, *gate = project(hidden_states, projections + ((self.g_proj,) if self.use_gate else ()))
-        q, k, v = masked(q), masked(k), masked(v)
-        if self.use_short_conv:
-            q, k, v = self._short_convolutions((q, k, v), layer_cache, cu_seqlens)
+        projections += (self.g_proj,) if self.use_gate else ()
+        convolved = None
+        if self.use_short_conv and keep_state and token_valid is None:
+            convolved = project_convolved(hidden_states, projections, (self.q_conv1d, self.k_conv1d, self.v_conv1d),
+                                          InfiniteVLShortConvolution, tuple(layer_cache.conv_states[i] for i in range(3)))
+        if convolved is not None:
+            q, k, v, a, b, *gate = convolved
+            for idx in range(3):  # (written in place: this only marks them set)
+                layer_cache.update_conv_state(layer_cache.conv_states[idx], state_idx=idx)
         else:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+            q, k, v, a, b, *gate = project(hidden_states, projections)
+            q, k, v = masked(q), masked(k), masked(v)
+            if self.use_short_conv:
+                q, k, v = self._short_convolutions((q, k, v), layer_cache, cu_seqlens)
+            else:
+                q, k, v = F.silu(q), F.silu(k), F.silu(v)
 
         state = layer_cache.recurrent_states[0] if keep_state else None
         if state is not None and length == 1 and token_valid is None and not torch.is_grad_enabled():

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from .ops.elementwise import silu_glu, silu_mul
-from .ops.matvec import matvec
+from .ops.matvec import ConvUpdate, matvec
 
 
 def adjacent_rows(params: tuple[torch.Tensor, ...]) -> bool:
@@ -56,10 +56,21 @@ def _global_hooks() -> bool:
     return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
+def calls_as_defined(module: nn.Module, cls: type) -> bool:
+    """Whether `module`'s call runs `cls.forward` and nothing else: exactly a `cls`, without hooks (its own or
+    global) or an instance-level forward. (`runs_as_defined` also asks this of the weights.)"""
+    return not _global_hooks() and _calls_as_defined(module, cls)
+
+
+def _calls_as_defined(module: nn.Module, cls: type) -> bool:
+    return not (type(module) is not cls or module._forward_hooks or module._forward_pre_hooks
+                or "forward" in module.__dict__)
+
+
 def _runs_as_defined(module: nn.Module, cls: type) -> bool:
     # (the parameters read from `_parameters`: `module.weight` goes through nn.Module.__getattr__, several times
     # slower, and a decode step of the module path asks this about 250 times)
-    if type(module) is not cls or module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+    if not _calls_as_defined(module, cls):
         return False
     params = module._parameters
     bias = params.get("bias")
@@ -75,14 +86,16 @@ def _adjacent_layout(weights: tuple[torch.Tensor, ...], biases: tuple) -> bool:
 _LAYOUT_KEY = "_infinitevl_joined_layout"
 
 
-def joined_weight(linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) over all of `linears`' output rows, when one product may stand in for their calls; else None.
+def joined_weight(linears: tuple[nn.Module, ...], cls: type = nn.Linear
+                  ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) over all of `linears`' output rows, when one product may stand in for their calls (each
+    exactly a `cls` that runs as defined: `nn.Linear`, or the Gated DeltaNet's convolutions); else None.
 
     Whether the parameters are laid out side by side is kept on the first module for the parameters (identity and
     address) it was found for: moving or replacing any of them is seen on the next call. Only the answer is kept,
     not a view: a kept view would hold the joined buffer alive after the weights moved (`model.cpu()`). A single
     linear is its own weight and bias."""
-    if _global_hooks() or not all(_runs_as_defined(m, nn.Linear) for m in linears):
+    if _global_hooks() or not all(_runs_as_defined(m, cls) for m in linears):
         return None
     if len(linears) == 1:
         params = linears[0]._parameters
@@ -98,14 +111,20 @@ def joined_weight(linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.T
     return rows_view(weights), (rows_view(biases) if biases[0] is not None else None)
 
 
-def _one_token_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, glu: bool = False):
-    """F.linear(x, weight, bias) for x [..., 1, in]: a single row as one matrix-vector product (`ops.matvec`: a
-    Triton kernel on CUDA, streaming the weight once, where cuBLAS takes one or two launches of GEMM tiles). Under
-    autocast, F.linear (the kernel would compute in the weights' dtype)."""
+def _one_token_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, glu: bool = False,
+                       residual: torch.Tensor | None = None, in_place: bool = False):
+    """F.linear(x, weight, bias) (+ residual) for x [..., 1, in]: a single row as one matrix-vector product
+    (`ops.matvec`: a Triton kernel on CUDA, streaming the weight once, where cuBLAS takes one or two launches of
+    GEMM tiles), the residual added in its epilogue (rounded as eager torch rounds the two ops) and, in_place,
+    written over it. Under autocast, F.linear (the kernel would compute in the weights' dtype)."""
     if x.numel() == x.shape[-1] and not torch.is_autocast_enabled(x.device.type):
-        return matvec(x.reshape(1, -1), weight, bias, glu=glu).view(*x.shape[:-1], -1)
+        rest = x.shape[:-1]
+        if residual is not None:
+            residual = residual.reshape(1, -1)
+        return matvec(x.reshape(1, -1), weight, bias, residual, glu=glu, in_place=in_place).view(*rest, -1)
     y = F.linear(x, weight, bias)
-    return silu_glu(y) if glu else y
+    y = silu_glu(y) if glu else y
+    return y if residual is None else residual + y
 
 
 def project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
@@ -118,14 +137,41 @@ def project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tens
     return tuple(m(x) for m in linears)
 
 
-def apply_linear(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
-    """`linear(x)`; for one token per row outside autograd, where the module runs as defined, its product taken
-    directly (one decode row: one matrix-vector product), as `project` does for a group."""
+def apply_linear(x: torch.Tensor, linear: nn.Module, residual: torch.Tensor | None = None,
+                 in_place: bool = False) -> torch.Tensor:
+    """`linear(x)`, plus `residual` when given; for one token per row outside autograd, where the module runs as
+    defined, its product taken directly (one decode row: one matrix-vector product, the residual added in it and,
+    in_place, written over it), as `project` does for a group."""
     if x.shape[-2] == 1 and not torch.is_grad_enabled():
         joined = joined_weight((linear,))
         if joined is not None:
-            return _one_token_product(x, *joined)
-    return linear(x)
+            return _one_token_product(x, *joined, residual=residual, in_place=in_place)
+    y = linear(x)
+    return y if residual is None else residual + y
+
+
+_CONVOLVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def project_convolved(x: torch.Tensor, linears: tuple[nn.Module, ...], convs: tuple[nn.Module, ...], conv_cls: type,
+                      states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+    """`project(x, linears)` with the first len(convs) outputs through their depthwise causal convolutions (+ SiLU)
+    over `states` [B, D, W-1], which are shifted in place: for one token per row outside autograd, one product
+    with the convolutions in it (`ops.matvec`'s `conv`; on CUDA one launch), where the projections and the
+    convolutions (each exactly a `conv_cls`, running as defined) are each laid out side by side. None otherwise:
+    the caller runs them apart. The convolutions compute in float32 either way (float64 inputs are left to the
+    separate ops, which compute in float64)."""
+    if (x.shape[-2] != 1 or x.dtype not in _CONVOLVED_DTYPES or torch.is_grad_enabled()
+            or torch.is_autocast_enabled(x.device.type)):
+        return None
+    joined = joined_weight(linears)
+    conv = joined_weight(convs, conv_cls) if joined is not None else None
+    if conv is None or any(s is None for s in states):
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    update = ConvUpdate(conv[0].squeeze(1), conv[1], tuple(states))
+    y = matvec(rows, *joined, conv=update).view(*x.shape[:-1], -1)
+    return y.split([m.out_features for m in linears], dim=-1)
 
 
 def project_glu(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module) -> torch.Tensor:

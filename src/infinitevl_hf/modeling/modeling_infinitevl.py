@@ -140,7 +140,9 @@ class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
         else:
             hidden_states, weights = self.self_attn(hidden_states, position_embeddings, token_valid=token_valid, cache=cache, **kwargs)
         residual, hidden_states = self.post_attention_layernorm.add_then_norm(residual, hidden_states)
-        return residual + self.mlp(hidden_states), weights
+        if isinstance(self.mlp, InfiniteVLMLP):  # (the sum add_then_norm returned is this layer's: written over)
+            return self.mlp.add_to(residual, hidden_states, in_place=True), weights
+        return residual + self.mlp(hidden_states), weights  # an MLP put in its place
 
 
 class InfiniteVLTextModel(InfiniteVLPreTrainedModel):

@@ -47,8 +47,28 @@ class Implementation(NamedTuple):
     fits: FitCheck | None  # None: serves every call (the reference)
 
 
+# os.environ's own store where it keeps one (POSIX: bytes keys): the switches are read on every op call at
+# decode, and `os.environ.get` encodes the key and goes through two wrappers first. It holds what os.environ
+# holds (monkeypatch.setenv and os.environ[...] = ... update it).
+_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENVIRON = _ENVIRON if isinstance(_ENVIRON, dict) else None
+_ENV_KEYS = {}
+
+
+def _env(name: str) -> str | None:
+    """os.environ.get(name), cheaper."""
+    if _ENVIRON is None:
+        return os.environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.fsencode(name)
+    value = _ENVIRON.get(key)
+    return None if value is None else os.fsdecode(value)
+
+
 def _env_on(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    value = _env(name)
+    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def torch_ops_forced() -> bool:
@@ -124,7 +144,7 @@ class Op:
             return self.decide(*args, reference=reference, **kwargs)[0]
         cache_key = None
         if self.key is not None:
-            cache_key = (reference, _reference_scopes, os.environ.get(TORCH_OPS_ENV), self.key(*args, **kwargs))
+            cache_key = (reference, _reference_scopes, _env(TORCH_OPS_ENV), self.key(*args, **kwargs))
             impl = self._decisions.get(cache_key)
             if impl is not None:
                 return impl
@@ -185,12 +205,24 @@ def triton_available() -> bool:
     return True
 
 
+# torch.cuda.current_device() without its initialisation check, which costs more than the answer (the module path
+# asks about 300 times a decode step, each time with a CUDA tensor in hand: CUDA is initialised). None on builds
+# without CUDA, where torch.cuda.current_device() answers (it raises, unless a test stands in for it).
+_FAST_CURRENT_DEVICE = getattr(torch._C, "_cuda_getDevice", None)
+
+
+def current_cuda_device() -> int:
+    """The index of the current CUDA device (for callers that hold a CUDA tensor)."""
+    fast = _FAST_CURRENT_DEVICE
+    return fast() if fast is not None else torch.cuda.current_device()
+
+
 def off_current_device(device: torch.device) -> str | None:
     """"cuda:1, not on the current device cuda:0" for a CUDA `device` other than the current one, else None (an
     unindexed "cuda" is the current one). Triton kernels and CUDA graph captures run on the current device."""
     if device.index is None:
         return None
-    current = torch.cuda.current_device()
+    current = current_cuda_device()
     return None if device.index == current else f"{device}, not on the current device cuda:{current}"
 
 

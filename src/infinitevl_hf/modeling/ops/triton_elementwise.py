@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import cuda_inference_problem, current_device_problem
+from .dispatch import cuda_inference_problem, current_cuda_device, current_device_problem
 
 try:  # (transformers' remote-code import check skips try blocks: Triton stays optional)
     import triton
@@ -265,5 +265,5 @@ def problem_for(name: str):
 
 
 def problem_key(first: torch.Tensor, *others) -> tuple:
-    here = first.device.index == torch.cuda.current_device() if first.is_cuda else None
+    here = first.device.index == current_cuda_device() if first.is_cuda else None
     return first.device.type, here, torch.is_grad_enabled(), first.dtype, first.shape[-1] <= MAX_FEATURES

@@ -98,10 +98,23 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     compiled, rest = hit
     size = len(grid)
     grid = (grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1)
-    stream = driver.active.get_current_stream(device)
+    stream = (_stream_getter or _set_stream_getter())(device)
     every = args + rest
-    # The call `JITFunction.run` makes once it has the compiled kernel (the launch hooks get their metadata).
-    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
-                 compiled.launch_metadata(grid, stream, *every), knobs.runtime.launch_enter_hook,
+    # The call `JITFunction.run` makes once it has the compiled kernel. The launch hooks (profilers) are read on
+    # every call; only where one is set is there launch metadata to build (Triton's own `launch_metadata` would
+    # return None).
+    enter = knobs.runtime.launch_enter_hook
+    metadata = compiled.launch_metadata(grid, stream, *every) if enter is not None else None
+    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, metadata, enter,
                  knobs.runtime.launch_exit_hook, *every)
     return compiled
+
+
+_stream_getter = None  # the active driver's get_current_stream, looked up at the first direct launch
+
+
+def _set_stream_getter():
+    # (not at import: the driver initialises CUDA when first asked, and this module imports on CPU machines too)
+    global _stream_getter
+    _stream_getter = driver.active.get_current_stream
+    return _stream_getter

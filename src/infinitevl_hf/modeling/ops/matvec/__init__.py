@@ -68,17 +68,17 @@ def _conv_problem(conv: ConvUpdate | None, x: torch.Tensor, outputs: int) -> str
     return None
 
 
-def _matvec_kernel(x, weight, bias=None, residual=None, glu=False, in_place=False):
-    return fused_matvec(x, weight, bias, residual=residual, glu=glu, out=residual if in_place else None)
+def _matvec_kernel(x, weight, bias=None, residual=None, glu=False, in_place=False, conv=None):
+    return fused_matvec(x, weight, bias, residual=residual, glu=glu, conv=conv, out=residual if in_place else None)
 
 
-def _matvec_fits(x, weight, bias=None, residual=None, glu=False, in_place=False) -> str | None:
-    if glu and (bias is not None or residual is not None):
-        return "the kernel's GLU takes no bias or residual"
+def _matvec_fits(x, weight, bias=None, residual=None, glu=False, in_place=False, conv=None) -> str | None:
+    if glu and (bias is not None or residual is not None or conv is not None):
+        return "the kernel's GLU takes no bias, residual or convolution"
     if residual is not None and (tuple(residual.shape) != (1, weight.shape[0]) or
                                  (in_place and residual.dtype != x.dtype)):
         return "the residual is not [1, outputs] (in x's dtype, to be written over)"
-    return _kernel_problem(x, weight, bias, residual)
+    return _kernel_problem(x, weight, bias, residual) or _conv_problem(conv, x, weight.shape[0])
 
 
 def _rms_norm_matvec_kernel(x, norm_weight, eps, weight, bias=None, conv=None, glu=False):
@@ -89,7 +89,17 @@ def _rms_norm_matvec_fits(x, norm_weight, eps, weight, bias=None, conv=None, glu
     return _kernel_problem(x, weight, bias, norm_weight) or _conv_problem(conv, x, weight.shape[0])
 
 
-def _rows_matvec(x, weight, bias=None, residual=None, glu=False, in_place=False):
+def _convolve_rows(y: torch.Tensor, conv: ConvUpdate) -> torch.Tensor:
+    """y [rows, N] with `conv` run over its first channels where they stand (one kernel for the three)."""
+    sizes = [s.shape[1] for s in conv.states]
+    biases = conv.bias.split(sizes) if conv.bias is not None else (None,) * 3
+    return conv1d_step3_in_place(y, conv.weight.split(sizes), biases, conv.states)
+
+
+def _rows_matvec(x, weight, bias=None, residual=None, glu=False, in_place=False, conv=None):
+    if conv is not None:  # (the fit check leaves glu out)
+        y = _convolve_rows(F.linear(x, weight, bias), conv)
+        return y if residual is None else (residual.add_(y) if in_place else residual + y)
     if residual is None or glu or bias is not None:
         return matvec_reference(x, weight, bias, residual, glu, in_place)
     # the residual added in the product's epilogue: one rounding of the float32 sum, not two; in place, cuBLAS
@@ -106,10 +116,14 @@ def _rows_problem(x, weight, bias, *others) -> str | None:
         "x is not [rows, features]" if x.dim() != 2 else None)
 
 
-def _rows_matvec_fits(x, weight, bias=None, residual=None, glu=False, in_place=False) -> str | None:
+def _rows_matvec_fits(x, weight, bias=None, residual=None, glu=False, in_place=False, conv=None) -> str | None:
     problem = _rows_problem(x, weight, bias, residual)
     if problem is not None:
         return problem
+    if conv is not None:
+        problem = "the convolutions take no GLU" if glu else _rows_conv_problem(conv, x, weight.shape[0])
+        if problem is not None:
+            return problem
     if residual is not None and tuple(residual.shape) != (x.shape[0], weight.shape[0]):
         return "the residual is not [rows, outputs]"
     if residual is not None and residual.dtype != x.dtype:
@@ -120,19 +134,18 @@ def _rows_matvec_fits(x, weight, bias=None, residual=None, glu=False, in_place=F
 def _rows_rms_norm_matvec(x, norm_weight, eps, weight, bias=None, conv=None, glu=False):
     y = F.linear(rms_norm(x, norm_weight, eps), weight, bias)
     if conv is not None:
-        sizes = [s.shape[1] for s in conv.states]
-        biases = conv.bias.split(sizes) if conv.bias is not None else (None,) * 3
-        conv1d_step3_in_place(y, conv.weight.split(sizes), biases, conv.states)
+        _convolve_rows(y, conv)
     return silu_glu(y) if glu else y
 
 
-def _rows_rms_norm_matvec_fits(x, norm_weight, eps, weight, bias=None, conv=None, glu=False) -> str | None:
-    problem = _rows_problem(x, weight, bias, norm_weight)
-    if problem is not None:
-        return problem
+def _rows_conv_problem(conv: ConvUpdate | None, x: torch.Tensor, outputs: int) -> str | None:
     if conv is not None and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"a {x.dtype} input to the convolutions"
-    return _conv_problem(conv, x, weight.shape[0])
+    return _conv_problem(conv, x, outputs)
+
+
+def _rows_rms_norm_matvec_fits(x, norm_weight, eps, weight, bias=None, conv=None, glu=False) -> str | None:
+    return _rows_problem(x, weight, bias, norm_weight) or _rows_conv_problem(conv, x, weight.shape[0])
 
 
 _matvec = register_op("matvec", matvec_reference)
@@ -145,12 +158,17 @@ if triton_available():
 
 
 def matvec(x: torch.Tensor, weight: Weight, bias: Weight | None = None, residual: torch.Tensor | None = None,
-           fast: bool = True, glu: bool = False, in_place: bool = False) -> torch.Tensor:
+           fast: bool = True, glu: bool = False, in_place: bool = False, conv: ConvUpdate | None = None
+           ) -> torch.Tensor:
     """`residual + F.linear(x, weight, bias)` (residual optional); glu=True: the output halves are [gate | up]
     and the result is silu(gate) * up. in_place: the sum is written over `residual` and returned (a decode
-    step's hidden state, which nothing reads again); not while autograd records (backward may need the old one)."""
+    step's hidden state, which nothing reads again); not while autograd records (backward may need the old one).
+    conv: a depthwise causal conv (+ SiLU) over the product's first channels, its states shifted in place (a Gated
+    DeltaNet's q, k and v; not with glu)."""
+    if conv is not None and glu:
+        raise ValueError("matvec: a convolution over a GLU product is not defined (pass glu=False)")
     in_place = in_place and residual is not None and not torch.is_grad_enabled()
-    return _matvec(x, weight, bias, residual, glu, in_place, reference=not fast)
+    return _matvec(x, weight, bias, residual, glu, in_place, conv, reference=not fast)
 
 
 def rms_norm_matvec(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Weight, bias: Weight | None = None,

@@ -68,11 +68,13 @@ def _add(y: torch.Tensor, residual: torch.Tensor | None, in_place: bool = False)
 
 
 def matvec_reference(x, weight: Weight, bias: Weight | None = None, residual: torch.Tensor | None = None,
-                     glu: bool = False, in_place: bool = False) -> torch.Tensor:
+                     glu: bool = False, in_place: bool = False, conv: ConvUpdate | None = None) -> torch.Tensor:
     """`residual + linear(x, weight, bias)`; glu=True (no residual): the output halves are [gate | up] and the
     result is silu(gate) * up. in_place: the sum is written over `residual` (a decode step's hidden state, not
-    read again) and returned."""
+    read again) and returned. conv: applied to the product's first channels before the residual (no glu)."""
     y = linear(x, weight, bias)
+    if conv is not None:
+        y = apply_conv(y, conv)
     return _add(torch_silu_glu(y) if glu else y, residual, in_place)
 
 
