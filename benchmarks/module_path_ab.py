@@ -6,10 +6,13 @@ Variants (each switches one saving off; "none" switches them all off):
 - "package": as the package runs;
 - "Triton's launch": every package kernel launched through `kernel[grid]` (no direct launch, `ops.triton_launch`);
 - "cuBLAS products": one-row products through `F.linear` and the MLP's gate as its own kernel, not the
-  matrix-vector kernel (`joined_linear._one_token_product`);
-- "separate conv and rule": a Gated DeltaNet's three convolutions one op each, and its gates a kernel of their own
-  before the one-token rule (`causal_conv1d_group`, `gated_delta_rule_decode_step`);
-- "separate projections": each input projection its own `nn.Linear` call (`joined_linear.joined_weight`).
+  matrix-vector kernel, and the MLP's residual a torch add (`joined_linear._one_token_product`);
+- "separate conv and rule": a Gated DeltaNet's three convolutions one op each (outside its projection), and its
+  gates a kernel of their own before the one-token rule (`causal_conv1d_group`, `gated_delta_rule_decode_step`);
+- "separate projections": each input projection its own `nn.Linear` call (`joined_linear.joined_weight`);
+- "convolutions apart": a Gated DeltaNet's convolutions an op of their own after its joined projection, not inside
+  it (`joined_linear.project_convolved`);
+- "residual apart": the MLP's residual a torch add after its down product, not inside it (`InfiniteVLMLP.add_to`).
 
     python benchmarks/module_path_ab.py --rounds 3 --new-tokens 48 --out benchmarks/results
 """
@@ -51,9 +54,10 @@ def cublas_products():
     from infinitevl_hf.modeling import joined_linear
     from infinitevl_hf.modeling.ops.elementwise import silu_glu
 
-    def product(x, weight, bias, glu=False):
+    def product(x, weight, bias, glu=False, residual=None, in_place=False):
         y = F.linear(x, weight, bias)
-        return silu_glu(y) if glu else y
+        y = silu_glu(y) if glu else y
+        return y if residual is None else residual + y
 
     return patched(joined_linear, "_one_token_product", product)
 
@@ -78,7 +82,7 @@ def separate_conv_and_rule():
         return o.view(batch, -1)
 
     with patched(gated_deltanet, "causal_conv1d_group", convs), \
-            patched(gated_deltanet, "gated_delta_rule_decode_step", rule):
+            patched(gated_deltanet, "gated_delta_rule_decode_step", rule), convolutions_apart():
         yield
 
 
@@ -88,15 +92,28 @@ def separate_projections():
     return patched(joined_linear, "joined_weight", lambda linears: None)
 
 
+def convolutions_apart():
+    from infinitevl_hf.modeling import gated_deltanet
+
+    return patched(gated_deltanet, "project_convolved", lambda *args, **kwargs: None)
+
+
+def residual_apart():
+    from infinitevl_hf.modeling.mlp import InfiniteVLMLP
+
+    return patched(InfiniteVLMLP, "add_to", lambda self, residual, x, in_place=False: residual + self(x))
+
+
 @contextlib.contextmanager
 def none():
-    with tritons_launch(), cublas_products(), separate_conv_and_rule(), separate_projections():
+    with tritons_launch(), cublas_products(), separate_conv_and_rule(), separate_projections(), \
+            convolutions_apart(), residual_apart():
         yield
 
 
 VARIANTS = {"package": contextlib.nullcontext, "Triton's launch": tritons_launch, "cuBLAS products": cublas_products,
             "separate conv and rule": separate_conv_and_rule, "separate projections": separate_projections,
-            "none": none}
+            "convolutions apart": convolutions_apart, "residual apart": residual_apart, "none": none}
 
 
 def main(argv=None):
