@@ -172,6 +172,12 @@ def test_several_cuda_rows_take_cublas_between_the_package_kernels(monkeypatch):
         assert "cover" in _rows_matvec_fits(meta(8, 64), meta(32, 64), None, None, False, False, conv)
         assert "GLU" in _rows_matvec_fits(meta(8, 64), meta(112, 64), None, None, True, False, conv)
         assert "dtype" in _rows_matvec_fits(meta(8, 64), w, None, None, False, False, conv._replace(states=float_states))
+        one_tap = ConvUpdate(meta(40, 1), None, (meta(1, 16, 0), meta(1, 16, 0), meta(1, 8, 0)))
+        assert "one tap" in dispatch.decide("matvec", meta(1, 64), w, None, None, False, False, one_tap)[1]
+        # float64: the one-row kernel computes in float32; cuBLAS's float64 product (the rows path) takes the call
+        wide = meta(1, 64, dtype=torch.float64)
+        name, skipped = dispatch.decide("matvec", wide, meta(56, 64, dtype=torch.float64), None, meta(1, 56, dtype=torch.float64))
+        assert name == "rows" and "float64" in skipped
         assert "residual" in _rows_matvec_fits(meta(8, 64), w, None, meta(8, 56, dtype=torch.float32))
     grads = CudaLike(torch.empty(8, 64, device="meta", requires_grad=True))
     with torch.enable_grad():

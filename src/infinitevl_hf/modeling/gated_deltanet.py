@@ -134,8 +134,8 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         def masked(x: torch.Tensor) -> torch.Tensor:
             return x if token_valid is None else torch.where(token_valid[..., None], x, torch.zeros_like(x))
 
-        # One product for all six at decode, where the weights are laid out together (`joined_linear.project`);
-        # on CUDA with the convolutions in it, their states shifted where the cache keeps them.
+        # One product for all six at decode, where the weights are laid out together (`joined_linear.project`),
+        # with the convolutions in it and their states shifted where the cache keeps them (`project_convolved`).
         projections = (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj)
         projections += (self.g_proj,) if self.use_gate else ()
         convolved = None

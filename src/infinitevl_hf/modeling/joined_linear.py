@@ -57,14 +57,16 @@ def _global_hooks() -> bool:
 
 
 def calls_as_defined(module: nn.Module, cls: type) -> bool:
-    """Whether `module`'s call runs `cls.forward` and nothing else: exactly a `cls`, without hooks (its own or
-    global) or an instance-level forward. (`runs_as_defined` also asks this of the weights.)"""
+    """Whether `module`'s call runs `cls.forward` and nothing else: exactly a `cls`, without forward hooks (its own
+    or global), an instance-level forward or a compiled call (`module.compile()`). Backward hooks are not asked
+    about: the callers stand in for a call only outside autograd. (`runs_as_defined` also asks this of the
+    weights.)"""
     return not _global_hooks() and _calls_as_defined(module, cls)
 
 
 def _calls_as_defined(module: nn.Module, cls: type) -> bool:
     return not (type(module) is not cls or module._forward_hooks or module._forward_pre_hooks
-                or "forward" in module.__dict__)
+                or "forward" in module.__dict__ or module.__dict__.get("_compiled_call_impl") is not None)
 
 
 def _runs_as_defined(module: nn.Module, cls: type) -> bool:
@@ -115,8 +117,10 @@ def _one_token_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        residual: torch.Tensor | None = None, in_place: bool = False):
     """F.linear(x, weight, bias) (+ residual) for x [..., 1, in]: a single row as one matrix-vector product
     (`ops.matvec`: a Triton kernel on CUDA, streaming the weight once, where cuBLAS takes one or two launches of
-    GEMM tiles), the residual added in its epilogue (rounded as eager torch rounds the two ops) and, in_place,
-    written over it. Under autocast, F.linear (the kernel would compute in the weights' dtype)."""
+    GEMM tiles), the residual added in its epilogue and, in_place, written over it. The kernel rounds the product
+    before the add, as the two eager ops do; where it cannot take the call (a non-contiguous weight, say) and the
+    rows path can, cuBLAS adds the residual in its epilogue and rounds once. Several rows: F.linear, then an eager
+    add. Under autocast, F.linear (the kernel would compute in the weights' dtype)."""
     if x.numel() == x.shape[-1] and not torch.is_autocast_enabled(x.device.type):
         rest = x.shape[:-1]
         if residual is not None:
@@ -157,7 +161,8 @@ def project_convolved(x: torch.Tensor, linears: tuple[nn.Module, ...], convs: tu
                       states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
     """`project(x, linears)` with the first len(convs) outputs through their depthwise causal convolutions (+ SiLU)
     over `states` [B, D, W-1], which are shifted in place: for one token per row outside autograd, one product
-    with the convolutions in it (`ops.matvec`'s `conv`; on CUDA one launch), where the projections and the
+    with the convolutions in it (`ops.matvec`'s `conv`: on CUDA one launch for one row, cuBLAS's product and one
+    convolution kernel for several), where the projections and the
     convolutions (each exactly a `conv_cls`, running as defined) are each laid out side by side. None otherwise:
     the caller runs them apart. The convolutions compute in float32 either way (float64 inputs are left to the
     separate ops, which compute in float64)."""

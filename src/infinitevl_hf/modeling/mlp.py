@@ -24,9 +24,12 @@ class InfiniteVLMLP(Qwen2MLP):
         return apply_linear(project_glu(x, self.gate_proj, self.up_proj), self.down_proj)
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-        """`residual + self(x)`. Where the call runs as defined (no hooks), the residual is added inside the down
-        product: for one decode row, in its epilogue (rounded as the two eager ops round) and, in_place, written over
-        `residual` (outside autograd). One launch and one op fewer per layer at decode."""
-        if self.hidden_act != "silu" or not calls_as_defined(self, InfiniteVLMLP):
+        """`residual + self(x)`. For one token per row outside autograd, where the call runs as defined (no hooks,
+        not compiled), the MLP's math runs directly with the residual handed to the down product: for one decode row
+        it is added in the matrix-vector kernel's epilogue (rounded as the two eager ops round) and, in_place, written
+        over `residual`; one launch and one op fewer per layer. Otherwise the module is called and the residual
+        added after it."""
+        if (self.hidden_act != "silu" or x.shape[-2] != 1 or torch.is_grad_enabled()
+                or not calls_as_defined(self, InfiniteVLMLP)):
             return residual + self(x)
         return apply_linear(project_glu(x, self.gate_proj, self.up_proj), self.down_proj, residual, in_place)

@@ -40,6 +40,8 @@ def _step_layout_problem(x, weight, activation, initial_state, cu_seqlens) -> st
         return "x, the weight or the state is not contiguous"
     if activation not in ("silu", "swish", None):
         return f"activation {activation!r}"
+    if weight.dim() != 2 or weight.shape[1] < 2:
+        return "a convolution of one tap (the kernel keeps at least one past input)"
     return None
 
 

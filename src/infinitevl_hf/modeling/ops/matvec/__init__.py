@@ -33,11 +33,16 @@ def _kernel_problem(x: torch.Tensor, weight: Weight, *others: torch.Tensor | Non
         return elsewhere
     if x.dim() != 2 or x.shape[0] != 1:
         return "the kernel takes one row"
+    if x.dtype not in _KERNEL_DTYPES:  # it computes in float32
+        return f"a {x.dtype} input"
     if _separate(weight):
         return "the weights are separate tensors"
     if not all(t is None or (t.is_contiguous() and t.device == x.device) for t in (x, weight, *others)):
         return "a tensor is not contiguous or on another device"
     return None
+
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _separate(*weights) -> bool:
@@ -59,6 +64,8 @@ def _conv_problem(conv: ConvUpdate | None, x: torch.Tensor, outputs: int) -> str
     if conv.weight.dim() != 2:
         return "the convolution weight is not [channels, taps]"
     channels, taps = conv.weight.shape
+    if taps < 2:
+        return "a convolution of one tap (the kernels keep at least one past input)"
     if any(s.dim() != 3 or s.shape[0] != x.shape[0] or s.shape[2] != taps - 1 for s in states):
         return "a convolution state is not [rows, channels, taps - 1]"
     if sum(s.shape[1] for s in states) != channels or channels > outputs:
