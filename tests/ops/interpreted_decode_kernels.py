@@ -42,39 +42,34 @@ for dtype in (torch.float32, torch.bfloat16):
     sizes, taps, rows = (16, 16, 24), 4, 64  # conv over the first 56 rows, 8 rows left raw
     w_in = (torch.randn(rows, K) * 0.1).to(dtype)
     conv_w, conv_b = torch.randn(sum(sizes), taps, dtype=dtype), torch.randn(sum(sizes), dtype=dtype)
-    for b in (None, conv_b):
-        states = tuple(torch.randn(1, s, taps - 1, dtype=dtype) for s in sizes)
-        expected_states = tuple(s.clone() for s in states)
-        got = T.fused_matvec(x, w_in, norm_weight=norm_w, eps=1e-6,
-                             conv=R.ConvUpdate(conv_w, b, states), config=CONFIG)
-        expected = R.rms_norm_matvec_reference(x, norm_w, 1e-6, w_in, conv=R.ConvUpdate(conv_w, b, expected_states))
-        label = "with bias" if b is not None else "no bias"
-        check(f"norm + matvec + conv ({label})", got, expected, dtype)
-        check(f"conv states ({label})", torch.cat(states, 1), torch.cat(expected_states, 1), dtype)
-        # without the norm: the module path's Gated DeltaNet projection with its convolutions in it
-        states = tuple(torch.randn(1, s, taps - 1, dtype=dtype) for s in sizes)
-        expected_states = tuple(s.clone() for s in states)
-        got = T.fused_matvec(x, w_in, conv=R.ConvUpdate(conv_w, b, states), config=CONFIG)
-        expected = R.matvec_reference(x, w_in, conv=R.ConvUpdate(conv_w, b, expected_states))
-        check(f"matvec + conv ({label})", got, expected, dtype)
-        check(f"matvec + conv states ({label})", torch.cat(states, 1), torch.cat(expected_states, 1), dtype)
 
-    # several rows: cuBLAS's product between the norm and the convolutions (over their channels in place) or the gate
+    def check_conv(label, rows_of_states, conv_bias, run, reference):
+        """`run(conv)` against `reference(conv)`, each over its own copy of the same states, outputs and states."""
+        states = tuple(torch.randn(rows_of_states, s, taps - 1, dtype=dtype) for s in sizes)
+        expected_states = tuple(s.clone() for s in states)
+        got = run(R.ConvUpdate(conv_w, conv_bias, states))
+        expected = reference(R.ConvUpdate(conv_w, conv_bias, expected_states))
+        check(label.format(""), got, expected, dtype)
+        check(label.format(" states"), torch.cat(states, 1), torch.cat(expected_states, 1), dtype)
+
+    # one row: the fused kernel; several rows: cuBLAS's product between the norm and the convolutions (over their
+    # channels in place) or the gate
     xs = torch.randn(3, K, dtype=dtype)
     for b in (None, conv_b):
-        states = tuple(torch.randn(3, s, taps - 1, dtype=dtype) for s in sizes)
-        expected_states = tuple(s.clone() for s in states)
-        got = _rows_rms_norm_matvec(xs, norm_w, 1e-6, w_in, conv=R.ConvUpdate(conv_w, b, states))
-        expected = R.rms_norm_matvec_reference(xs, norm_w, 1e-6, w_in, conv=R.ConvUpdate(conv_w, b, expected_states))
-        label = "with bias" if b is not None else "no bias"
-        check(f"rows: norm + product + conv ({label})", got, expected, dtype)
-        check(f"rows: conv states ({label})", torch.cat(states, 1), torch.cat(expected_states, 1), dtype)
-        states = tuple(torch.randn(3, s, taps - 1, dtype=dtype) for s in sizes)
-        expected_states = tuple(s.clone() for s in states)
-        got = _rows_matvec(xs, w_in, conv=R.ConvUpdate(conv_w, b, states))
-        expected = R.matvec_reference(xs, w_in, conv=R.ConvUpdate(conv_w, b, expected_states))
-        check(f"rows: product + conv ({label})", got, expected, dtype)
-        check(f"rows: product + conv states ({label})", torch.cat(states, 1), torch.cat(expected_states, 1), dtype)
+        bias_label = "with bias" if b is not None else "no bias"
+        check_conv(f"norm + matvec + conv{{}} ({bias_label})", 1, b,
+                   lambda conv: T.fused_matvec(x, w_in, norm_weight=norm_w, eps=1e-6, conv=conv, config=CONFIG),
+                   lambda conv: R.rms_norm_matvec_reference(x, norm_w, 1e-6, w_in, conv=conv))
+        # without the norm: the module path's Gated DeltaNet projection with its convolutions in it
+        check_conv(f"matvec + conv{{}} ({bias_label})", 1, b,
+                   lambda conv: T.fused_matvec(x, w_in, conv=conv, config=CONFIG),
+                   lambda conv: R.matvec_reference(x, w_in, conv=conv))
+        check_conv(f"rows: norm + product + conv{{}} ({bias_label})", 3, b,
+                   lambda conv: _rows_rms_norm_matvec(xs, norm_w, 1e-6, w_in, conv=conv),
+                   lambda conv: R.rms_norm_matvec_reference(xs, norm_w, 1e-6, w_in, conv=conv))
+        check_conv(f"rows: product + conv{{}} ({bias_label})", 3, b,
+                   lambda conv: _rows_matvec(xs, w_in, conv=conv),
+                   lambda conv: R.matvec_reference(xs, w_in, conv=conv))
     check("rows: norm + product + silu(gate)*up", _rows_rms_norm_matvec(xs, norm_w, 1e-6, w_gate_up, glu=True),
           R.rms_norm_matvec_reference(xs, norm_w, 1e-6, w_gate_up, glu=True), dtype)
     check("rows: norm + product + bias", _rows_rms_norm_matvec(xs, norm_w, 1e-6, w, bias),

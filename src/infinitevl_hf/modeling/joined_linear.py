@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from .ops.elementwise import silu_glu, silu_mul
-from .ops.matvec import ConvUpdate, matvec
+from .ops.matvec import KERNEL_DTYPES, ConvUpdate, matvec
 
 
 def adjacent_rows(params: tuple[torch.Tensor, ...]) -> bool:
@@ -154,19 +154,16 @@ def apply_linear(x: torch.Tensor, linear: nn.Module, residual: torch.Tensor | No
     return y if residual is None else residual + y
 
 
-_CONVOLVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def project_convolved(x: torch.Tensor, linears: tuple[nn.Module, ...], convs: tuple[nn.Module, ...], conv_cls: type,
                       states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
     """`project(x, linears)` with the first len(convs) outputs through their depthwise causal convolutions (+ SiLU)
     over `states` [B, D, W-1], which are shifted in place: for one token per row outside autograd, one product
     with the convolutions in it (`ops.matvec`'s `conv`: on CUDA one launch for one row, cuBLAS's product and one
-    convolution kernel for several), where the projections and the
-    convolutions (each exactly a `conv_cls`, running as defined) are each laid out side by side. None otherwise:
-    the caller runs them apart. The convolutions compute in float32 either way (float64 inputs are left to the
-    separate ops, which compute in float64)."""
-    if (x.shape[-2] != 1 or x.dtype not in _CONVOLVED_DTYPES or torch.is_grad_enabled()
+    convolution kernel for several), where the projections and the convolutions (each exactly a `conv_cls`,
+    running as defined) are each laid out side by side. None otherwise: the caller runs them apart. The
+    convolutions compute in float32 either way (float64 inputs are left to the separate ops, which compute in
+    float64)."""
+    if (x.shape[-2] != 1 or x.dtype not in KERNEL_DTYPES or torch.is_grad_enabled()
             or torch.is_autocast_enabled(x.device.type)):
         return None
     joined = joined_weight(linears)

@@ -16,11 +16,15 @@ import torch.nn.functional as F
 from ..dispatch import cuda_here_problem, one_token_kernel_problem, register_op, triton_available
 from ..elementwise import silu_glu
 from ..norms import rms_norm
-from .reference import ConvUpdate, Weight, matvec_reference, rms_norm_matvec_reference
+from .reference import ConvUpdate, Weight, add_residual, matvec_reference, rms_norm_matvec_reference
 
 if triton_available():
     from ..causal_conv1d.triton_step import conv1d_step3_in_place
     from .triton_matvec import fused_matvec
+
+
+# What the kernels compute in float32 and round back to (float64 is left to torch, which keeps it).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def matvec_available() -> bool:
@@ -33,16 +37,13 @@ def _kernel_problem(x: torch.Tensor, weight: Weight, *others: torch.Tensor | Non
         return elsewhere
     if x.dim() != 2 or x.shape[0] != 1:
         return "the kernel takes one row"
-    if x.dtype not in _KERNEL_DTYPES:  # it computes in float32
+    if x.dtype not in KERNEL_DTYPES:
         return f"a {x.dtype} input"
     if _separate(weight):
         return "the weights are separate tensors"
     if not all(t is None or (t.is_contiguous() and t.device == x.device) for t in (x, weight, *others)):
         return "a tensor is not contiguous or on another device"
     return None
-
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _separate(*weights) -> bool:
@@ -105,8 +106,7 @@ def _convolve_rows(y: torch.Tensor, conv: ConvUpdate) -> torch.Tensor:
 
 def _rows_matvec(x, weight, bias=None, residual=None, glu=False, in_place=False, conv=None):
     if conv is not None:  # (the fit check leaves glu out)
-        y = _convolve_rows(F.linear(x, weight, bias), conv)
-        return y if residual is None else (residual.add_(y) if in_place else residual + y)
+        return add_residual(_convolve_rows(F.linear(x, weight, bias), conv), residual, in_place)
     if residual is None or glu or bias is not None:
         return matvec_reference(x, weight, bias, residual, glu, in_place)
     # the residual added in the product's epilogue: one rounding of the float32 sum, not two; in place, cuBLAS
@@ -146,7 +146,7 @@ def _rows_rms_norm_matvec(x, norm_weight, eps, weight, bias=None, conv=None, glu
 
 
 def _rows_conv_problem(conv: ConvUpdate | None, x: torch.Tensor, outputs: int) -> str | None:
-    if conv is not None and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if conv is not None and x.dtype not in KERNEL_DTYPES:
         return f"a {x.dtype} input to the convolutions"
     return _conv_problem(conv, x, outputs)
 
@@ -185,4 +185,4 @@ def rms_norm_matvec(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
     return _rms_norm_matvec(x, norm_weight, eps, weight, bias, conv, glu, reference=not fast)
 
 
-__all__ = ["ConvUpdate", "matvec", "matvec_available", "rms_norm_matvec"]
+__all__ = ["KERNEL_DTYPES", "ConvUpdate", "matvec", "matvec_available", "rms_norm_matvec"]

@@ -61,7 +61,8 @@ def apply_conv(y: torch.Tensor, conv: ConvUpdate) -> torch.Tensor:
     return torch.cat([*convolved, parts[-1]], dim=-1)
 
 
-def _add(y: torch.Tensor, residual: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
+def add_residual(y: torch.Tensor, residual: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
+    """`residual + y` (y where there is no residual); in_place: written over `residual`."""
     if residual is None:
         return y
     return residual.add_(y) if in_place else residual + y
@@ -75,7 +76,7 @@ def matvec_reference(x, weight: Weight, bias: Weight | None = None, residual: to
     y = linear(x, weight, bias)
     if conv is not None:
         y = apply_conv(y, conv)
-    return _add(torch_silu_glu(y) if glu else y, residual, in_place)
+    return add_residual(torch_silu_glu(y) if glu else y, residual, in_place)
 
 
 def rms_norm_matvec_reference(x, norm_weight, eps: float, weight: Weight, bias: Weight | None = None,
