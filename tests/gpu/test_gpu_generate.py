@@ -192,13 +192,15 @@ def test_fallbacks_are_logged(model, caplog):
 
 def test_the_module_path_joins_its_projections_after_the_layout_with_the_same_tokens(monkeypatch):
     """disable_compile=True lays the weights out as the graphs do; its decode then runs each layer's input
-    projections as one product (`joined_linear`) with a Gated DeltaNet's convolutions inside it and the MLP's
-    residual added in its down product, and writes its states in place, with the tokens of the plain per-module
+    projections as one product (`joined_linear`) with the input norm in front of it and a Gated DeltaNet's
+    convolutions inside it, the post-attention add and norm inside the MLP's gate/up product and its residual
+    added in its down product, and writes its states in place, with the tokens of the plain per-module
     calls (a greedy loop over the weights as built, before any generate())."""
     from infinitevl_hf import InfiniteVLCache
     from infinitevl_hf.modeling import gated_deltanet
     from infinitevl_hf.modeling.compat import CACHE_KWARG
     from infinitevl_hf.modeling.joined_linear import joined_weight
+    from infinitevl_hf.modeling.rms_norm import InfiniteVLRMSNorm
 
     model = _build()
     mixer = next(layer.self_attn for layer in model.model.language_model.layers if hasattr(layer.self_attn, "a_proj"))
@@ -213,13 +215,18 @@ def test_the_module_path_joins_its_projections_after_the_layout_with_the_same_to
             tokens.append(logits.argmax(-1, keepdim=True))
             logits = model(input_ids=tokens[-1], use_cache=True, **{CACHE_KWARG: cache}).logits[:, -1]
     plain = torch.cat([inputs["input_ids"], *tokens], dim=1)
-    separate_convs = []
+    separate_convs, norm_ops = [], []
     group = gated_deltanet.causal_conv1d_group
     monkeypatch.setattr(gated_deltanet, "causal_conv1d_group", lambda *a, **k: (separate_convs.append(1), group(*a, **k))[1])
+    norm, add_norm = InfiniteVLRMSNorm.forward, InfiniteVLRMSNorm.add_then_norm
+    monkeypatch.setattr(InfiniteVLRMSNorm, "forward", lambda self, x: (norm_ops.append(x.shape[-2]), norm(self, x))[1])
+    monkeypatch.setattr(InfiniteVLRMSNorm, "add_then_norm",
+                        lambda self, r, d: (norm_ops.append(d.shape[-2]), add_norm(self, r, d))[1])
     assert torch.equal(_greedy(model, inputs, disable_compile=True), plain)
     assert joined_weight(six) is not None
     gdn_layers = sum(kind == "linear_attention" for kind in model.config.text_config.layer_types)
     assert len(separate_convs) == gdn_layers  # the prompt's; each decode step's ran inside the projection
+    assert norm_ops.count(1) == NEW - 1  # at decode only the final norm: the layers' ran inside their products
 
 
 def _quantized_or_lora(model, kind):

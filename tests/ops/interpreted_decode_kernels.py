@@ -14,7 +14,7 @@ from infinitevl_hf.modeling.ops.decode_attention.reference import ring_decode_at
 from infinitevl_hf.modeling.ops.decode_attention.triton_decode_attention import triton_ring_decode_attention  # noqa: E402
 from infinitevl_hf.modeling.ops.gated_delta_rule.reference import torch_gated_delta_rule_decode_step  # noqa: E402
 from infinitevl_hf.modeling.ops.gated_delta_rule.triton_decode import triton_gated_delta_rule_decode_step  # noqa: E402
-from infinitevl_hf.modeling.ops.matvec import _rows_matvec, _rows_rms_norm_matvec  # noqa: E402
+from infinitevl_hf.modeling.ops.matvec import _rows_add_rms_norm_matvec, _rows_matvec, _rows_rms_norm_matvec  # noqa: E402
 from infinitevl_hf.modeling.ops.matvec import reference as R  # noqa: E402
 from infinitevl_hf.modeling.ops.matvec import triton_matvec as T  # noqa: E402
 
@@ -38,6 +38,19 @@ for dtype in (torch.float32, torch.bfloat16):
     w_gate_up = (torch.randn(2 * N, K) * 0.1).to(dtype)
     check("rms norm + matvec + silu(gate)*up", T.fused_matvec(x, w_gate_up, norm_weight=norm_w, eps=1e-6, glu=True, config=CONFIG),
           R.rms_norm_matvec_reference(x, norm_w, 1e-6, w_gate_up, glu=True), dtype)
+    # the residual add before the norm in the prologue, its sum written by the first of several programs
+    delta, xs, deltas = torch.randn(1, K, dtype=dtype), torch.randn(3, K, dtype=dtype), torch.randn(3, K, dtype=dtype)
+    for label, weight, extra in (("silu(gate)*up", w_gate_up, dict(glu=True)), ("bias", w, dict(bias=bias))):
+        total = torch.full((1, K), float("nan"), dtype=dtype)
+        got = T.fused_matvec(x, weight, extra.get("bias"), norm_weight=norm_w, eps=1e-6, glu=extra.get("glu", False),
+                             config=CONFIG, x_delta=delta, x_sum=total)
+        want_sum, want = R.add_rms_norm_matvec_reference(x, delta, norm_w, 1e-6, weight, **extra)
+        check(f"add + rms norm + matvec + {label}", got, want, dtype)
+        check(f"add + rms norm + matvec + {label}: sum", total, want_sum, dtype)
+        got_sum, got = _rows_add_rms_norm_matvec(xs, deltas, norm_w, 1e-6, weight, **extra)
+        want_sum, want = R.add_rms_norm_matvec_reference(xs, deltas, norm_w, 1e-6, weight, **extra)
+        check(f"rows: add + norm + product + {label}", got, want, dtype)
+        check(f"rows: add + norm + product + {label}: sum", got_sum, want_sum, dtype)
 
     sizes, taps, rows = (16, 16, 24), 4, 64  # conv over the first 56 rows, 8 rows left raw
     w_in = (torch.randn(rows, K) * 0.1).to(dtype)

@@ -14,7 +14,7 @@ from infinitevl_hf.modeling.ops.norms import gated_rms_norm, rms_norm
 
 def test_kernels_match_their_torch_definitions_under_the_triton_interpreter():
     output = run_under_triton_interpreter(Path(__file__).with_name("interpreted_decode_kernels.py"))
-    assert output.count("ok  ") == 52, output
+    assert output.count("ok  ") == 68, output
 
 
 def test_ops_take_their_torch_definition_off_cuda():
@@ -182,6 +182,35 @@ def test_several_cuda_rows_take_cublas_between_the_package_kernels(monkeypatch):
     grads = CudaLike(torch.empty(8, 64, device="meta", requires_grad=True))
     with torch.enable_grad():
         assert "gradients" in _rows_rms_norm_matvec_fits(grads, norm_w, 1e-6, w)
+
+
+def test_the_add_before_a_norm_joins_the_product_only_for_summands_alike(monkeypatch):
+    """The choice for `add_rms_norm_matvec` (metadata only): one CUDA row the fused kernel, several the rows path;
+    summands that differ in shape or dtype, or a norm weight in another dtype than x (the kernel scales in x's
+    dtype), the torch definition."""
+    from helpers import CudaLike
+    from infinitevl_hf.modeling.ops import dispatch
+
+    if not dispatch.triton_available():
+        pytest.skip("Triton is not installed (the kernels are not registered)")
+    set_current_cuda_device(monkeypatch, 0)
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return CudaLike(torch.empty(*shape, device="meta", dtype=dtype))
+
+    norm_w, w = meta(64), meta(112, 64)
+    with torch.no_grad():
+        assert dispatch.decide("add_rms_norm_matvec", meta(1, 64), meta(1, 64), norm_w, 1e-6, w, None, True) == (
+            "triton", None)
+        name, skipped = dispatch.decide("add_rms_norm_matvec", meta(8, 64), meta(8, 64), norm_w, 1e-6, w, None, True)
+        assert name == "rows" and "one row" in skipped
+        for residual, delta in ((meta(1, 64), meta(1, 32)), (meta(1, 64), meta(1, 64, dtype=torch.float16))):
+            name, skipped = dispatch.decide("add_rms_norm_matvec", residual, delta, norm_w, 1e-6, w, None, True)
+            assert name == "torch" and "summands" in skipped
+        name, skipped = dispatch.decide("add_rms_norm_matvec", meta(1, 64), meta(1, 64), meta(64, dtype=torch.float32),
+                                        1e-6, w, None, True)
+        assert name == "rows" and "norm weight" in skipped
+        assert dispatch.decide("rms_norm_matvec", meta(1, 64), meta(64, dtype=torch.float32), 1e-6, w)[0] == "rows"
 
 
 def test_several_rows_add_the_residual_in_the_product():

@@ -89,15 +89,18 @@ class InfiniteVLAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         token_valid: torch.Tensor | None = None,
         cache=None,
+        input_norm: nn.Module | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states [B, T, hidden]; token_valid [B, T] bool (False on padding) or None.
+        """hidden_states [B, T, hidden]; token_valid [B, T] bool (False on padding) or None. input_norm: the decoder
+        layer's pre-norm, not yet applied to hidden_states: applied here, inside the joined q/k/v product at decode
+        where it runs as defined (`joined_linear.project`).
 
         Returns the output [B, T, hidden] and the attention weights [B, H, T, keys] where the attention function
         gives them (eager; the keys are the cached window followed by the new tokens), else None."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
-        projections = project(hidden_states, (self.q_proj, self.k_proj, self.v_proj))  # one product at decode
+        projections = project(hidden_states, (self.q_proj, self.k_proj, self.v_proj), input_norm)  # one at decode
         query, key, value = (t.view(shape).transpose(1, 2) for t in projections)
         query, key = apply_rotary(query, key, *position_embeddings)
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_infinitevl import InfiniteVLTextConfig
-from .joined_linear import apply_linear, project, project_convolved, runs_as_defined
+from .as_defined import runs_as_defined
+from .joined_linear import apply_linear, project, project_convolved
 from .ops import causal_conv1d, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from .ops.causal_conv1d import causal_conv1d_group
 from .ops.gated_delta_rule import gated_delta_rule_decode_step, gdn_gates
@@ -118,12 +119,15 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         token_valid: torch.Tensor | None = None,
         cache=None,
         cu_seqlens: torch.LongTensor | None = None,
+        input_norm: nn.Module | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """hidden_states [B, T, hidden]; token_valid [B, T] bool (False on padding) or None.
 
         cu_seqlens: [N + 1] boundaries of N sequences packed in one row (B = 1, training, no cache): each
         sequence starts from a zero convolution and recurrent state.
+        input_norm: the decoder layer's pre-norm, not yet applied to hidden_states: applied here, inside the
+        joined input projection at decode where it runs as defined (`joined_linear.project`).
         """
         batch, length, _ = hidden_states.shape
         if cu_seqlens is not None and cache is not None:
@@ -135,19 +139,21 @@ class InfiniteVLGatedDeltaNet(nn.Module):
             return x if token_valid is None else torch.where(token_valid[..., None], x, torch.zeros_like(x))
 
         # One product for all six at decode, where the weights are laid out together (`joined_linear.project`),
-        # with the convolutions in it and their states shifted where the cache keeps them (`project_convolved`).
+        # with the norm before it and the convolutions in it, their states shifted where the cache keeps them
+        # (`project_convolved`).
         projections = (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj)
         projections += (self.g_proj,) if self.use_gate else ()
         convolved = None
         if self.use_short_conv and keep_state and token_valid is None:
             convolved = project_convolved(hidden_states, projections, (self.q_conv1d, self.k_conv1d, self.v_conv1d),
-                                          InfiniteVLShortConvolution, tuple(layer_cache.conv_states[i] for i in range(3)))
+                                          InfiniteVLShortConvolution, tuple(layer_cache.conv_states[i] for i in range(3)),
+                                          input_norm)
         if convolved is not None:
             q, k, v, a, b, *gate = convolved
             for idx in range(3):  # (written in place: this only marks them set)
                 layer_cache.update_conv_state(layer_cache.conv_states[idx], state_idx=idx)
         else:
-            q, k, v, a, b, *gate = project(hidden_states, projections)
+            q, k, v, a, b, *gate = project(hidden_states, projections, input_norm)
             q, k, v = masked(q), masked(k), masked(v)
             if self.use_short_conv:
                 q, k, v = self._short_convolutions((q, k, v), layer_cache, cu_seqlens)

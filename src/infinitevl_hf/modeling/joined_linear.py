@@ -16,10 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as torch_module
 
+from .as_defined import global_hooks, runs_as_defined, runs_as_defined_here
 from .ops.elementwise import silu_glu, silu_mul
-from .ops.matvec import KERNEL_DTYPES, ConvUpdate, matvec
+from .ops.matvec import KERNEL_DTYPES, ConvUpdate, matvec, rms_norm_matvec
+from .ops.norms import rms_norm
+from .rms_norm import InfiniteVLRMSNorm
 
 
 def adjacent_rows(params: tuple[torch.Tensor, ...]) -> bool:
@@ -41,44 +43,6 @@ def rows_view(params: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
-_PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
-
-
-def runs_as_defined(module: nn.Module, cls: type) -> bool:
-    """Whether `module`'s call may be stood in for by its math: exactly a `cls`, without hooks (its own or global)
-    or an instance-level forward, with plain-tensor weight and bias. A subclass (LoRA, quantized layers), an
-    instance forward (accelerate), a hook, or a weight of a tensor subclass (torchao's quantized weights, DTensor
-    shards) must run as called."""
-    return not _global_hooks() and _runs_as_defined(module, cls)
-
-
-def _global_hooks() -> bool:
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
-
-
-def calls_as_defined(module: nn.Module, cls: type) -> bool:
-    """Whether `module`'s call runs `cls.forward` and nothing else: exactly a `cls`, without forward hooks (its own
-    or global), an instance-level forward or a compiled call (`module.compile()`). Backward hooks are not asked
-    about: the callers stand in for a call only outside autograd. (`runs_as_defined` also asks this of the
-    weights.)"""
-    return not _global_hooks() and _calls_as_defined(module, cls)
-
-
-def _calls_as_defined(module: nn.Module, cls: type) -> bool:
-    return not (type(module) is not cls or module._forward_hooks or module._forward_pre_hooks
-                or "forward" in module.__dict__ or module.__dict__.get("_compiled_call_impl") is not None)
-
-
-def _runs_as_defined(module: nn.Module, cls: type) -> bool:
-    # (the parameters read from `_parameters`: `module.weight` goes through nn.Module.__getattr__, several times
-    # slower, and a decode step of the module path asks this about 250 times)
-    if not _calls_as_defined(module, cls):
-        return False
-    params = module._parameters
-    bias = params.get("bias")
-    return type(params.get("weight")) in _PLAIN_TENSORS and (bias is None or type(bias) in _PLAIN_TENSORS)
-
-
 def _adjacent_layout(weights: tuple[torch.Tensor, ...], biases: tuple) -> bool:
     if not adjacent_rows(weights):
         return False
@@ -97,7 +61,7 @@ def joined_weight(linears: tuple[nn.Module, ...], cls: type = nn.Linear
     address) it was found for: moving or replacing any of them is seen on the next call. Only the answer is kept,
     not a view: a kept view would hold the joined buffer alive after the weights moved (`model.cpu()`). A single
     linear is its own weight and bias."""
-    if _global_hooks() or not all(_runs_as_defined(m, cls) for m in linears):
+    if global_hooks() or not all(runs_as_defined_here(m, cls) for m in linears):
         return None
     if len(linears) == 1:
         params = linears[0]._parameters
@@ -113,32 +77,61 @@ def joined_weight(linears: tuple[nn.Module, ...], cls: type = nn.Linear
     return rows_view(weights), (rows_view(biases) if biases[0] is not None else None)
 
 
+def norm_parameters(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of an `InfiniteVLRMSNorm` whose call its math may stand in for (`runs_as_defined`: no hooks,
+    a plain weight), so that it can run inside the product after it; else None (the norm is called)."""
+    if not runs_as_defined(norm, InfiniteVLRMSNorm):
+        return None
+    return norm._parameters["weight"], norm.variance_epsilon
+
+
 def _one_token_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, glu: bool = False,
-                       residual: torch.Tensor | None = None, in_place: bool = False):
+                       residual: torch.Tensor | None = None, in_place: bool = False,
+                       norm: tuple[torch.Tensor, float] | None = None):
     """F.linear(x, weight, bias) (+ residual) for x [..., 1, in]: a single row as one matrix-vector product
     (`ops.matvec`: a Triton kernel on CUDA, streaming the weight once, where cuBLAS takes one or two launches of
     GEMM tiles), the residual added in its epilogue and, in_place, written over it. The kernel rounds the product
     before the add, as the two eager ops do; where it cannot take the call (a non-contiguous weight, say) and the
     rows path can, cuBLAS adds the residual in its epilogue and rounds once. Several rows: F.linear, then an eager
-    add. Under autocast, F.linear (the kernel would compute in the weights' dtype)."""
+    add. Under autocast, F.linear (the kernel would compute in the weights' dtype). norm: (weight, eps) of an
+    RMSNorm to apply to x first (`norm_parameters`; not with a residual), for a single row inside the product
+    (`ops.matvec.rms_norm_matvec`: the kernel's prologue)."""
     if x.numel() == x.shape[-1] and not torch.is_autocast_enabled(x.device.type):
         rest = x.shape[:-1]
+        if norm is not None:
+            return rms_norm_matvec(x.reshape(1, -1), *norm, weight, bias, glu=glu).view(*rest, -1)
         if residual is not None:
             residual = residual.reshape(1, -1)
         return matvec(x.reshape(1, -1), weight, bias, residual, glu=glu, in_place=in_place).view(*rest, -1)
+    if norm is not None:
+        x = rms_norm(x, *norm)
     y = F.linear(x, weight, bias)
     y = silu_glu(y) if glu else y
     return y if residual is None else residual + y
 
 
-def project(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+def project(x: torch.Tensor, linears: tuple[nn.Module, ...], norm: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
     """Each of `linears` applied to x [..., T, in]: for one token per row (T == 1) outside autograd, one product
-    when their weights are laid out side by side (`joined_weight`), split into views; else one call each."""
+    when their weights are laid out side by side (`joined_weight`), split into views; else one call each.
+    norm: a module to apply to x first (a layer's pre-norm): inside that one product where it is an RMSNorm that
+    runs as defined (`norm_parameters`), else called."""
     if x.shape[-2] == 1 and not torch.is_grad_enabled():
         joined = joined_weight(linears)
         if joined is not None:
-            return _one_token_product(x, *joined).split([m.out_features for m in linears], dim=-1)
+            x, parameters = _norm_or_parameters(x, norm)
+            return _one_token_product(x, *joined, norm=parameters).split([m.out_features for m in linears], dim=-1)
+    if norm is not None:
+        x = norm(x)
     return tuple(m(x) for m in linears)
+
+
+def _norm_or_parameters(x: torch.Tensor, norm: nn.Module | None) -> tuple[torch.Tensor, tuple | None]:
+    """(x, the norm's parameters) where the norm can run inside the product; (norm(x), None) where it is called;
+    (x, None) without a norm."""
+    if norm is None:
+        return x, None
+    parameters = norm_parameters(norm)
+    return (x, parameters) if parameters is not None else (norm(x), None)
 
 
 def apply_linear(x: torch.Tensor, linear: nn.Module, residual: torch.Tensor | None = None,
@@ -155,14 +148,14 @@ def apply_linear(x: torch.Tensor, linear: nn.Module, residual: torch.Tensor | No
 
 
 def project_convolved(x: torch.Tensor, linears: tuple[nn.Module, ...], convs: tuple[nn.Module, ...], conv_cls: type,
-                      states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
-    """`project(x, linears)` with the first len(convs) outputs through their depthwise causal convolutions (+ SiLU)
-    over `states` [B, D, W-1], which are shifted in place: for one token per row outside autograd, one product
-    with the convolutions in it (`ops.matvec`'s `conv`: on CUDA one launch for one row, cuBLAS's product and one
-    convolution kernel for several), where the projections and the convolutions (each exactly a `conv_cls`,
-    running as defined) are each laid out side by side. None otherwise: the caller runs them apart. The
-    convolutions compute in float32 either way (float64 inputs are left to the separate ops, which compute in
-    float64)."""
+                      states: tuple[torch.Tensor, ...], norm: nn.Module | None = None) -> tuple[torch.Tensor, ...] | None:
+    """`project(x, linears, norm)` with the first len(convs) outputs through their depthwise causal convolutions
+    (+ SiLU) over `states` [B, D, W-1], which are shifted in place: for one token per row outside autograd, one
+    product with the convolutions in it (`ops.matvec`'s `conv`: on CUDA one launch for one row, cuBLAS's product
+    and one convolution kernel for several), and the norm in front of it where it runs as defined (else called first), where the projections
+    and the convolutions (each exactly a `conv_cls`, running as defined) are each laid out side by side. None
+    otherwise, before anything ran: the caller runs them apart. The convolutions compute in float32 either
+    way (float64 inputs are left to the separate ops, which compute in float64)."""
     if (x.shape[-2] != 1 or x.dtype not in KERNEL_DTYPES or torch.is_grad_enabled()
             or torch.is_autocast_enabled(x.device.type)):
         return None
@@ -170,10 +163,14 @@ def project_convolved(x: torch.Tensor, linears: tuple[nn.Module, ...], convs: tu
     conv = joined_weight(convs, conv_cls) if joined is not None else None
     if conv is None or any(s is None for s in states):
         return None
+    x, parameters = _norm_or_parameters(x, norm)
     rows = x.reshape(-1, x.shape[-1])
     update = ConvUpdate(conv[0].squeeze(1), conv[1], tuple(states))
-    y = matvec(rows, *joined, conv=update).view(*x.shape[:-1], -1)
-    return y.split([m.out_features for m in linears], dim=-1)
+    if parameters is not None:
+        y = rms_norm_matvec(rows, *parameters, *joined, conv=update)
+    else:
+        y = matvec(rows, *joined, conv=update)
+    return y.view(*x.shape[:-1], -1).split([m.out_features for m in linears], dim=-1)
 
 
 def project_glu(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module) -> torch.Tensor:

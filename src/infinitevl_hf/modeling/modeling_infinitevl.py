@@ -19,6 +19,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
 )
 
+from .as_defined import calls_as_defined
 from .attention import InfiniteVLAttention, InfiniteVLRotaryEmbedding
 from .cache import InfiniteVLCache
 from .compat import CACHE_KWARG, pop_cache_kwarg
@@ -32,7 +33,7 @@ from .outputs import InfiniteVLCausalLMOutputWithPast, InfiniteVLModelOutputWith
 from .loading import LEGACY_KEY_MAPPING, check_loading_info
 from .positions import mrope_position_ids, num_vision_tokens, packed_mrope_position_ids
 from .remote_code import set_auto_map, write_model_card, write_remote_code
-from .rms_norm import InfiniteVLRMSNorm
+from .rms_norm import InfiniteVLRMSNorm, add_then_norm
 from ..speed.vision import speed_up_vision_tower
 
 
@@ -131,18 +132,34 @@ class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
         cache: InfiniteVLCache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the layer's output and its attention weights (None for Gated DeltaNet and non-eager attention)."""
+        """Returns the layer's output and its attention weights (None for Gated DeltaNet and non-eager attention).
+
+        The norms run inside the products after them where the modules allow (one token per row, outside
+        autograd): the input norm in the mixer's input projection (which the mixer is handed the norm for, when
+        it is the package's own and called as defined, so that its hooks would see what they always saw), and
+        the post-attention add and norm in the MLP's gate/up product (`InfiniteVLMLP.add_normed_to`)."""
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        mixer_input = {}
+        if _calls_as_defined(self.self_attn):  # it applies the norm, inside its projection where it can
+            mixer_input["input_norm"] = self.input_layernorm
+        else:
+            hidden_states = self.input_layernorm(hidden_states)
         weights = None
         if self.layer_type == "linear_attention":
-            hidden_states = self.self_attn(hidden_states, token_valid=token_valid, cache=cache, cu_seqlens=kwargs.get("cu_seqlens"))
+            hidden_states = self.self_attn(hidden_states, token_valid=token_valid, cache=cache,
+                                           cu_seqlens=kwargs.get("cu_seqlens"), **mixer_input)
         else:
-            hidden_states, weights = self.self_attn(hidden_states, position_embeddings, token_valid=token_valid, cache=cache, **kwargs)
-        residual, hidden_states = self.post_attention_layernorm.add_then_norm(residual, hidden_states)
-        if isinstance(self.mlp, InfiniteVLMLP):  # (the sum add_then_norm returned is this layer's: written over)
-            return self.mlp.add_to(residual, hidden_states, in_place=True), weights
+            hidden_states, weights = self.self_attn(hidden_states, position_embeddings, token_valid=token_valid,
+                                                    cache=cache, **mixer_input, **kwargs)
+        if isinstance(self.mlp, InfiniteVLMLP):  # (the sum it makes is this layer's: written over)
+            return self.mlp.add_normed_to(residual, hidden_states, self.post_attention_layernorm), weights
+        residual, hidden_states = add_then_norm(self.post_attention_layernorm, residual, hidden_states)
         return residual + self.mlp(hidden_states), weights  # an MLP put in its place
+
+
+def _calls_as_defined(mixer: nn.Module) -> bool:
+    """Whether a layer's mixer is the package's attention or Gated DeltaNet, called as defined (`as_defined`)."""
+    return calls_as_defined(mixer, InfiniteVLGatedDeltaNet) or calls_as_defined(mixer, InfiniteVLAttention)
 
 
 class InfiniteVLTextModel(InfiniteVLPreTrainedModel):

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from ..dispatch import cuda_here_problem, one_token_kernel_problem, register_op, triton_available
 from ..elementwise import silu_glu
-from ..norms import rms_norm
-from .reference import ConvUpdate, Weight, add_residual, matvec_reference, rms_norm_matvec_reference
+from ..norms import add_rms_norm, rms_norm
+from .reference import (ConvUpdate, Weight, add_residual, add_rms_norm_matvec_reference, matvec_reference,
+                        rms_norm_matvec_reference)
 
 if triton_available():
     from ..causal_conv1d.triton_step import conv1d_step3_in_place
@@ -94,7 +95,30 @@ def _rms_norm_matvec_kernel(x, norm_weight, eps, weight, bias=None, conv=None, g
 
 
 def _rms_norm_matvec_fits(x, norm_weight, eps, weight, bias=None, conv=None, glu=False) -> str | None:
-    return _kernel_problem(x, weight, bias, norm_weight) or _conv_problem(conv, x, weight.shape[0])
+    return (_kernel_problem(x, weight, bias, norm_weight) or _norm_weight_problem(x, norm_weight)
+            or _conv_problem(conv, x, weight.shape[0]))
+
+
+def _norm_weight_problem(x: torch.Tensor, norm_weight: torch.Tensor) -> str | None:
+    # (the kernel scales in x's dtype; torch would promote to a wider norm weight's)
+    return None if norm_weight.dtype == x.dtype else "the norm weight is not in x's dtype"
+
+
+def _add_rms_norm_matvec_kernel(residual, delta, norm_weight, eps, weight, bias=None, glu=False):
+    hidden = torch.empty_like(residual)
+    return hidden, fused_matvec(residual, weight, bias, norm_weight=norm_weight, eps=eps, glu=glu, x_delta=delta,
+                                x_sum=hidden)
+
+
+def _delta_problem(residual: torch.Tensor, delta: torch.Tensor) -> str | None:
+    if delta.shape != residual.shape or delta.dtype != residual.dtype or delta.device != residual.device:
+        return "the two summands differ in shape, dtype or device"
+    return None
+
+
+def _add_rms_norm_matvec_fits(residual, delta, norm_weight, eps, weight, bias=None, glu=False) -> str | None:
+    return (_delta_problem(residual, delta) or _kernel_problem(residual, weight, bias, norm_weight, delta)
+            or _norm_weight_problem(residual, norm_weight))
 
 
 def _convolve_rows(y: torch.Tensor, conv: ConvUpdate) -> torch.Tensor:
@@ -145,6 +169,16 @@ def _rows_rms_norm_matvec(x, norm_weight, eps, weight, bias=None, conv=None, glu
     return silu_glu(y) if glu else y
 
 
+def _rows_add_rms_norm_matvec(residual, delta, norm_weight, eps, weight, bias=None, glu=False):
+    hidden, normed = add_rms_norm(residual, delta, norm_weight, eps)
+    y = F.linear(normed, weight, bias)
+    return hidden, silu_glu(y) if glu else y
+
+
+def _rows_add_rms_norm_matvec_fits(residual, delta, norm_weight, eps, weight, bias=None, glu=False) -> str | None:
+    return _delta_problem(residual, delta) or _rows_problem(residual, weight, bias, norm_weight, delta)
+
+
 def _rows_conv_problem(conv: ConvUpdate | None, x: torch.Tensor, outputs: int) -> str | None:
     if conv is not None and x.dtype not in KERNEL_DTYPES:
         return f"a {x.dtype} input to the convolutions"
@@ -157,11 +191,14 @@ def _rows_rms_norm_matvec_fits(x, norm_weight, eps, weight, bias=None, conv=None
 
 _matvec = register_op("matvec", matvec_reference)
 _rms_norm_matvec = register_op("rms_norm_matvec", rms_norm_matvec_reference)
+_add_rms_norm_matvec = register_op("add_rms_norm_matvec", add_rms_norm_matvec_reference)
 if triton_available():
     _matvec.register("triton", _matvec_kernel, _matvec_fits)
     _rms_norm_matvec.register("triton", _rms_norm_matvec_kernel, _rms_norm_matvec_fits)
+    _add_rms_norm_matvec.register("triton", _add_rms_norm_matvec_kernel, _add_rms_norm_matvec_fits)
     _matvec.register("rows", _rows_matvec, _rows_matvec_fits)
     _rms_norm_matvec.register("rows", _rows_rms_norm_matvec, _rows_rms_norm_matvec_fits)
+    _add_rms_norm_matvec.register("rows", _rows_add_rms_norm_matvec, _rows_add_rms_norm_matvec_fits)
 
 
 def matvec(x: torch.Tensor, weight: Weight, bias: Weight | None = None, residual: torch.Tensor | None = None,
@@ -185,4 +222,13 @@ def rms_norm_matvec(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
     return _rms_norm_matvec(x, norm_weight, eps, weight, bias, conv, glu, reference=not fast)
 
 
-__all__ = ["KERNEL_DTYPES", "ConvUpdate", "matvec", "matvec_available", "rms_norm_matvec"]
+def add_rms_norm_matvec(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        weight: Weight, bias: Weight | None = None, glu: bool = False, fast: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's residual add, its norm and the product after it: `(h, F.linear(rms_norm(h), weight,
+    bias))` for `h = residual + delta`; glu=True: the output halves are [gate | up] and the result is
+    silu(gate) * up. For one CUDA row one kernel, whose first program writes h."""
+    return _add_rms_norm_matvec(residual, delta, norm_weight, eps, weight, bias, glu, reference=not fast)
+
+
+__all__ = ["KERNEL_DTYPES", "ConvUpdate", "add_rms_norm_matvec", "matvec", "matvec_available", "rms_norm_matvec"]

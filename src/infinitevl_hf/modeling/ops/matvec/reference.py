@@ -87,3 +87,11 @@ def rms_norm_matvec_reference(x, norm_weight, eps: float, weight: Weight, bias: 
     if conv is not None:
         y = apply_conv(y, conv)
     return torch_silu_glu(y) if glu else y
+
+
+def add_rms_norm_matvec_reference(residual: torch.Tensor, delta: torch.Tensor, norm_weight, eps: float, weight: Weight,
+                                  bias: Weight | None = None, glu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(h, rms_norm_matvec_reference(h, ...))` for `h = residual + delta`: a pre-norm block's residual add, then
+    its norm and the product after it."""
+    hidden = residual + delta
+    return hidden, rms_norm_matvec_reference(hidden, norm_weight, eps, weight, bias, glu=glu)

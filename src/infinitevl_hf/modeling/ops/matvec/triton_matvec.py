@@ -9,8 +9,9 @@ float32: a pure bandwidth kernel. The norms, gates and the short convolution bet
 cost a launch of their own but almost no bytes, so they ride along (`reference.py` defines each):
 
 - prologue, on x as it is read: Qwen2's RMSNorm (one extra pass over x for its mean square; x is a few
-  KB). Every program redoes it, so it must stay a few operations per element: the SiLU gates are
-  epilogues, computed once per output row;
+  KB), after the residual add before it where there is one (its sum written once, by the first program).
+  Every program redoes it, so it must stay a few operations per element: the SiLU gates are epilogues,
+  computed once per output row;
 - epilogue, on each output row: bias; a depthwise causal conv + SiLU over the first channels (each
   channel's taps belong to the one program that computes the channel, so its state updates in place
   without races); the MLP's silu(gate) * up, with the program streaming a gate row and its up row side by
@@ -60,13 +61,23 @@ def _conv_epilogue(y, rows, C0, C1, C_TOTAL, CW, CB, S0, S1, S2, HAS_CONV_BIAS: 
 
 
 @triton.jit
+def _load_x(X, X2, cols, col_ok, dtype, ADD_X: tl.constexpr):
+    """x's block in float32; ADD_X: x + X2, rounded to the output dtype as the torch add rounds."""
+    x = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if ADD_X:
+        x = (x + tl.load(X2 + cols, mask=col_ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _fused_matvec_kernel(
-    W, X, Y, N, K: tl.constexpr, stride_wn, B, R, NW, eps,
+    W, X, X2, H, Y, N, K: tl.constexpr, stride_wn, B, R, NW, eps,
     CW, CB, S0, S1, S2, C0, C1, C_TOTAL,
-    RMS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GLU: tl.constexpr,
-    CONV: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, TAPS: tl.constexpr,
+    RMS_NORM: tl.constexpr, ADD_X: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    GLU: tl.constexpr, CONV: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, TAPS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # ADD_X (with RMS_NORM): the input is X + X2 (a residual add before the norm), which program 0 writes to H
     dtype = Y.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -74,7 +85,7 @@ def _fused_matvec_kernel(
         squares = tl.zeros([BLOCK_K], dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
-            x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
+            x = _load_x(X, X2, cols, cols < K, dtype, ADD_X)
             squares += x * x
         inv_rms = tl.math.rsqrt(tl.sum(squares, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -83,7 +94,10 @@ def _fused_matvec_kernel(
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        x = tl.load(X + cols, mask=col_ok, other=0.0).to(tl.float32)
+        x = _load_x(X, X2, cols, col_ok, dtype, ADD_X)
+        if ADD_X:
+            if tl.program_id(0) == 0:
+                tl.store(H + cols, x.to(dtype), mask=col_ok)
         if RMS_NORM:
             x = (x * inv_rms).to(dtype).to(tl.float32)
             x = (x * tl.load(NW + cols, mask=col_ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
@@ -128,14 +142,20 @@ def fused_matvec(
     residual: torch.Tensor | None = None,
     config: dict | None = None,
     out: torch.Tensor | None = None,
+    x_delta: torch.Tensor | None = None,
+    x_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One row x [1, K] through `weight` [N, K] (row-major); returns [1, N], or [1, N/2] with glu=True.
 
     norm_weight: RMSNorm x first (eps); conv: a causal conv + SiLU over the first output channels; glu: the
     rows are [gate; up] and the output is silu(gate) * up; residual: added last. `config` overrides
     `block_config` (BLOCK_N, BLOCK_K, num_warps, num_stages). out: a contiguous [1, N] to write the result into,
-    which may be `residual` (each program reads its rows of it before it writes them)."""
+    which may be `residual` (each program reads its rows of it before it writes them). x_delta (with norm_weight):
+    the input is x + x_delta, rounded to x's dtype, and that sum is written to `x_sum` (a contiguous [1, K] of its
+    own: every program reads x)."""
     n, k = weight.shape
+    if (x_delta is None) != (x_sum is None) or (x_delta is not None and norm_weight is None):
+        raise ValueError("x_delta and x_sum go together, and with norm_weight (the add before a norm)")
     if glu:
         if n % 2 or bias is not None or conv is not None:
             raise ValueError(f"a GLU product needs [gate; up] rows without bias or conv, got {n} rows")
@@ -154,13 +174,14 @@ def fused_matvec(
         taps = 2
     anything = y  # a valid pointer for absent optional tensors (never read)
     args = (
-        weight, x, y, n, k, weight.stride(0),
+        weight, x, x_delta if x_delta is not None else x, x_sum if x_sum is not None else anything, y, n, k,
+        weight.stride(0),
         bias if bias is not None else anything, residual if residual is not None else anything,
         norm_weight if norm_weight is not None else anything, eps,
         cw if cw is not None else anything, cb if cb is not None else anything,
         *(s if s is not None else anything for s in states), c0, c1, c_total,
     )
-    flags = dict(RMS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+    flags = dict(RMS_NORM=norm_weight is not None, ADD_X=x_delta is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                  GLU=glu, CONV=conv is not None, HAS_CONV_BIAS=cb is not None, TAPS=taps)
     config = config or block_config(n, k, norm_weight is not None)
     launch(_fused_matvec_kernel, (cdiv(n, config["BLOCK_N"]),), *args, **flags, **config)
