@@ -187,3 +187,23 @@ def test_launch_metadata_is_built_only_for_a_launch_hook(direct, monkeypatch):
     call(kernel, x, grid=(2,))
     assert kernel.compiled.metadata_asked == 1
     assert kernel.compiled.hooks[:2] == (("metadata", (2, 1, 1), "stream 0"), enter)
+
+
+def test_empty_hook_chains_count_as_no_hook(direct, monkeypatch):
+    """Newer Triton keeps each launch hook as a chain of hooks, empty unless a profiler adds one: an empty chain
+    builds no metadata and is not handed to the launcher; a chain with a hook in it is."""
+    chain_type = getattr(getattr(triton, "knobs", None), "HookChain", None)
+    if chain_type is None:
+        pytest.skip(f"Triton {triton.__version__} keeps its launch hooks as plain callables")
+    kernel = FakeKernel()
+    x = torch.zeros(8)
+    enter, leave = chain_type(), chain_type(reversed=True)
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", enter)
+    monkeypatch.setattr(triton.knobs.runtime, "launch_exit_hook", leave)
+    for _ in range(2):
+        call(kernel, x)
+    assert kernel.compiled.metadata_asked == 0 and kernel.compiled.hooks == (None, None, None)
+    leave.add(lambda metadata: None)
+    call(kernel, x, grid=(2,))
+    assert kernel.compiled.metadata_asked == 1
+    assert kernel.compiled.hooks == (("metadata", (2, 1, 1), "stream 0"), enter, leave)

@@ -101,13 +101,25 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     stream = (_stream_getter or _set_stream_getter())(device)
     every = args + rest
     # The call `JITFunction.run` makes once it has the compiled kernel. The launch hooks (profilers) are read on
-    # every call; only where one is set is there launch metadata to build (Triton's own `launch_metadata` would
-    # return None).
-    enter = knobs.runtime.launch_enter_hook
-    metadata = compiled.launch_metadata(grid, stream, *every) if enter is not None else None
-    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, metadata, enter,
-                 knobs.runtime.launch_exit_hook, *every)
+    # every call; only where one is set is there launch metadata to build and a hook to hand over (Triton's own
+    # launch builds the metadata and calls the hooks even where they are empty chains).
+    runtime = knobs.runtime
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if not _hooked(enter) and not _hooked(leave):
+        compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *every)
+    else:
+        compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
+                     compiled.launch_metadata(grid, stream, *every), enter, leave, *every)
     return compiled
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook is set: not None and, for the chains of hooks newer releases keep (`HookChain`), not
+    empty (an empty chain calls nothing)."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or bool(calls)
 
 
 _stream_getter = None  # the active driver's get_current_stream, looked up at the first direct launch
