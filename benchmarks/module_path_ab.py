@@ -12,7 +12,11 @@ Variants (each switches one saving off; "none" switches them all off):
 - "separate projections": each input projection its own `nn.Linear` call (`joined_linear.joined_weight`);
 - "convolutions apart": a Gated DeltaNet's convolutions an op of their own after its joined projection, not inside
   it (`joined_linear.project_convolved`);
-- "residual apart": the MLP's residual a torch add after its down product, not inside it (`InfiniteVLMLP.add_to`).
+- "residual apart": the MLP's residual a torch add after its down product, not inside it (`InfiniteVLMLP.add_to`);
+- "norms apart": a layer's input norm and its post-attention add and norm ops of their own, not inside the
+  products after them (`joined_linear.norm_parameters`);
+- "empty hook chains handed over": Triton's empty launch-hook chains handed to every launch with its metadata
+  built, as `kernel[grid]` does (`ops.triton_launch`).
 
     python benchmarks/module_path_ab.py --rounds 3 --new-tokens 48 --out benchmarks/results
 """
@@ -105,15 +109,30 @@ def residual_apart():
 
 
 @contextlib.contextmanager
+def norms_apart():
+    from infinitevl_hf.modeling import joined_linear, mlp
+
+    with patched(joined_linear, "norm_parameters", lambda norm: None), patched(mlp, "norm_parameters", lambda norm: None):
+        yield
+
+
+def empty_hook_chains_handed_over():
+    from infinitevl_hf.modeling.ops import triton_launch
+
+    return patched(triton_launch, "_hooked", lambda hook: hook is not None)
+
+
+@contextlib.contextmanager
 def none():
     with tritons_launch(), cublas_products(), separate_conv_and_rule(), separate_projections(), \
-            convolutions_apart(), residual_apart():
+            convolutions_apart(), residual_apart(), norms_apart(), empty_hook_chains_handed_over():
         yield
 
 
 VARIANTS = {"package": contextlib.nullcontext, "Triton's launch": tritons_launch, "cuBLAS products": cublas_products,
             "separate conv and rule": separate_conv_and_rule, "separate projections": separate_projections,
-            "convolutions apart": convolutions_apart, "residual apart": residual_apart, "none": none}
+            "convolutions apart": convolutions_apart, "residual apart": residual_apart, "norms apart": norms_apart,
+            "empty hook chains handed over": empty_hook_chains_handed_over, "none": none}
 
 
 def main(argv=None):
