@@ -144,3 +144,46 @@ def test_the_mlp_adds_and_norms_inside_its_gate_product_only_where_it_runs_as_de
     leaf = residual.clone().requires_grad_()  # autograd: the module path, gradients flow to both summands
     mlp.add_normed_to(leaf, delta, norm).sum().backward()
     assert leaf.grad is not None and torch.equal(leaf.detach(), residual)
+
+
+@pytest.mark.parametrize("kind", ["linear_attention", "sliding_attention"])
+def test_a_hooked_norm_before_a_mixer_called_as_defined_is_called_as_its_module(kind):
+    """Only the norm has a hook: the mixer still applies it (handed the norm), and does so by calling it."""
+    model = tiny_model()
+    DecodeStep.join_weights(model)
+    prompt = text_ids(2, 9)
+    expected = _decode(model, prompt, steps=3)
+    layer = _first_layer(model, kind)
+    seen = []
+    layer.input_layernorm.register_forward_hook(lambda m, args, out: seen.append((args[0].shape, out.shape)))
+    got = _decode(model, prompt, steps=3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    hidden = model.config.text_config.hidden_size
+    assert seen == [((2, 9, hidden), (2, 9, hidden))] + [((2, 1, hidden), (2, 1, hidden))] * 3
+
+
+@pytest.mark.parametrize("kind", ["linear_attention", "sliding_attention"])
+def test_backward_hooks_see_the_gradients_of_the_modules_own_inputs(kind):
+    """Under autograd nothing is stood in for: a full backward hook on the mixer gets the gradient of the normed
+    input it was called on, and one on the post-attention norm is called."""
+    model = tiny_model()
+    layer = _first_layer(model, kind)
+    normed, mixer_grads, post_norm_grads = [], [], []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        normed.append(out)
+
+    layer.input_layernorm.register_forward_hook(keep)
+    layer.self_attn.register_full_backward_hook(lambda m, grad_in, grad_out: mixer_grads.append(grad_in[0]))
+    layer.post_attention_layernorm.register_full_backward_hook(lambda m, gi, go: post_norm_grads.append(gi[0]))
+    model(input_ids=text_ids(1, 6)).logits.float().square().mean().backward()
+    assert len(mixer_grads) == len(normed) == 1 and len(post_norm_grads) == 1
+    torch.testing.assert_close(mixer_grads[0], normed[0].grad, rtol=0, atol=0)
+
+
+def test_a_product_with_a_norm_refuses_a_residual():
+    weight = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="takes no residual"):
+        joined_linear._one_token_product(torch.randn(1, 1, 8), weight, None, residual=torch.randn(1, 1, 4),
+                                         norm=(torch.ones(8), 1e-6))

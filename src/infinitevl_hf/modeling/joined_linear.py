@@ -96,6 +96,8 @@ def _one_token_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     add. Under autocast, F.linear (the kernel would compute in the weights' dtype). norm: (weight, eps) of an
     RMSNorm to apply to x first (`norm_parameters`; not with a residual), for a single row inside the product
     (`ops.matvec.rms_norm_matvec`: the kernel's prologue)."""
+    if norm is not None and residual is not None:
+        raise ValueError("a product with a norm before it takes no residual (the kernel's prologue has no room for it)")
     if x.numel() == x.shape[-1] and not torch.is_autocast_enabled(x.device.type):
         rest = x.shape[:-1]
         if norm is not None:
@@ -152,8 +154,9 @@ def project_convolved(x: torch.Tensor, linears: tuple[nn.Module, ...], convs: tu
     """`project(x, linears, norm)` with the first len(convs) outputs through their depthwise causal convolutions
     (+ SiLU) over `states` [B, D, W-1], which are shifted in place: for one token per row outside autograd, one
     product with the convolutions in it (`ops.matvec`'s `conv`: on CUDA one launch for one row, cuBLAS's product
-    and one convolution kernel for several), and the norm in front of it where it runs as defined (else called first), where the projections
-    and the convolutions (each exactly a `conv_cls`, running as defined) are each laid out side by side. None
+    and one convolution kernel for several), and the norm in front of it where it runs as defined (else called
+    first), where the projections and the convolutions (each exactly a `conv_cls`, running as defined) are each
+    laid out side by side. None
     otherwise, before anything ran: the caller runs them apart. The convolutions compute in float32 either
     way (float64 inputs are left to the separate ops, which compute in float64)."""
     if (x.shape[-2] != 1 or x.dtype not in KERNEL_DTYPES or torch.is_grad_enabled()

@@ -136,11 +136,13 @@ class InfiniteVLDecoderLayer(GradientCheckpointingLayer):
 
         The norms run inside the products after them where the modules allow (one token per row, outside
         autograd): the input norm in the mixer's input projection (which the mixer is handed the norm for, when
-        it is the package's own and called as defined, so that its hooks would see what they always saw), and
-        the post-attention add and norm in the MLP's gate/up product (`InfiniteVLMLP.add_normed_to`)."""
+        it is the package's own and called as defined, outside autograd, so that its forward hooks would see
+        what they always saw and its backward hooks are never asked), and the post-attention add and norm in
+        the MLP's gate/up product (`InfiniteVLMLP.add_normed_to`)."""
         residual = hidden_states
         mixer_input = {}
-        if _calls_as_defined(self.self_attn):  # it applies the norm, inside its projection where it can
+        # (it applies the norm, inside its projection where it can)
+        if not torch.is_grad_enabled() and _calls_as_defined(self.self_attn):
             mixer_input["input_norm"] = self.input_layernorm
         else:
             hidden_states = self.input_layernorm(hidden_states)

@@ -24,9 +24,10 @@ class InfiniteVLRMSNorm(Qwen2_5_VLRMSNorm):
 
 
 def add_then_norm(norm: nn.Module, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, norm(h)) for h = residual + delta: one kernel where `norm` is an `InfiniteVLRMSNorm` called as defined
-    (`InfiniteVLRMSNorm.add_then_norm`); otherwise the add, then the norm's call (its hooks see h)."""
-    if calls_as_defined(norm, InfiniteVLRMSNorm):
+    """(h, norm(h)) for h = residual + delta: one kernel where `norm` is an `InfiniteVLRMSNorm` called as defined,
+    outside autograd (`InfiniteVLRMSNorm.add_then_norm`); otherwise the add, then the norm's call (its hooks, the
+    backward ones included, see h)."""
+    if not torch.is_grad_enabled() and calls_as_defined(norm, InfiniteVLRMSNorm):
         return norm.add_then_norm(residual, delta)
     hidden = residual + delta
     return hidden, norm(hidden)

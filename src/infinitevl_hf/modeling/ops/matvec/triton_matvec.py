@@ -156,6 +156,10 @@ def fused_matvec(
     n, k = weight.shape
     if (x_delta is None) != (x_sum is None) or (x_delta is not None and norm_weight is None):
         raise ValueError("x_delta and x_sum go together, and with norm_weight (the add before a norm)")
+    if x_sum is not None and (x_sum.shape != x.shape or not x_sum.is_contiguous() or x_sum.data_ptr() in (
+            x.data_ptr(), x_delta.data_ptr())):
+        raise ValueError("x_sum must be a contiguous tensor shaped like x, apart from x and x_delta (every program "
+                         "reads them while the first writes the sum)")
     if glu:
         if n % 2 or bias is not None or conv is not None:
             raise ValueError(f"a GLU product needs [gate; up] rows without bias or conv, got {n} rows")
