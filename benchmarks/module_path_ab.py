@@ -16,7 +16,11 @@ Variants (each switches one saving off; "none" switches them all off):
 - "norms apart": a layer's input norm and its post-attention add and norm ops of their own, not inside the
   products after them (`joined_linear.norm_parameters`);
 - "empty hook chains handed over": Triton's empty launch-hook chains handed to every launch with its metadata
-  built, as `kernel[grid]` does (`ops.triton_launch`).
+  built, as `kernel[grid]` does (`ops.triton_launch`);
+- "matvec launches prepared per call": the matrix-vector kernel's flags, tile and keyword signature built on every
+  call, not kept per shape (`ops.matvec.triton_matvec._PREPARED`);
+- "gated norm apart": a Gated DeltaNet's output norm an op of its own before its output projection, not in the
+  product's prologue (`joined_linear.apply_gated_norm_linear`).
 
     python benchmarks/module_path_ab.py --rounds 3 --new-tokens 48 --out benchmarks/results
 """
@@ -122,17 +126,37 @@ def empty_hook_chains_handed_over():
     return patched(triton_launch, "_hooked", lambda hook: hook is not None)
 
 
+class _Forgetful(dict):
+    def __setitem__(self, key, value):
+        pass
+
+
+def matvec_launches_prepared_per_call():
+    from infinitevl_hf.modeling.ops.matvec import triton_matvec
+
+    return patched(triton_matvec, "_PREPARED", _Forgetful())
+
+
+def gated_norm_apart():
+    from infinitevl_hf.modeling import gated_deltanet
+
+    return patched(gated_deltanet, "apply_gated_norm_linear", lambda *args: None)
+
+
 @contextlib.contextmanager
 def none():
     with tritons_launch(), cublas_products(), separate_conv_and_rule(), separate_projections(), \
-            convolutions_apart(), residual_apart(), norms_apart(), empty_hook_chains_handed_over():
+            convolutions_apart(), residual_apart(), norms_apart(), empty_hook_chains_handed_over(), gated_norm_apart(), \
+            matvec_launches_prepared_per_call():
         yield
 
 
 VARIANTS = {"package": contextlib.nullcontext, "Triton's launch": tritons_launch, "cuBLAS products": cublas_products,
             "separate conv and rule": separate_conv_and_rule, "separate projections": separate_projections,
             "convolutions apart": convolutions_apart, "residual apart": residual_apart, "norms apart": norms_apart,
-            "empty hook chains handed over": empty_hook_chains_handed_over, "none": none}
+            "empty hook chains handed over": empty_hook_chains_handed_over, "gated norm apart": gated_norm_apart,
+            "matvec launches prepared per call": matvec_launches_prepared_per_call,
+            "none": none}
 
 
 def main(argv=None):

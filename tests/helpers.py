@@ -116,6 +116,9 @@ class CudaLike:
             setattr(self, attr, getattr(t, attr))
         self.is_cuda, self.device = True, torch.device(device)
 
+    def get_device(self) -> int:
+        return self.device.index
+
 
 def set_current_cuda_device(monkeypatch, index: int) -> None:
     """Make the fit checks read `index` as the current CUDA device (on any build: the package reads it through

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import text_ids, tiny_model
-from infinitevl_hf.modeling import joined_linear, mlp as mlp_module
+from infinitevl_hf.modeling import gated_deltanet, joined_linear, mlp as mlp_module
 from infinitevl_hf.modeling.rms_norm import InfiniteVLRMSNorm
 from infinitevl_hf.speed.decode_step import DecodeStep
 
@@ -187,3 +187,36 @@ def test_a_product_with_a_norm_refuses_a_residual():
     with pytest.raises(ValueError, match="takes no residual"):
         joined_linear._one_token_product(torch.randn(1, 1, 8), weight, None, residual=torch.randn(1, 1, 4),
                                          norm=(torch.ones(8), 1e-6))
+
+
+def test_the_gated_output_norm_runs_inside_the_output_product_at_decode(monkeypatch):
+    """A Gated DeltaNet's output norm and its output projection are one op at decode (`gated_rms_norm_matvec`),
+    with the values of the two modules called; a hooked norm is called as its module."""
+    from infinitevl_hf.modeling.gated_deltanet import InfiniteVLGatedRMSNorm
+
+    model = tiny_model()
+    DecodeStep.join_weights(model)
+    prompt = text_ids(2, 7)
+    calls = []
+    forward = InfiniteVLGatedRMSNorm.forward
+
+    def counted(self, x, gate=None):
+        calls.append(x.shape[1])
+        return forward(self, x, gate)
+
+    monkeypatch.setattr(InfiniteVLGatedRMSNorm, "forward", counted)
+    fused = _decode(model, prompt, steps=3)
+    gdn_layers = model.config.text_config.layer_types.count("linear_attention")
+    assert calls == [7] * gdn_layers  # the prompt only: at decode the norm ran inside the product
+    with monkeypatch.context() as patch:
+        patch.setattr(gated_deltanet, "apply_gated_norm_linear", lambda *args: None)
+        calls.clear()
+        apart = _decode(model, prompt, steps=3)
+        assert calls == [7] * gdn_layers + [1] * (3 * gdn_layers)
+    assert torch.equal(fused, apart)  # on CPU both are the same torch ops
+    layer = _first_layer(model, "linear_attention")
+    seen = []
+    layer.self_attn.o_norm.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    calls.clear()
+    torch.testing.assert_close(_decode(model, prompt, steps=3), fused, rtol=1e-6, atol=1e-6)
+    assert seen == [7, 1, 1, 1]

@@ -207,3 +207,33 @@ def test_empty_hook_chains_count_as_no_hook(direct, monkeypatch):
     call(kernel, x, grid=(2,))
     assert kernel.compiled.metadata_asked == 1
     assert kernel.compiled.hooks == (("metadata", (2, 1, 1), "stream 0"), enter, leave)
+
+
+def test_a_prepared_launch_is_the_launch_with_its_keywords(direct):
+    """`Launch(kernel, **kwargs)(grid, *args)` takes the paths `launch(kernel, grid, *args, **kwargs)` takes: bound
+    once per signature, direct after that, and its keywords are part of the signature."""
+    kernel = FakeKernel()
+    x = torch.zeros(8)
+    plain, flagged = triton_launch.Launch(kernel, BLOCK=8), triton_launch.Launch(kernel, BLOCK=8, FLAG=True)
+    plain((1,), x, x, 8, 1e-6)
+    plain((2,), x, x, 8, 1e-6)
+    assert len(kernel.bound) == 1 and kernel.compiled.direct[0][1][2:] == (8, 1e-6, 8, False)
+    flagged((1,), x, x, 8, 1e-6)  # other constexprs: bound anew
+    flagged((1,), x, x, 8, 1e-6)
+    assert len(kernel.bound) == 2 and kernel.compiled.direct[1][1][2:] == (8, 1e-6, 8, True)
+    triton_launch.launch(kernel, (1,), x, x, 8, 1e-6, BLOCK=8, FLAG=True)  # the same signature as `flagged`'s
+    assert len(kernel.bound) == 2 and len(kernel.compiled.direct) == 3
+
+
+def test_keyword_tokens_are_never_reused(direct, monkeypatch):
+    """A `Launch` keeps its token after the tokens are cleared: a new set of keywords never gets that token."""
+    monkeypatch.setattr(triton_launch, "_KEYWORDS", {})
+    kernel = FakeKernel()
+    x = torch.zeros(8)
+    kept = triton_launch.Launch(kernel, BLOCK=8)
+    kept((1,), x, x, 8, 1e-6)
+    triton_launch._KEYWORDS.clear()
+    other = triton_launch.Launch(kernel, BLOCK=16)
+    assert other.keywords != kept.keywords
+    other((1,), x, x, 8, 1e-6)
+    assert len(kernel.bound) == 2 and kernel.bound[1][2] == {"BLOCK": 16}

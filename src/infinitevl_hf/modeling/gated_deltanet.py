@@ -26,7 +26,7 @@ from torch import nn
 
 from .configuration_infinitevl import InfiniteVLTextConfig
 from .as_defined import runs_as_defined
-from .joined_linear import apply_linear, project, project_convolved
+from .joined_linear import apply_gated_norm_linear, apply_linear, project, project_convolved
 from .ops import causal_conv1d, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from .ops.causal_conv1d import causal_conv1d_group
 from .ops.gated_delta_rule import gated_delta_rule_decode_step, gdn_gates
@@ -196,8 +196,13 @@ class InfiniteVLGatedDeltaNet(nn.Module):
         return self._output(o, gate, batch, length)
 
     def _output(self, o: torch.Tensor, gate: list, batch: int, length: int) -> torch.Tensor:
-        """o_proj(o_norm(o, SiLU gate)) of the rule's output o [B, T, H, V]."""
+        """o_proj(o_norm(o, SiLU gate)) of the rule's output o [B, T, H, V]: at decode one op where both run as
+        defined (`joined_linear.apply_gated_norm_linear`: for one row the norm in the product's prologue)."""
         gate = gate[0].view(batch, length, -1, self.head_v_dim) if self.use_gate else None
+        if gate is not None:
+            joined = apply_gated_norm_linear(o, gate, self.o_norm, InfiniteVLGatedRMSNorm, self.o_proj)
+            if joined is not None:
+                return joined
         return apply_linear(self.o_norm(o, gate).reshape(batch, length, -1), self.o_proj)
 
     def _short_convolutions(self, qkv: tuple, layer_cache, cu_seqlens) -> tuple[torch.Tensor, ...]:

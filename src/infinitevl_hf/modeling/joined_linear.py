@@ -19,7 +19,7 @@ from torch import nn
 
 from .as_defined import global_hooks, runs_as_defined, runs_as_defined_here
 from .ops.elementwise import silu_glu, silu_mul
-from .ops.matvec import KERNEL_DTYPES, ConvUpdate, matvec, rms_norm_matvec
+from .ops.matvec import KERNEL_DTYPES, ConvUpdate, gated_rms_norm_matvec, matvec, rms_norm_matvec
 from .ops.norms import rms_norm
 from .rms_norm import InfiniteVLRMSNorm
 
@@ -58,23 +58,37 @@ def joined_weight(linears: tuple[nn.Module, ...], cls: type = nn.Linear
     exactly a `cls` that runs as defined: `nn.Linear`, or the Gated DeltaNet's convolutions); else None.
 
     Whether the parameters are laid out side by side is kept on the first module for the parameters (identity and
-    address) it was found for: moving or replacing any of them is seen on the next call. Only the answer is kept,
-    not a view: a kept view would hold the joined buffer alive after the weights moved (`model.cpu()`). A single
-    linear is its own weight and bias."""
-    if global_hooks() or not all(runs_as_defined_here(m, cls) for m in linears):
+    address) it was found for: moving or replacing any of them is seen on the next call. Only the answer (and the
+    joined rows' count) is kept, not a view: a kept view would hold the joined buffer alive after the weights
+    moved (`model.cpu()`). A single linear is its own weight and bias."""
+    if global_hooks():
         return None
+    for module in linears:  # (a loop, not all(...): this runs about 170 times a decode step)
+        if not runs_as_defined_here(module, cls):
+            return None
     if len(linears) == 1:
         params = linears[0]._parameters
         return params["weight"], params.get("bias")
-    weights = tuple(m._parameters["weight"] for m in linears)
-    biases = tuple(m._parameters.get("bias") for m in linears)
-    key = tuple((id(p), p.data_ptr()) if p is not None else None for p in weights + biases)
+    weights = [m._parameters["weight"] for m in linears]
+    biases = [m._parameters.get("bias") for m in linears]
+    has_bias = biases[0] is not None
+    key = [*map(id, weights), *map(torch.Tensor.data_ptr, weights)]
+    if has_bias or any(b is not None for b in biases):
+        key += [(id(b), b.data_ptr()) if b is not None else None for b in biases]
     kept = linears[0].__dict__.get(_LAYOUT_KEY)
     if kept is None or kept[0] != key:
-        kept = linears[0].__dict__[_LAYOUT_KEY] = (key, _adjacent_layout(weights, biases))
+        joined = _adjacent_layout(tuple(weights), tuple(biases))
+        rows = sum(w.shape[0] for w in weights)
+        kept = linears[0].__dict__[_LAYOUT_KEY] = (key, joined, rows)
     if not kept[1]:
         return None
-    return rows_view(weights), (rows_view(biases) if biases[0] is not None else None)
+    rows = kept[2]
+    return _rows(weights[0], rows), (_rows(biases[0], rows) if has_bias else None)
+
+
+def _rows(first: torch.Tensor, rows: int) -> torch.Tensor:
+    """`rows_view` of blocks starting with `first` known to hold `rows` rows in all."""
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 def norm_parameters(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
@@ -147,6 +161,24 @@ def apply_linear(x: torch.Tensor, linear: nn.Module, residual: torch.Tensor | No
             return _one_token_product(x, *joined, residual=residual, in_place=in_place)
     y = linear(x)
     return y if residual is None else residual + y
+
+
+def apply_gated_norm_linear(x: torch.Tensor, gate: torch.Tensor, norm: nn.Module, norm_cls: type,
+                            linear: nn.Module) -> torch.Tensor | None:
+    """`linear(norm(x, gate))` for x and gate [B, 1, H, D] (a Gated DeltaNet's output norm per head, then its
+    output projection) as one op (`ops.matvec.gated_rms_norm_matvec`: for one CUDA row one kernel, the norm in
+    the product's prologue), outside autograd and autocast, where the norm is exactly a `norm_cls` and the linear an
+    `nn.Linear` without bias, both running as defined. None otherwise, before anything ran: the caller calls them."""
+    if (x.shape[-3] != 1 or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
+            or not runs_as_defined(norm, norm_cls)):
+        return None
+    joined = joined_weight((linear,))
+    if joined is None or joined[1] is not None:
+        return None
+    batch = x.shape[0]
+    y = gated_rms_norm_matvec(x.reshape(batch, -1), gate.reshape(batch, -1), norm._parameters["weight"], norm.eps,
+                              joined[0])
+    return y.view(batch, 1, -1)
 
 
 def project_convolved(x: torch.Tensor, linears: tuple[nn.Module, ...], convs: tuple[nn.Module, ...], conv_cls: type,

@@ -19,6 +19,7 @@ so does every launch with ``INFINITEVL_DIRECT_LAUNCH=0`` set before the package 
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 
@@ -74,14 +75,50 @@ def next_power_of_2(n: int) -> int:
 
 def launch(kernel, grid: tuple, *args, **kwargs):
     """`kernel[grid](*args, **kwargs)` for a `triton.jit` kernel and a grid tuple of one to three ints."""
+    return _launch(kernel, grid, args, kwargs, None)
+
+
+class Launch:
+    """`launch` with the keyword arguments (constexprs, launch options) fixed: `Launch(kernel, **kwargs)(grid, *args)`
+    is `launch(kernel, grid, *args, **kwargs)`, less the keywords' share of the signature on every call (a caller
+    that launches one kernel with a few fixed sets of constexprs keeps one `Launch` per set)."""
+
+    __slots__ = ("kernel", "kwargs", "keywords")
+
+    def __init__(self, kernel, **kwargs):
+        self.kernel, self.kwargs = kernel, kwargs
+        self.keywords = _keywords_token(kwargs)
+
+    def __call__(self, grid: tuple, *args):
+        return _launch(self.kernel, grid, args, self.kwargs, self.keywords)
+
+
+_KEYWORDS: dict = {}  # the keyword arguments' share of a signature -> a token standing for it
+_tokens = itertools.count()  # (never reused: a `Launch` keeps its token past a clearing of _KEYWORDS)
+
+
+def _keywords_token(kwargs: dict):
+    """A small hashable token for the keyword arguments' share of a signature (names, types and values)."""
+    signature = tuple([(name, type(value), value) for name, value in kwargs.items()])
+    token = _KEYWORDS.get(signature)
+    if token is None:
+        if len(_KEYWORDS) >= MAX_SIGNATURES * 8:  # (bounded as the signatures are; a token is only a key)
+            _KEYWORDS.clear()
+        token = _KEYWORDS[signature] = next(_tokens)
+    return token
+
+
+def _launch(kernel, grid: tuple, args: tuple, kwargs: dict, keywords):
     # (a graph being compiled traces `kernel[grid]` itself, and nothing else of this function)
     if torch.compiler.is_compiling() or not _DIRECT or callable(grid) or getattr(kernel, "pre_run_hooks", None):
         return kernel[grid](*args, **kwargs)
     device = _current_device()
+    if keywords is None:
+        keywords = _keywords_token(kwargs)
     # What Triton specialises on: a tensor's dtype and 16-byte alignment, an int or bool itself, a float's type.
     facts = tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor)
                    else float if type(a) is float else (type(a), a) for a in args])
-    signature = (device, facts, tuple([(name, type(value), value) for name, value in kwargs.items()]))
+    signature = (device, keywords, facts)
     known = _signatures.get(kernel)
     hit = known.get(signature) if known is not None else None
     if hit is None:

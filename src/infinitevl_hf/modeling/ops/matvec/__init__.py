@@ -15,13 +15,13 @@ import torch.nn.functional as F
 
 from ..dispatch import cuda_here_problem, one_token_kernel_problem, register_op, triton_available
 from ..elementwise import silu_glu
-from ..norms import add_rms_norm, rms_norm
-from .reference import (ConvUpdate, Weight, add_residual, add_rms_norm_matvec_reference, matvec_reference,
-                        rms_norm_matvec_reference)
+from ..norms import add_rms_norm, gated_rms_norm, rms_norm
+from .reference import (ConvUpdate, Weight, add_residual, add_rms_norm_matvec_reference,
+                        gated_rms_norm_matvec_reference, matvec_reference, rms_norm_matvec_reference)
 
 if triton_available():
     from ..causal_conv1d.triton_step import conv1d_step3_in_place
-    from .triton_matvec import fused_matvec
+    from .triton_matvec import fused_matvec, gated_norm_block, gated_norm_matvec
 
 
 # What the kernels compute in float32 and round back to (float64 is left to torch, which keeps it).
@@ -40,11 +40,20 @@ def _kernel_problem(x: torch.Tensor, weight: Weight, *others: torch.Tensor | Non
         return "the kernel takes one row"
     if x.dtype not in KERNEL_DTYPES:
         return f"a {x.dtype} input"
-    if _separate(weight):
+    if isinstance(weight, (tuple, list)):
         return "the weights are separate tensors"
-    if not all(t is None or (t.is_contiguous() and t.device == x.device) for t in (x, weight, *others)):
+    if not _contiguous_on(x.get_device(), x, weight, *others):
         return "a tensor is not contiguous or on another device"
     return None
+
+
+def _contiguous_on(index: int, *tensors: torch.Tensor | None) -> bool:
+    """Whether each of `tensors` (None aside) is contiguous and on CUDA device `index`. (The device's index, not
+    `tensor.device`, which builds a device object per call; these checks run about 150 times a decode step.)"""
+    for t in tensors:
+        if t is not None and not (t.is_contiguous() and t.is_cuda and t.get_device() == index):
+            return False
+    return True
 
 
 def _separate(*weights) -> bool:
@@ -58,21 +67,24 @@ def _conv_problem(conv: ConvUpdate | None, x: torch.Tensor, outputs: int) -> str
     dtype, C = sum(D_i) <= outputs."""
     if conv is None:
         return None
-    if _separate(conv.weight, conv.bias):
+    weight, states = conv.weight, conv.states
+    if isinstance(weight, (tuple, list)) or isinstance(conv.bias, (tuple, list)):
         return "the convolutions' weights are separate tensors"
-    states = conv.states
-    if len(states) != 3 or not all(s.is_contiguous() for s in states) or not conv.weight.is_contiguous():
+    if len(states) != 3 or not weight.is_contiguous() or not all(s.is_contiguous() for s in states):
         return "the convolution states are not three contiguous tensors"
-    if conv.weight.dim() != 2:
+    if weight.dim() != 2:
         return "the convolution weight is not [channels, taps]"
-    channels, taps = conv.weight.shape
+    channels, taps = weight.shape
     if taps < 2:
         return "a convolution of one tap (the kernels keep at least one past input)"
-    if any(s.dim() != 3 or s.shape[0] != x.shape[0] or s.shape[2] != taps - 1 for s in states):
-        return "a convolution state is not [rows, channels, taps - 1]"
-    if sum(s.shape[1] for s in states) != channels or channels > outputs:
+    rows, channels_seen, index, dtype = x.shape[0], 0, x.get_device(), x.dtype
+    for s in states:
+        if s.dim() != 3 or s.shape[0] != rows or s.shape[2] != taps - 1:
+            return "a convolution state is not [rows, channels, taps - 1]"
+        channels_seen += s.shape[1]
+    if channels_seen != channels or channels > outputs:
         return "the convolution states do not cover the weight's channels within the product"
-    if any(s.device != x.device or s.dtype != x.dtype for s in states):
+    if not all(s.is_cuda and s.get_device() == index and s.dtype == dtype for s in states):
         return "a convolution state is on another device or not in x's dtype"
     return None
 
@@ -119,6 +131,32 @@ def _delta_problem(residual: torch.Tensor, delta: torch.Tensor) -> str | None:
 def _add_rms_norm_matvec_fits(residual, delta, norm_weight, eps, weight, bias=None, glu=False) -> str | None:
     return (_delta_problem(residual, delta) or _kernel_problem(residual, weight, bias, norm_weight, delta)
             or _norm_weight_problem(residual, norm_weight))
+
+
+def _gated_rms_norm_matvec_fits(x, gate, norm_weight, eps, weight) -> str | None:
+    problem = _kernel_problem(x, weight, gate, norm_weight)
+    if problem is not None:
+        return problem
+    if gate.shape != x.shape or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        return "the gate is not shaped like x, or the weight not [outputs, inputs]"
+    if norm_weight.dim() != 1 or gated_norm_block(x.shape[1], norm_weight.shape[0]) is None:
+        return "the heads are not of a power-of-two width dividing the inputs"
+    return None
+
+
+def _rows_gated_rms_norm_matvec(x, gate, norm_weight, eps, weight):
+    rows, head_dim = x.shape[0], norm_weight.shape[0]
+    normed = gated_rms_norm(x.reshape(rows, -1, head_dim), norm_weight, gate.reshape(rows, -1, head_dim), eps)
+    return F.linear(normed.reshape(rows, -1), weight)
+
+
+def _rows_gated_rms_norm_matvec_fits(x, gate, norm_weight, eps, weight) -> str | None:
+    problem = _rows_problem(x, weight, None, gate, norm_weight)
+    if problem is not None:
+        return problem
+    if gate.shape != x.shape or x.shape[1] % norm_weight.shape[0]:
+        return "the gate is not shaped like x, or the heads do not divide the inputs"
+    return None
 
 
 def _convolve_rows(y: torch.Tensor, conv: ConvUpdate) -> torch.Tensor:
@@ -192,13 +230,16 @@ def _rows_rms_norm_matvec_fits(x, norm_weight, eps, weight, bias=None, conv=None
 _matvec = register_op("matvec", matvec_reference)
 _rms_norm_matvec = register_op("rms_norm_matvec", rms_norm_matvec_reference)
 _add_rms_norm_matvec = register_op("add_rms_norm_matvec", add_rms_norm_matvec_reference)
+_gated_rms_norm_matvec = register_op("gated_rms_norm_matvec", gated_rms_norm_matvec_reference)
 if triton_available():
     _matvec.register("triton", _matvec_kernel, _matvec_fits)
     _rms_norm_matvec.register("triton", _rms_norm_matvec_kernel, _rms_norm_matvec_fits)
     _add_rms_norm_matvec.register("triton", _add_rms_norm_matvec_kernel, _add_rms_norm_matvec_fits)
+    _gated_rms_norm_matvec.register("triton", gated_norm_matvec, _gated_rms_norm_matvec_fits)
     _matvec.register("rows", _rows_matvec, _rows_matvec_fits)
     _rms_norm_matvec.register("rows", _rows_rms_norm_matvec, _rows_rms_norm_matvec_fits)
     _add_rms_norm_matvec.register("rows", _rows_add_rms_norm_matvec, _rows_add_rms_norm_matvec_fits)
+    _gated_rms_norm_matvec.register("rows", _rows_gated_rms_norm_matvec, _rows_gated_rms_norm_matvec_fits)
 
 
 def matvec(x: torch.Tensor, weight: Weight, bias: Weight | None = None, residual: torch.Tensor | None = None,
@@ -231,4 +272,13 @@ def add_rms_norm_matvec(residual: torch.Tensor, delta: torch.Tensor, norm_weight
     return _add_rms_norm_matvec(residual, delta, norm_weight, eps, weight, bias, glu, reference=not fast)
 
 
-__all__ = ["KERNEL_DTYPES", "ConvUpdate", "add_rms_norm_matvec", "matvec", "matvec_available", "rms_norm_matvec"]
+def gated_rms_norm_matvec(x: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                          weight: torch.Tensor, fast: bool = True) -> torch.Tensor:
+    """`F.linear(gated_rms_norm(x, gate), weight)` for x and gate [rows, H * D], each D-wide head normed with
+    `norm_weight` [D] (a Gated DeltaNet's output norm, then its output projection). For one CUDA row one kernel,
+    the norm in its prologue; several rows: the norm's kernel, then cuBLAS's product."""
+    return _gated_rms_norm_matvec(x, gate, norm_weight, eps, weight, reference=not fast)
+
+
+__all__ = ["KERNEL_DTYPES", "ConvUpdate", "add_rms_norm_matvec", "gated_rms_norm_matvec", "matvec", "matvec_available",
+           "rms_norm_matvec"]

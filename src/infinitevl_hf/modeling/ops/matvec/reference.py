@@ -1,7 +1,7 @@
 """Torch definitions of the decode matrix-vector products and what the Triton kernel fuses around them.
 
 Each function is the op-for-op math of the module path (Qwen2's RMSNorm, the MLP's SiLU gate, the Gated
-DeltaNet's short convolution); the kernel in `triton_matvec.py` is tested against
+DeltaNet's short convolution and its gated output norm); the kernel in `triton_matvec.py` is tested against
 them. A weight (and bias) may be a tuple of several, whose outputs are concatenated: the layout of a
 layer whose projections were not joined into one buffer.
 """
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..elementwise import torch_silu_glu
-from ..norms import torch_rms_norm
+from ..norms import torch_gated_rms_norm, torch_rms_norm
 
 Weight = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -95,3 +95,12 @@ def add_rms_norm_matvec_reference(residual: torch.Tensor, delta: torch.Tensor, n
     its norm and the product after it."""
     hidden = residual + delta
     return hidden, rms_norm_matvec_reference(hidden, norm_weight, eps, weight, bias, glu=glu)
+
+
+def gated_rms_norm_matvec_reference(x: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                                    weight: Weight) -> torch.Tensor:
+    """`linear(gated_rms_norm(x, gate), weight)` for x and gate [rows, H * D] whose D-wide heads are each normed
+    (`norm_weight` [D]): a Gated DeltaNet's output norm and its output projection."""
+    rows, head_dim = x.shape[0], norm_weight.shape[0]
+    normed = torch_gated_rms_norm(x.reshape(rows, -1, head_dim), norm_weight, gate.reshape(rows, -1, head_dim), eps)
+    return linear(normed.reshape(rows, -1), weight)

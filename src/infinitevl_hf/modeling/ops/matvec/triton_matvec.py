@@ -30,7 +30,7 @@ try:  # (transformers' remote-code import check skips try blocks: Triton stays o
 except ImportError as error:
     raise ImportError("the Triton matvec kernel needs Triton") from error
 
-from ..triton_launch import cdiv, launch, next_power_of_2
+from ..triton_launch import Launch, cdiv, next_power_of_2
 from .reference import ConvUpdate
 
 
@@ -119,6 +119,62 @@ def _fused_matvec_kernel(
     tl.store(Y + rows, y.to(dtype), mask=row_ok)
 
 
+@triton.jit
+def _gated_norm_matvec_kernel(W, X, G, NW, Y, N, K: tl.constexpr, stride_wn, eps, D: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # x [K] is K / D heads of D values; each head RMS-normed over its values, times NW [D] and silu(G) in float32,
+    # rounded once (the gated norm's op), then the product. BLOCK_K holds whole heads and divides K.
+    dtype = Y.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    norm_w = tl.load(NW + tl.arange(0, D)).to(tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        heads = tl.reshape(tl.load(X + cols).to(tl.float32), (BLOCK_K // D, D))
+        gate = tl.reshape(tl.load(G + cols).to(tl.float32), (BLOCK_K // D, D))
+        inv_rms = tl.math.rsqrt(tl.sum(heads * heads, axis=1) / D + eps)
+        normed = heads * inv_rms[:, None] * norm_w[None, :] * (gate * tl.sigmoid(gate))
+        x = tl.reshape(normed.to(dtype).to(tl.float32), (BLOCK_K,))
+        acc += tl.load(W + rows[:, None] * stride_wn + cols[None, :], mask=row_ok[:, None], other=0.0
+                       ).to(tl.float32) * x[None, :]
+    tl.store(Y + rows, tl.sum(acc, axis=1).to(dtype), mask=row_ok)
+
+
+def gated_norm_block(k: int, head_dim: int) -> int | None:
+    """The input block of `gated_norm_matvec`: whole heads, up to 1024 values, dividing k; None where the heads
+    do not fit one (a head width that is not a power of two, or k not a multiple of it)."""
+    if head_dim & (head_dim - 1) or k % head_dim:
+        return None
+    block = max(head_dim, min(1024, next_power_of_2(k)))
+    while k % block:
+        block //= 2
+    return block if block >= head_dim else None
+
+
+def gated_norm_matvec(x: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                      weight: torch.Tensor) -> torch.Tensor:
+    """One row x [1, K] of K / D heads, each through the gated RMSNorm (`norm_weight` [D], `gate` [1, K]), then
+    through `weight` [N, K]: [1, N]. (`gated_norm_block` must have a block for K and D.)"""
+    n, k = weight.shape
+    head_dim = norm_weight.shape[0]
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    prepared = _PREPARED.get(("gated norm", n, k, head_dim))
+    if prepared is None:
+        # (the norm is redone by every program: 4 rows per program share it, as with the RMSNorm prologue)
+        block_n = 4
+        run = Launch(_gated_norm_matvec_kernel, D=head_dim, BLOCK_N=block_n, BLOCK_K=gated_norm_block(k, head_dim),
+                     num_warps=4, num_stages=1)
+        prepared = _PREPARED[("gated norm", n, k, head_dim)] = (cdiv(n, block_n),), run
+    grid, run = prepared
+    run(grid, weight, x, gate, norm_weight, y, n, k, weight.stride(0), eps)
+    return y
+
+
+# (rows, inputs, the flags) -> (grid, the kernel's `Launch` with those flags and `block_config`'s tile)
+_PREPARED: dict = {}
+
+
 def block_config(n: int, k: int, normed: bool) -> dict:
     """Tile of one program, chosen by timing every tile with weights streamed from DRAM
     (`benchmarks/matvec_bench.py --sweep`): many programs with a wide input block won at every decode
@@ -185,8 +241,19 @@ def fused_matvec(
         cw if cw is not None else anything, cb if cb is not None else anything,
         *(s if s is not None else anything for s in states), c0, c1, c_total,
     )
-    flags = dict(RMS_NORM=norm_weight is not None, ADD_X=x_delta is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                 GLU=glu, CONV=conv is not None, HAS_CONV_BIAS=cb is not None, TAPS=taps)
-    config = config or block_config(n, k, norm_weight is not None)
-    launch(_fused_matvec_kernel, (cdiv(n, config["BLOCK_N"]),), *args, **flags, **config)
+    shape = (n, k, norm_weight is not None, x_delta is not None, bias is not None, residual is not None, glu,
+             conv is not None, cb is not None, taps)
+    prepared = _PREPARED.get(shape) if config is None else None
+    if prepared is None:
+        flags = dict(RMS_NORM=norm_weight is not None, ADD_X=x_delta is not None, HAS_BIAS=bias is not None,
+                     HAS_RESIDUAL=residual is not None, GLU=glu, CONV=conv is not None, HAS_CONV_BIAS=cb is not None,
+                     TAPS=taps)
+        chosen = config or block_config(n, k, norm_weight is not None)
+        prepared = (cdiv(n, chosen["BLOCK_N"]),), Launch(_fused_matvec_kernel, **flags, **chosen)
+        if config is None:
+            if len(_PREPARED) >= 256:  # (products of ever new shapes: a benchmark's sweep)
+                _PREPARED.clear()
+            _PREPARED[shape] = prepared
+    grid, run = prepared
+    run(grid, *args)
     return y
