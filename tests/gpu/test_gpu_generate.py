@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, needs_cuda]
 NEW = 64
 
 
-def _build():
+def _build(sliding_window: int = 512):
     import sys
     from pathlib import Path
 
@@ -24,7 +24,7 @@ def _build():
 
     config = tiny_config(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
                          num_key_value_heads=2, num_linear_heads=4, num_linear_key_value_heads=4, linear_head_dim=32,
-                         sliding_window=512, vocab_size=512,
+                         sliding_window=sliding_window, vocab_size=512,
                          rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0})
     config.vision_config.out_hidden_size = config.text_config.hidden_size
     config._attn_implementation = "sdpa"
@@ -71,6 +71,25 @@ def test_default_generate_gives_the_module_path_tokens(model, kind):
     assert graphs.prompt_replays - prompts == (0 if kind == "text-over-a-window" else 1)  # prompts up to a window
     reference = _greedy(model, inputs, disable_compile=True)
     assert torch.equal(fast, reference)
+
+
+def test_a_long_padded_prompt_attends_to_its_own_keys_with_the_module_path_tokens(monkeypatch):
+    """A captured prompt of over 1,024 tokens, left-padded into its bucket, runs flex_attention over its own keys
+    only (the rings start empty), and gives the module path's tokens."""
+    from infinitevl_hf.modeling import attention_paths
+    from infinitevl_hf.speed import decode_graphs_of
+
+    pasts = []
+    flex = attention_paths.window_flex_attention
+    monkeypatch.setattr(attention_paths, "window_flex_attention",
+                        lambda q, k, v, past, *args, **kwargs: (pasts.append((past, k.shape[2])), flex(q, k, v, past, *args,
+                                                                                                         **kwargs))[1])
+    model = _build(sliding_window=2048)
+    inputs = _text(length=1100)  # laid into the 1,280-token bucket: 180 pads
+    fast = _greedy(model, inputs)
+    assert decode_graphs_of(model).prompt_replays == 1
+    assert pasts and set(pasts) == {(0, 1280)}  # each attention layer over the bucket's own keys
+    assert torch.equal(fast, _greedy(model, inputs, disable_compile=True))
 
 
 def test_the_host_runs_a_step_ahead_and_stops_where_transformers_loop_stops(model, monkeypatch):

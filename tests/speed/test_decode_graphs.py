@@ -603,3 +603,40 @@ def test_a_module_capture_that_fails_says_why(failing_lora_model, caplog):
     with caplog.at_level(logging.WARNING, logger="infinitevl_hf.speed.generation"):
         _generate(failing_lora_model, input_ids=text_ids(1, 20))
     assert any("capturing its modules in a CUDA graph failed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["bucket-length", "left-padded"])
+def test_a_captured_prompt_attends_to_its_own_keys_not_the_empty_window(graph_model, monkeypatch, padded):
+    """A captured prompt starts from empty rings: each attention layer attends to the prompt's own keys only, not to
+    the window of empty slots before them, with the values of a prompt that reads the whole ring."""
+    from infinitevl_hf.modeling import attention as attention_module
+    from infinitevl_hf.modeling.cache import InfiniteVLCache as Cache
+
+    keys_seen = []
+    attend = attention_module.attend
+
+    def recorded(module, query, seen, *args, **kwargs):
+        if query.shape[2] > 1:
+            keys_seen.append(seen.keys.shape[2])
+        return attend(module, query, seen, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "attend", recorded)
+    ids = text_ids(1, 50 if padded else 64)  # laid into the 64-token bucket with 14 pads, or exactly
+    tokens, _ = _generate(graph_model, input_ids=ids)
+    logits = _generate.logits
+    layers = graph_model.config.text_config.layer_types.count("sliding_attention")
+    assert keys_seen == [64] * layers  # the bucket's own keys, not the 64-slot ring before them as well
+    start_fresh = Cache.start_fresh_
+
+    def fresh_but_unknown(self, start):
+        start_fresh(self, start)
+        for layer in self.layers:
+            if hasattr(layer, "empty"):
+                layer.empty = False  # as if nobody knew: the prompt reads and masks the empty ring
+
+    monkeypatch.setattr(Cache, "start_fresh_", fresh_but_unknown)
+    decode_graphs_of(graph_model).clear()
+    keys_seen.clear()
+    whole_ring = _generate(graph_model, input_ids=ids)
+    assert keys_seen == [64 + WINDOW] * layers
+    _same(tokens, logits, whole_ring[0], _generate.logits)

@@ -151,7 +151,7 @@ def attend(
         # padded slots are masked by their flags; once the ring holds only tokens the pieces need no mask).
         if path == "pieces":
             return window_attention(query, seen.keys, seen.values, window, scaling, past_valid=seen.past_valid), None
-        output = window_flex_attention(query, seen.keys, seen.values, window - 1, window, scaling,
+        output = window_flex_attention(query, seen.keys, seen.values, seen.past_length, window, scaling,
                                        key_valid=seen.key_valid)
         return output, None
     else:

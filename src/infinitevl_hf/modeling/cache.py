@@ -34,7 +34,7 @@ class AttentionKeys(NamedTuple):
     `visible` [B, 1, T, window + T] mask (a chunk) or `past_valid` flags (one token) say what each query sees.
     past_valid: [B, past_length] (False: padding or a slot never written; None: every cached key holds a
     token, or, for a ring in token order, the window is known full). key_valid: [B, past_length + T] flags of a
-    ring read in token order, else None."""
+    ring read in token order (or of a padded chunk over an empty ring: past_length 0), else None."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -205,6 +205,9 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
         self.chunk_masks = {} if chunk_masks is None else chunk_masks
         self.is_initialized = True
         self.device = keys.device
+        # Known on the host to hold no token: set by `InfiniteVLCache.start_fresh_` (a captured prompt's fresh
+        # start), cleared by every write. A chunk then attends to its own keys only (`attention_keys`).
+        self.empty = False
 
     @classmethod
     def from_window(cls, layer: InfiniteVLAttentionLayer, batch: int, step: torch.Tensor, like: torch.Tensor,
@@ -233,6 +236,7 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
             self.keys.index_copy_(2, slot, key_states)
             self.values.index_copy_(2, slot, value_states)
             self.valid.index_fill_(1, slot, True) if valid is None else self.valid.index_copy_(1, slot, valid)
+            self.empty = False
             return self.keys, self.values
         device = key_states.device
         new_valid = self._chunk_flags(key_states, valid)
@@ -269,7 +273,14 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
 
     def attention_keys(self, key_states, value_states, valid=None, token_order=False, window_full=False) -> AttentionKeys:
         """`update_in_order` when the attention asks for token order (a long chunk; `window_full`: every slot
-        known to hold a token, so the cached keys need no flags), else `update` (the ring in slot order)."""
+        known to hold a token, so the cached keys need no flags), else `update` (the ring in slot order). A chunk
+        over a ring known to be empty (a captured prompt's fresh start) attends to its own keys only: no cached
+        key is visible, so the window of empty slots is neither read nor masked (the chunk is written into its
+        slots all the same); key_valid is then the chunk's flags where it has padding."""
+        if self.empty and key_states.shape[-2] > 1:
+            new_valid = self._chunk_flags(key_states, valid)
+            self._write_chunk(key_states, value_states, new_valid)
+            return AttentionKeys(key_states, value_states, 0, None, True, None if valid is None else new_valid)
         if token_order:
             keys, values, flags = self.update_in_order(key_states, value_states, valid=valid)
             past = self.window - 1
@@ -293,6 +304,7 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
         self.keys.index_copy_(2, write, key_states)
         self.values.index_copy_(2, write, value_states)
         self.valid.index_copy_(1, write, valid)
+        self.empty = False
 
     def to_window_layer(self, seen: int) -> InfiniteVLAttentionLayer:
         """The same keys as a dynamic window layer (oldest first, the last `window - 1` tokens)."""
@@ -712,6 +724,8 @@ class InfiniteVLCache(Cache):
         for layer in self.layers:
             for tensor in _layer_tensors(layer):
                 tensor.zero_()
+            if isinstance(layer, InfiniteVLRingAttentionLayer):
+                layer.empty = True
         self.next_positions.zero_()
         self.device_step.copy_(start)
 
