@@ -17,8 +17,8 @@ Variants (each switches one saving off; "none" switches them all off):
   products after them (`joined_linear.norm_parameters`);
 - "empty hook chains handed over": Triton's empty launch-hook chains handed to every launch with its metadata
   built, as `kernel[grid]` does (`ops.triton_launch`);
-- "matvec launches prepared per call": the matrix-vector kernel's flags, tile and keyword signature built on every
-  call, not kept per shape (`ops.matvec.triton_matvec._PREPARED`);
+- "matvec launches prepared per call": the matrix-vector kernels' flags, tile and keyword signature (the fused
+  kernel's and the gated norm's) built on every call, not kept per shape (`ops.matvec.triton_matvec._PREPARED`);
 - "gated norm apart": a Gated DeltaNet's output norm an op of its own before its output projection, not in the
   product's prologue (`joined_linear.apply_gated_norm_linear`).
 

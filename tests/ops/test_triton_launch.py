@@ -237,3 +237,10 @@ def test_keyword_tokens_are_never_reused(direct, monkeypatch):
     assert other.keywords != kept.keywords
     other((1,), x, x, 8, 1e-6)
     assert len(kernel.bound) == 2 and kernel.bound[1][2] == {"BLOCK": 16}
+
+
+def test_a_tensor_keyword_gets_a_token_of_its_own_not_kept(direct, monkeypatch):
+    monkeypatch.setattr(triton_launch, "_KEYWORDS", {})
+    flag = torch.ones(1)
+    first, second = triton_launch._keywords_token({"FLAG": flag}), triton_launch._keywords_token({"FLAG": flag})
+    assert first != second and triton_launch._KEYWORDS == {}

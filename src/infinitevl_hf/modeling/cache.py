@@ -769,6 +769,8 @@ class InfiniteVLCache(Cache):
                     raise ValueError(f"Cannot share buffers: a cache tensor is {tuple(b.shape)} {b.dtype} on {b.device}, "
                                      f"this cache's is {tuple(a.shape)} {a.dtype} on {a.device}.")
                 b.copy_(a)
+            if hasattr(theirs, "empty"):  # (they now hold this cache's state)
+                theirs.empty = getattr(mine, "empty", False)
         other.next_positions.copy_(self.next_positions)
         other.device_step.copy_(self.device_step)
         other.seen_tokens, other.padded_through = self.seen_tokens, self.padded_through

@@ -57,8 +57,8 @@ def joined_weight(linears: tuple[nn.Module, ...], cls: type = nn.Linear
     """(weight, bias) over all of `linears`' output rows, when one product may stand in for their calls (each
     exactly a `cls` that runs as defined: `nn.Linear`, or the Gated DeltaNet's convolutions); else None.
 
-    Whether the parameters are laid out side by side is kept on the first module for the parameters (identity and
-    address) it was found for: moving or replacing any of them is seen on the next call. Only the answer (and the
+    Whether the parameters are laid out side by side is kept on the first module for the parameters (identity,
+    address and rows) it was found for: moving or replacing any of them is seen on the next call. Only the answer (and the
     joined rows' count) is kept, not a view: a kept view would hold the joined buffer alive after the weights
     moved (`model.cpu()`). A single linear is its own weight and bias."""
     if global_hooks():
@@ -72,7 +72,7 @@ def joined_weight(linears: tuple[nn.Module, ...], cls: type = nn.Linear
     weights = [m._parameters["weight"] for m in linears]
     biases = [m._parameters.get("bias") for m in linears]
     has_bias = biases[0] is not None
-    key = [*map(id, weights), *map(torch.Tensor.data_ptr, weights)]
+    key = [*map(id, weights), *map(torch.Tensor.data_ptr, weights), *[w.shape[0] for w in weights]]
     if has_bias or any(b is not None for b in biases):
         key += [(id(b), b.data_ptr()) if b is not None else None for b in biases]
     kept = linears[0].__dict__.get(_LAYOUT_KEY)

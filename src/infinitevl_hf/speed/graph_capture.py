@@ -47,11 +47,15 @@ def capture_over_cache(cache, forward, warmup_steps: int) -> tuple[torch.cuda.CU
     del scratch
     graph = torch.cuda.CUDAGraph()
     counters = cache.seen_tokens, cache.padded_through
+    empties = [(layer, layer.empty) for layer in cache.layers if hasattr(layer, "empty")]
     try:
         with torch.cuda.graph(graph):
             output = forward(cache)
     finally:
-        cache.seen_tokens, cache.padded_through = counters  # capture recorded the call without running it
+        # capture recorded the call without running it: the host's view of the state is what it was before
+        cache.seen_tokens, cache.padded_through = counters
+        for layer, empty in empties:
+            layer.empty = empty
     return graph, output
 
 

@@ -98,7 +98,10 @@ _tokens = itertools.count()  # (never reused: a `Launch` keeps its token past a 
 
 
 def _keywords_token(kwargs: dict):
-    """A small hashable token for the keyword arguments' share of a signature (names, types and values)."""
+    """A small hashable token for the keyword arguments' share of a signature (names, types and values). A tensor
+    among them (which `_launch` never keeps a signature for) gets a token of its own, not kept."""
+    if any(isinstance(value, torch.Tensor) for value in kwargs.values()):
+        return next(_tokens)
     signature = tuple([(name, type(value), value) for name, value in kwargs.items()])
     token = _KEYWORDS.get(signature)
     if token is None:

@@ -137,6 +137,10 @@ def _gated_rms_norm_matvec_fits(x, gate, norm_weight, eps, weight) -> str | None
     problem = _kernel_problem(x, weight, gate, norm_weight)
     if problem is not None:
         return problem
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, norm_weight, weight)):
+        return "gradients needed (the kernel has no backward)"
+    if weight.dtype != x.dtype:
+        return "the weight is not in x's dtype"
     if gate.shape != x.shape or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         return "the gate is not shaped like x, or the weight not [outputs, inputs]"
     if norm_weight.dim() != 1 or gated_norm_block(x.shape[1], norm_weight.shape[0]) is None:

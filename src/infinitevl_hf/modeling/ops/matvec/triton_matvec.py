@@ -175,6 +175,14 @@ def gated_norm_matvec(x: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Te
 _PREPARED: dict = {}
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the bytes `a` spans (contiguous) meet those of `b`'s first to last element."""
+    start, end = a.data_ptr(), a.data_ptr() + a.numel() * a.element_size()
+    b_start = b.data_ptr()
+    b_end = b_start + (sum((size - 1) * stride for size, stride in zip(b.shape, b.stride())) + 1) * b.element_size()
+    return start < b_end and b_start < end
+
+
 def block_config(n: int, k: int, normed: bool) -> dict:
     """Tile of one program, chosen by timing every tile with weights streamed from DRAM
     (`benchmarks/matvec_bench.py --sweep`): many programs with a wide input block won at every decode
@@ -212,8 +220,8 @@ def fused_matvec(
     n, k = weight.shape
     if (x_delta is None) != (x_sum is None) or (x_delta is not None and norm_weight is None):
         raise ValueError("x_delta and x_sum go together, and with norm_weight (the add before a norm)")
-    if x_sum is not None and (x_sum.shape != x.shape or not x_sum.is_contiguous() or x_sum.data_ptr() in (
-            x.data_ptr(), x_delta.data_ptr())):
+    if x_sum is not None and (x_sum.shape != x.shape or not x_sum.is_contiguous() or _overlap(x_sum, x)
+                              or _overlap(x_sum, x_delta)):
         raise ValueError("x_sum must be a contiguous tensor shaped like x, apart from x and x_delta (every program "
                          "reads them while the first writes the sum)")
     if glu:
