@@ -14,11 +14,20 @@ from infinitevl_hf.modeling.ops.decode_attention.reference import ring_decode_at
 from infinitevl_hf.modeling.ops.decode_attention.triton_decode_attention import triton_ring_decode_attention  # noqa: E402
 from infinitevl_hf.modeling.ops.gated_delta_rule.reference import torch_gated_delta_rule_decode_step  # noqa: E402
 from infinitevl_hf.modeling.ops.gated_delta_rule.triton_decode import triton_gated_delta_rule_decode_step  # noqa: E402
-from infinitevl_hf.modeling.ops.matvec import _rows_add_rms_norm_matvec, _rows_matvec, _rows_rms_norm_matvec  # noqa: E402
+from infinitevl_hf.modeling.ops.matvec import (_rows_add_rms_norm_matvec, _rows_gated_rms_norm_matvec, _rows_matvec,  # noqa: E402
+                                              _rows_rms_norm_matvec)
 from infinitevl_hf.modeling.ops.matvec import reference as R  # noqa: E402
 from infinitevl_hf.modeling.ops.matvec import triton_matvec as T  # noqa: E402
 
 CONFIG = dict(BLOCK_N=8, BLOCK_K=64, num_warps=4)  # K=96 makes the last input block partial
+
+# The rows paths call the elementwise ops, which take their torch definitions off CUDA: here they take the package's
+# Triton kernels, so that the rows checks compare kernels (and how the rows paths compose them) with the references.
+from infinitevl_hf.modeling.ops import matvec as matvec_ops  # noqa: E402
+from infinitevl_hf.modeling.ops.triton_elementwise import KERNELS  # noqa: E402
+
+for _name in ("add_rms_norm", "gated_rms_norm", "rms_norm"):
+    setattr(matvec_ops, _name, KERNELS[_name])
 
 
 for dtype in (torch.float32, torch.bfloat16):
@@ -89,13 +98,15 @@ for dtype in (torch.float32, torch.bfloat16):
           R.rms_norm_matvec_reference(xs, norm_w, 1e-6, w, bias), dtype)
 
     # the gated output norm per head in the product's prologue: 6 heads of 32 in blocks of 64 (three blocks), 10
-    # rows in programs of 4 (the last one partial); a gate sliced out of a wider projection row. (Several rows take
-    # the gated norm's kernel, then cuBLAS: on CPU both are torch's, so that path is checked on the GPU.)
+    # rows in programs of 4 (the last one partial); a gate sliced out of a wider projection row
     head_dim, inputs = 32, 192
     heads_x, wide = torch.randn(1, inputs, dtype=dtype), torch.randn(1, inputs + 7, dtype=dtype)
     gate_x, o_norm_w, w_out = wide[:, 7:], torch.randn(head_dim, dtype=dtype), (torch.randn(10, inputs) * 0.1).to(dtype)
     check("gated norm + matvec", T.gated_norm_matvec(heads_x, gate_x, o_norm_w, 1e-5, w_out),
           R.gated_rms_norm_matvec_reference(heads_x, gate_x, o_norm_w, 1e-5, w_out), dtype)
+    rows_x, rows_gate = torch.randn(3, inputs, dtype=dtype), torch.randn(3, inputs + 7, dtype=dtype)[:, 7:]
+    check("rows: gated norm + product", _rows_gated_rms_norm_matvec(rows_x, rows_gate, o_norm_w, 1e-5, w_out),
+          R.gated_rms_norm_matvec_reference(rows_x, rows_gate, o_norm_w, 1e-5, w_out), dtype)
 
     batch, heads, d_k, d_v = 2, 3, 16, 64
     proj = torch.randn(batch, 2 * heads * d_k + 2 * heads * d_v + 2 * heads + 5, dtype=dtype)  # + 5 unrelated columns
