@@ -81,9 +81,12 @@ def test_a_long_padded_prompt_attends_to_its_own_keys_with_the_module_path_token
 
     pasts = []
     flex = attention_paths.window_flex_attention
-    monkeypatch.setattr(attention_paths, "window_flex_attention",
-                        lambda q, k, v, past, *args, **kwargs: (pasts.append((past, k.shape[2])), flex(q, k, v, past, *args,
-                                                                                                         **kwargs))[1])
+
+    def recorded(query, key, value, past_length, *args, **kwargs):
+        pasts.append((past_length, key.shape[2]))
+        return flex(query, key, value, past_length, *args, **kwargs)
+
+    monkeypatch.setattr(attention_paths, "window_flex_attention", recorded)
     model = _build(sliding_window=2048)
     inputs = _text(length=1100)  # laid into the 1,280-token bucket: 180 pads
     fast = _greedy(model, inputs)

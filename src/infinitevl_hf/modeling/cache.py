@@ -280,7 +280,7 @@ class InfiniteVLRingAttentionLayer(DynamicLayer):
         if self.empty and key_states.shape[-2] > 1:
             new_valid = self._chunk_flags(key_states, valid)
             self._write_chunk(key_states, value_states, new_valid)
-            return AttentionKeys(key_states, value_states, 0, None, True, None if valid is None else new_valid)
+            return AttentionKeys(key_states, value_states, 0, None, True, valid)
         if token_order:
             keys, values, flags = self.update_in_order(key_states, value_states, valid=valid)
             past = self.window - 1
@@ -769,8 +769,8 @@ class InfiniteVLCache(Cache):
                     raise ValueError(f"Cannot share buffers: a cache tensor is {tuple(b.shape)} {b.dtype} on {b.device}, "
                                      f"this cache's is {tuple(a.shape)} {a.dtype} on {a.device}.")
                 b.copy_(a)
-            if hasattr(theirs, "empty"):  # (they now hold this cache's state)
-                theirs.empty = getattr(mine, "empty", False)
+            if isinstance(theirs, InfiniteVLRingAttentionLayer):  # (they now hold this cache's state)
+                theirs.empty = mine.empty
         other.next_positions.copy_(self.next_positions)
         other.device_step.copy_(self.device_step)
         other.seen_tokens, other.padded_through = self.seen_tokens, self.padded_through

@@ -38,9 +38,7 @@ def adjacent_rows(params: tuple[torch.Tensor, ...]) -> bool:
 
 def rows_view(params: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """One view over adjacent row blocks (`adjacent_rows`), detached: all of their rows, no copy."""
-    first = params[0]
-    rows = sum(p.shape[0] for p in params)
-    return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+    return _rows(params[0], sum(p.shape[0] for p in params))
 
 
 def _adjacent_layout(weights: tuple[torch.Tensor, ...], biases: tuple) -> bool:
@@ -71,9 +69,8 @@ def joined_weight(linears: tuple[nn.Module, ...], cls: type = nn.Linear
         return params["weight"], params.get("bias")
     weights = [m._parameters["weight"] for m in linears]
     biases = [m._parameters.get("bias") for m in linears]
-    has_bias = biases[0] is not None
     key = [*map(id, weights), *map(torch.Tensor.data_ptr, weights), *[w.shape[0] for w in weights]]
-    if has_bias or any(b is not None for b in biases):
+    if any(b is not None for b in biases):
         key += [(id(b), b.data_ptr()) if b is not None else None for b in biases]
     kept = linears[0].__dict__.get(_LAYOUT_KEY)
     if kept is None or kept[0] != key:
@@ -83,11 +80,11 @@ def joined_weight(linears: tuple[nn.Module, ...], cls: type = nn.Linear
     if not kept[1]:
         return None
     rows = kept[2]
-    return _rows(weights[0], rows), (_rows(biases[0], rows) if has_bias else None)
+    return _rows(weights[0], rows), (_rows(biases[0], rows) if biases[0] is not None else None)
 
 
 def _rows(first: torch.Tensor, rows: int) -> torch.Tensor:
-    """`rows_view` of blocks starting with `first` known to hold `rows` rows in all."""
+    """A detached view of `rows` rows from `first` on (row blocks laid out side by side, starting with it)."""
     return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 

@@ -171,8 +171,10 @@ def gated_norm_matvec(x: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Te
     return y
 
 
-# (rows, inputs, the flags) -> (grid, the kernel's `Launch` with those flags and `block_config`'s tile)
+# Launches kept per shape: (rows, inputs, the fused kernel's flags in `_FLAGS`' order) -> (grid, its `Launch` with those
+# flags and `block_config`'s tile); ("gated norm", rows, inputs, head width) -> the gated norm kernel's.
 _PREPARED: dict = {}
+_FLAGS = ("RMS_NORM", "ADD_X", "HAS_BIAS", "HAS_RESIDUAL", "GLU", "CONV", "HAS_CONV_BIAS", "TAPS")
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -253,9 +255,7 @@ def fused_matvec(
              conv is not None, cb is not None, taps)
     prepared = _PREPARED.get(shape) if config is None else None
     if prepared is None:
-        flags = dict(RMS_NORM=norm_weight is not None, ADD_X=x_delta is not None, HAS_BIAS=bias is not None,
-                     HAS_RESIDUAL=residual is not None, GLU=glu, CONV=conv is not None, HAS_CONV_BIAS=cb is not None,
-                     TAPS=taps)
+        flags = dict(zip(_FLAGS, shape[2:]))
         chosen = config or block_config(n, k, norm_weight is not None)
         prepared = (cdiv(n, chosen["BLOCK_N"]),), Launch(_fused_matvec_kernel, **flags, **chosen)
         if config is None:
