@@ -8,7 +8,9 @@ Variants:
 - "empty window read": a captured prompt's attention over the empty ring's slots as well, masked (as before
   session 19: `InfiniteVLRingAttentionLayer.empty` never set);
 - "dense mask": every fresh prompt's attention through sdpa with the dense window mask (`attention_paths`);
-- "finer buckets": prompts of 1K-2K tokens laid into lengths 128 apart, not 256 (`prompt_graphs.PROMPT_BUCKETS`).
+- "buckets 256 apart": prompts of 1K-2K tokens laid into lengths 256 apart, not 128 (`prompt_graphs.PROMPT_BUCKETS` as
+  shipped before session 20; "finer buckets" in that session's results is the package's lengths since);
+- "buckets 64 apart": prompts of 192-2K tokens laid into lengths 64 apart.
 
     python benchmarks/prompt_path_ab.py --rounds 3 --out benchmarks/results
 """
@@ -37,10 +39,17 @@ def dense_mask():
     return patched(attention_paths, "long_chunk_path", lambda *args, **kwargs: None)
 
 
-def finer_buckets():
+def coarser_buckets():
     from infinitevl_hf.speed import prompt_graphs
 
-    buckets = (64, 128, *range(192, 512, 64), *range(512, 2048, 128), *range(2048, 4096, 256), *range(4096, 8193, 512))
+    buckets = (64, 128, *range(192, 512, 64), *range(512, 1024, 128), *range(1024, 4096, 256), *range(4096, 8193, 512))
+    return patched(prompt_graphs, "PROMPT_BUCKETS", buckets)
+
+
+def buckets_64_apart():
+    from infinitevl_hf.speed import prompt_graphs
+
+    buckets = (64, 128, *range(192, 2048, 64), *range(2048, 4096, 256), *range(4096, 8193, 512))
     return patched(prompt_graphs, "PROMPT_BUCKETS", buckets)
 
 
@@ -61,7 +70,7 @@ def empty_window_read():
 
 
 VARIANTS = {"package": contextlib.nullcontext, "empty window read": empty_window_read, "dense mask": dense_mask,
-            "finer buckets": finer_buckets}
+            "buckets 256 apart": coarser_buckets, "buckets 64 apart": buckets_64_apart}
 
 
 def main(argv=None) -> None:

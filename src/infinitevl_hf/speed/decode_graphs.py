@@ -99,10 +99,10 @@ class DecodeGraphs:
 
     # Bounds on what is kept (each slot holds a static cache, ~135 MB per row for InfiniteVL-4B, and each captured
     # prompt its own activation memory, which grows with its rows x length): the least recently used slot or
-    # prompt goes first. The token bound lets a slot hold every bucket of prompts spread over 1K-4K tokens (13)
-    # and caps long ones at 6 of 8,192 tokens.
+    # prompt goes first. The bounds let a slot hold every bucket of prompts spread over 1K-4K tokens (17, 39,424
+    # tokens in all) and cap long ones at 6 of 8,192 tokens.
     MAX_SLOTS = 4
-    MAX_PROMPTS_PER_SLOT = 16
+    MAX_PROMPTS_PER_SLOT = 20
     MAX_PROMPT_TOKENS_PER_SLOT = 49152
 
     def __init__(self, capture_decode: Callable | None = None, capture_prompt: Callable | None = None):
