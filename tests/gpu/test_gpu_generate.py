@@ -78,7 +78,10 @@ def test_a_long_padded_prompt_attends_to_its_own_keys_with_the_module_path_token
     only (the rings start empty), and gives the module path's tokens."""
     from infinitevl_hf.modeling import attention_paths
     from infinitevl_hf.speed import decode_graphs_of
+    from infinitevl_hf.speed.prompt_graphs import prompt_bucket
 
+    bucket = prompt_bucket(1100, 2048)
+    assert bucket > 1100  # padded
     pasts = []
     flex = attention_paths.window_flex_attention
 
@@ -88,10 +91,10 @@ def test_a_long_padded_prompt_attends_to_its_own_keys_with_the_module_path_token
 
     monkeypatch.setattr(attention_paths, "window_flex_attention", recorded)
     model = _build(sliding_window=2048)
-    inputs = _text(length=1100)  # laid into the 1,280-token bucket: 180 pads
+    inputs = _text(length=1100)
     fast = _greedy(model, inputs)
     assert decode_graphs_of(model).prompt_replays == 1
-    assert pasts and set(pasts) == {(0, 1280)}  # each attention layer over the bucket's own keys
+    assert pasts and set(pasts) == {(0, bucket)}  # each attention layer over the bucket's own keys
     assert torch.equal(fast, _greedy(model, inputs, disable_compile=True))
 
 
