@@ -16,10 +16,10 @@ import torch
 
 # Captured prompt lengths: padding stays a small part of the work. Fewer than 64 padding tokens up to 512 (a photo
 # and its question, 319 tokens, pad to 320, not 512), 128 up to 2048 (a 1K-token text prompt of 1,053 tokens pads
-# to 1,152: on an H200 its time to first token was 27.1 ms against 29.1 ms at 256 apart, `benchmarks/prompt_buckets.py`),
-# 256 up to 4096 (a page of 3,133 tokens pads to 3,328, not 4,096: a fifth less decoder work) and 512 above. The
-# price: each length is captured on its first use per shape (0.3 s once its kernels are compiled, ~200 MB of graph
-# memory at 1K tokens), and prompts of varied lengths meet up to 20 of them up to 2,048 tokens, not 16.
+# to 1,152: on an H200 its graph ran 19.9 ms against 20.8 ms at 256 apart, `benchmarks/prompt_buckets.py`), 256 up
+# to 4096 (a page of 3,133 tokens pads to 3,328, not 4,096: a fifth less decoder work) and 512 above. The price:
+# each length is captured on its first use per shape (0.3 s once its kernels are compiled, ~200 MB of graph memory
+# at 1K tokens), and prompts of varied lengths meet up to 20 of them up to 2,048 tokens, not 16.
 PROMPT_BUCKETS = (64, 128, *range(192, 512, 64), *range(512, 2048, 128), *range(2048, 4096, 256),
                   *range(4096, 8193, 512))
 
