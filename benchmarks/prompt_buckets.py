@@ -28,9 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import build_infinitevl, environment, log  # noqa: E402
 from module_path_ab import patched  # noqa: E402
+from prompt_latency import replay_timer  # noqa: E402
 
 
 def scheme(step: int | None):
+    """The shipped prompt lengths, with those from 1,024 to 2,048 tokens `step` apart (None: as shipped)."""
     from infinitevl_hf.speed import prompt_graphs
 
     if step is None:
@@ -41,25 +43,6 @@ def scheme(step: int | None):
 
 
 SCHEMES = {"package": None, "256 apart 1K-2K": 256, "64 apart 1K-2K": 64}
-
-
-@contextlib.contextmanager
-def replay_timer(record: list):
-    """CUDA events around every CUDA graph replay: record gets (start, end) pairs."""
-    original = torch.cuda.CUDAGraph.replay
-
-    def replay(self):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        original(self)
-        end.record()
-        record.append((start, end))
-
-    torch.cuda.CUDAGraph.replay = replay
-    try:
-        yield
-    finally:
-        torch.cuda.CUDAGraph.replay = original
 
 
 def measure(model, length: int, steady: int) -> dict:
@@ -91,7 +74,7 @@ def measure(model, length: int, steady: int) -> dict:
         runs.append(time.perf_counter() - start)
     return {"bucket": prompt_graphs.prompt_bucket(length, 8192), "captured": captured,
             "first_call_s": first if captured else None, "ttft_s": statistics.median(runs),
-            "replay_gpu_ms": statistics.median(a.elapsed_time(b) for a, b in replays),
+            "replay_gpu_ms": statistics.median(a.elapsed_time(b) for _, a, b in replays),
             "reserved_added_mb": kept / 2**20 if captured else None}
 
 

@@ -13,6 +13,7 @@ as the gap before the prompt's replay and between the decode steps'.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -57,10 +58,9 @@ def host_profile(call, count: int = 45) -> str:
     return stream.getvalue()
 
 
-def timeline(call) -> dict:
-    """One call's CUDA-graph replays: host issue time and GPU start/duration (ms from the call's start; the GPU
-    was idle at the start, so its clock starts with the host's), gaps where the GPU waited, and the call's end."""
-    replays = []
+@contextlib.contextmanager
+def replay_timer(record: list):
+    """Every CUDA graph replay meanwhile appends (host clock when issued, start event, end event) to `record`."""
     original = torch.cuda.CUDAGraph.replay
 
     def replay(self):
@@ -69,7 +69,19 @@ def timeline(call) -> dict:
         start.record()
         original(self)
         end.record()
-        replays.append((issued, start, end))
+        record.append((issued, start, end))
+
+    torch.cuda.CUDAGraph.replay = replay
+    try:
+        yield
+    finally:
+        torch.cuda.CUDAGraph.replay = original
+
+
+def timeline(call) -> dict:
+    """One call's CUDA-graph replays: host issue time and GPU start/duration (ms from the call's start; the GPU
+    was idle at the start, so its clock starts with the host's), gaps where the GPU waited, and the call's end."""
+    replays = []
 
     import infinitevl_hf.speed.decode_graphs as decode_graphs
     import infinitevl_hf.modeling.modeling_infinitevl as modeling
@@ -93,14 +105,13 @@ def timeline(call) -> dict:
     begin = torch.cuda.Event(enable_timing=True)
     begin.record()
     t0 = time.perf_counter()
-    torch.cuda.CUDAGraph.replay = replay
     for owner, name in ((modeling, "plan_generation"), (decode_graphs, "prepare_prompt"),
                         (decode_graphs.DecodeGraphs, "prompt"), (type(call.model), "_prefill")):
         span(owner, name)
     try:
-        call()
+        with replay_timer(replays):
+            call()
     finally:
-        torch.cuda.CUDAGraph.replay = original
         for owner, name, inner in reversed(patched):
             setattr(owner, name, inner)
     returned = time.perf_counter()

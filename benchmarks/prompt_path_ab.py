@@ -10,7 +10,8 @@ Variants:
 - "dense mask": every fresh prompt's attention through sdpa with the dense window mask (`attention_paths`);
 - "buckets 256 apart": prompts of 1K-2K tokens laid into lengths 256 apart, not 128 (`prompt_graphs.PROMPT_BUCKETS` as
   shipped before session 20; "finer buckets" in that session's results is the package's lengths since);
-- "buckets 64 apart": prompts of 192-2K tokens laid into lengths 64 apart.
+- "buckets 64 apart": prompts of 1K-2K tokens laid into lengths 64 apart (session 20's run: 64 apart from 192
+  tokens on, the same lengths for its 1K-token prompt).
 
     python benchmarks/prompt_path_ab.py --rounds 3 --out benchmarks/results
 """
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import build_infinitevl, environment, log  # noqa: E402
 from generate_bench import PAGE, bench_processor, case_inputs, measure, use_tokenizer_ids  # noqa: E402
 from module_path_ab import patched  # noqa: E402
+from prompt_buckets import scheme  # noqa: E402
 from prompt_latency import kernel_table  # noqa: E402
 
 
@@ -37,20 +39,6 @@ def dense_mask():
     from infinitevl_hf.modeling import attention_paths
 
     return patched(attention_paths, "long_chunk_path", lambda *args, **kwargs: None)
-
-
-def coarser_buckets():
-    from infinitevl_hf.speed import prompt_graphs
-
-    buckets = (64, 128, *range(192, 512, 64), *range(512, 1024, 128), *range(1024, 4096, 256), *range(4096, 8193, 512))
-    return patched(prompt_graphs, "PROMPT_BUCKETS", buckets)
-
-
-def buckets_64_apart():
-    from infinitevl_hf.speed import prompt_graphs
-
-    buckets = (64, 128, *range(192, 2048, 64), *range(2048, 4096, 256), *range(4096, 8193, 512))
-    return patched(prompt_graphs, "PROMPT_BUCKETS", buckets)
 
 
 @contextlib.contextmanager
@@ -70,7 +58,7 @@ def empty_window_read():
 
 
 VARIANTS = {"package": contextlib.nullcontext, "empty window read": empty_window_read, "dense mask": dense_mask,
-            "buckets 256 apart": coarser_buckets, "buckets 64 apart": buckets_64_apart}
+            "buckets 256 apart": lambda: scheme(256), "buckets 64 apart": lambda: scheme(64)}
 
 
 def main(argv=None) -> None:
