@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import build_infinitevl, environment, log  # noqa: E402
+from bench import build_infinitevl, environment, log, timed  # noqa: E402
 from generate_bench import PHOTO, bench_processor, case_inputs, use_tokenizer_ids  # noqa: E402
 
 
@@ -111,13 +111,6 @@ def main(argv=None) -> None:
 
     def generate(n: int):
         return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, disable_compile=True)
-
-    def timed(fn) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
 
     with torch.no_grad():
         generate(8)  # lays the weights out (as every CUDA generate() does) and compiles the kernels
