@@ -155,6 +155,9 @@ def main(argv=None) -> None:
     parser.add_argument("--compare-loop", nargs="*", default=[],
                         help="cases to time again through transformers' own decoding loop (the host waits for the GPU "
                              "after every token), in the same process, beside the default loop")
+    parser.add_argument("--host-rounds", type=int, default=3,
+                        help="rounds alternating the module path with the teacher's dynamic cache on the photo, after "
+                             "everything else (0: none)")
     parser.add_argument("--teacher-cases", nargs="+", default=None,
                         help="cases to time the teacher on (default: all of --cases)")
     args = parser.parse_args(argv)
@@ -186,14 +189,16 @@ def main(argv=None) -> None:
         save()
     if not args.skip_module_path:
         log("infinitevl module path (disable_compile=True)")
-        results["infinitevl"]["photo_module_path"] = measure(model, inputs["photo"], args.new_tokens, 1,
+        results["infinitevl"]["photo_module_path"] = measure(model, inputs["photo"], args.new_tokens, args.steady,
                                                              disable_compile=True)
         log(json.dumps(results["infinitevl"]["photo_module_path"]))
         log("infinitevl pipeline")
         results["infinitevl"]["photo_pipeline"] = measure_pipeline(model, processor, args.new_tokens, args.steady)
         log(json.dumps(results["infinitevl"]["photo_pipeline"]))
-    del model
-    torch.cuda.empty_cache()
+    host_rounds = args.host_rounds and not args.skip_teacher and not args.skip_module_path and "photo" in args.cases
+    if not host_rounds:  # (else both models stay: 4B + 3B in bf16 leave most of the card free)
+        del model
+        torch.cuda.empty_cache()
 
     if not args.skip_teacher:
         teacher = build_teacher()
@@ -209,8 +214,33 @@ def main(argv=None) -> None:
                 log(json.dumps(results["teacher"][f"{name}_{label}"]))
                 save()
 
+    if host_rounds:
+        log("host rounds: the module path and the teacher's dynamic cache alternated, photo")
+        results["host_rounds"] = module_path_rounds(model, teacher, inputs["photo"], args.new_tokens, args.host_rounds)
+        log(json.dumps(results["host_rounds"]))
     save()
     print(markdown(results, args.cases))
+
+
+def module_path_rounds(model, teacher, inputs: dict, new_tokens: int, rounds: int) -> dict:
+    """Decode ms/token of InfiniteVL's module path (`disable_compile=True`) and of the teacher's eager dynamic
+    cache, alternated call by call: both are host-bound, so the teacher's figure beside each of ours says how
+    fast the host was at that moment (the host's speed moves between machines and within a run)."""
+    inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+    def run(model_, n, flags):
+        return timed(lambda: model_.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, **flags))
+
+    ours, theirs = [], []
+    with torch.no_grad():
+        for _ in range(rounds):
+            for model_, runs, flags in ((model, ours, {"disable_compile": True}), (teacher, theirs, {})):
+                ttft, full = run(model_, 1, flags), run(model_, new_tokens, flags)
+                runs.append(1e3 * (full - ttft) / (new_tokens - 1))
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return {"module_path_decode_ms": ours, "teacher_dynamic_decode_ms": theirs, "ratios": ratios,
+            "module_path_median_ms": statistics.median(ours), "teacher_dynamic_median_ms": statistics.median(theirs),
+            "ratio_median": statistics.median(ratios)}
 
 
 def markdown(results: dict, cases) -> str:
@@ -237,6 +267,12 @@ def markdown(results: dict, cases) -> str:
     p = results["infinitevl"].get("photo_pipeline")
     if p:
         lines += ["", f"pipeline('image-text-to-text'), photo: first call {p['first_call_s']:.2f} s, steady {p['answer_s']:.3f} s."]
+    h = results.get("host_rounds")
+    if h:
+        pairs = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(h["module_path_decode_ms"], h["teacher_dynamic_decode_ms"]))
+        lines += ["", f"Module path / teacher dynamic decode ms/token, alternated call by call (photo): {pairs}; "
+                      f"medians {h['module_path_median_ms']:.1f} / {h['teacher_dynamic_median_ms']:.1f} ms "
+                      f"(ratio {h['ratio_median']:.2f})."]
     return "\n".join(lines) + "\n"
 
 
