@@ -89,12 +89,27 @@ def case_inputs(processor, name: str) -> dict:
 
 
 
+def on_cuda(inputs: dict) -> dict:
+    return {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def greedy_seconds(model, inputs: dict, new_tokens: int, **flags) -> float:
+    """Seconds of one greedy `generate()` of exactly `new_tokens` new tokens (min = max)."""
+    return timed(lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                        do_sample=False, **flags))
+
+
+def decode_ms(first_token_s: float, answer_s: float, new_tokens: int) -> float:
+    """ms a decoded token: the answer less its first token, over the tokens after the first."""
+    return 1e3 * (answer_s - first_token_s) / (new_tokens - 1)
+
+
 def measure(model, inputs: dict, new_tokens: int, steady: int, **flags) -> dict:
-    inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    inputs = on_cuda(inputs)
     rows = inputs["input_ids"].shape[0]
 
     def run(n):
-        return timed(lambda: model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, **flags))
+        return greedy_seconds(model, inputs, n, **flags)
 
     with torch.no_grad():
         first_answer = run(new_tokens)  # the first call of this shape: compiles/captures what it needs
@@ -107,7 +122,7 @@ def measure(model, inputs: dict, new_tokens: int, steady: int, **flags) -> dict:
         "answer_s": full,
         "answer_runs_s": answer,
         "new_tokens_per_s": rows * new_tokens / full,
-        "decode_ms_per_token": 1e3 * (full - ttft) / (new_tokens - 1),
+        "decode_ms_per_token": decode_ms(ttft, full, new_tokens),
         "rows": rows,
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
     }
@@ -226,17 +241,13 @@ def module_path_rounds(model, teacher, inputs: dict, new_tokens: int, rounds: in
     """Decode ms/token of InfiniteVL's module path (`disable_compile=True`) and of the teacher's eager dynamic
     cache, alternated call by call: both are host-bound, so the teacher's figure beside each of ours says how
     fast the host was at that moment (the host's speed moves between machines and within a run)."""
-    inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-    def run(model_, n, flags):
-        return timed(lambda: model_.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, **flags))
-
+    inputs = on_cuda(inputs)
     ours, theirs = [], []
     with torch.no_grad():
         for _ in range(rounds):
             for model_, runs, flags in ((model, ours, {"disable_compile": True}), (teacher, theirs, {})):
-                ttft, full = run(model_, 1, flags), run(model_, new_tokens, flags)
-                runs.append(1e3 * (full - ttft) / (new_tokens - 1))
+                ttft = greedy_seconds(model_, inputs, 1, **flags)
+                runs.append(decode_ms(ttft, greedy_seconds(model_, inputs, new_tokens, **flags), new_tokens))
     ratios = [a / b for a, b in zip(ours, theirs)]
     return {"module_path_decode_ms": ours, "teacher_dynamic_decode_ms": theirs, "ratios": ratios,
             "module_path_median_ms": statistics.median(ours), "teacher_dynamic_median_ms": statistics.median(theirs),
@@ -269,7 +280,8 @@ def markdown(results: dict, cases) -> str:
         lines += ["", f"pipeline('image-text-to-text'), photo: first call {p['first_call_s']:.2f} s, steady {p['answer_s']:.3f} s."]
     h = results.get("host_rounds")
     if h:
-        pairs = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(h["module_path_decode_ms"], h["teacher_dynamic_decode_ms"]))
+        pairs = ", ".join(f"{a:.1f}/{b:.1f}"
+                          for a, b in zip(h["module_path_decode_ms"], h["teacher_dynamic_decode_ms"]))
         lines += ["", f"Module path / teacher dynamic decode ms/token, alternated call by call (photo): {pairs}; "
                       f"medians {h['module_path_median_ms']:.1f} / {h['teacher_dynamic_median_ms']:.1f} ms "
                       f"(ratio {h['ratio_median']:.2f})."]

@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     processor = g.bench_processor(g.PAGE[0] * g.PAGE[1])
 
     def cuda_inputs(case):
-        return {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in g.case_inputs(processor, case).items()}
+        return g.on_cuda(g.case_inputs(processor, case))
 
     photo = cuda_inputs("photo")
     model = build_infinitevl()
@@ -85,7 +85,7 @@ def main(argv=None) -> None:
             first, _ = call(m, 1, **flags)
             wall, cpu = call(m, NEW_TOKENS, **flags)
             # (MHz: mean and max over the CPUs; cpu#: CPUs the process may run on; objs: objects the collector tracks)
-            say(f"{label}: decode {1e3 * (wall - first) / (NEW_TOKENS - 1):.1f} ms/tok wall {wall:.2f} s cpu {cpu:.2f} s "
+            say(f"{label}: decode {g.decode_ms(first, wall, NEW_TOKENS):.1f} ms/tok wall {wall:.2f} s cpu {cpu:.2f} s "
                 f"gc counts {dict(clock.counts)} gc ms { ({k: round(v * 1e3, 1) for k, v in clock.seconds.items()}) } "
                 f"MHz {cpu_mhz()} cpu#{len(os.sched_getaffinity(0))} objs {len(gc.get_objects())}")
 

@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import build_infinitevl, environment, log, timed  # noqa: E402
-from generate_bench import PHOTO, bench_processor, case_inputs, use_tokenizer_ids  # noqa: E402
+from bench import build_infinitevl, environment, log  # noqa: E402
+from generate_bench import (  # noqa: E402
+    PHOTO, bench_processor, case_inputs, decode_ms, greedy_seconds, on_cuda, use_tokenizer_ids,
+)
 
 
 class Recorded:
@@ -102,7 +104,7 @@ def main(argv=None) -> None:
     processor = bench_processor(PHOTO[0] * PHOTO[1])
     model = build_infinitevl()
     use_tokenizer_ids(model.config, processor.tokenizer)
-    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case_inputs(processor, "photo").items()}
+    inputs = on_cuda(case_inputs(processor, "photo"))
     lines, results = [], {"environment": environment(), "step_ms": collections.defaultdict(list)}
 
     def say(line: str) -> None:
@@ -114,9 +116,9 @@ def main(argv=None) -> None:
 
     with torch.no_grad():
         generate(8)  # lays the weights out (as every CUDA generate() does) and compiles the kernels
-        first = statistics.median(timed(lambda: generate(1)) for _ in range(3))
-        answer = statistics.median(timed(lambda: generate(49)) for _ in range(3))
-        results["generate_ms_per_token"] = 1e3 * (answer - first) / 48
+        first = statistics.median(greedy_seconds(model, inputs, 1, disable_compile=True) for _ in range(3))
+        answer = statistics.median(greedy_seconds(model, inputs, 49, disable_compile=True) for _ in range(3))
+        results["generate_ms_per_token"] = decode_ms(first, answer, 49)
         say(f"generate(disable_compile=True), photo: {results['generate_ms_per_token']:.2f} ms a token")
 
         cache = InfiniteVLCache(model.config)
